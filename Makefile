@@ -1,0 +1,32 @@
+# One entry point for people and CI. `make demo` and `make test` set themselves up.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test check lint typecheck pytest bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup  ## start a working agent with the bundled demo model
+	$(VENV)/bin/edge-agent demo
+
+test: setup check pytest  ## the whole test suite, lint and types included
+
+check: setup lint typecheck
+
+lint:
+	$(VENV)/bin/ruff check agent converter fleet tests bench scripts
+	$(VENV)/bin/ruff format --check agent converter fleet tests bench scripts
+
+typecheck:
+	$(VENV)/bin/mypy
+
+pytest:
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/http.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,341 @@
+"""Agent configuration: TOML file, environment overrides, secrets from files.
+
+Every key can be overridden by ``EDGE_AGENT_<SECTION>_<KEY>`` (``EDGE_AGENT_STATE_DIR``
+for the top-level ``state_dir``). Secrets are never inline: keys ending in ``_file``
+name a file, looked up in systemd's ``$CREDENTIALS_DIRECTORY`` when relative.
+Loading fails completely: every bad key is listed with its value and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "k": 1024, "KiB": 1024, "KB": 1000, "M": 1 << 20, "MiB": 1 << 20,
+    "MB": 1_000_000, "G": 1 << 30, "GiB": 1 << 30, "GB": 1_000_000_000,
+}  # fmt: skip
+
+
+@dataclass
+class DeviceConfig:
+    id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "device")
+    fleet: str = "default"
+
+
+@dataclass
+class MqttConfig:
+    url: str = ""  # empty: no broker, the agent serves and buffers offline
+    username: str = ""
+    password_file: str = ""
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    client_id: str = ""  # empty: the device id
+    keepalive: int = 60
+    topic_prefix: str = "edge"
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    max_inflight: int = 20
+
+
+@dataclass
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token_file: str = ""
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass
+class ModelsConfig:
+    default: str = ""
+    keep_versions: int = 3
+    trusted_keys: list[str] = field(default_factory=list)
+    allow_unsigned: bool = False  # with trusted keys configured, unsigned packages are refused
+    intra_op_threads: int = 1  # one request per core beats one request over all cores on a Pi
+    inter_op_threads: int = 1
+    probation_s: float = 300.0
+    probation_min_requests: int = 20
+    probation_max_error_rate: float = 0.05
+    probation_max_latency_ratio: float = 3.0
+
+
+@dataclass
+class BufferConfig:
+    path: str = ""  # empty: <state_dir>/buffer.db
+    max_rows: int = 1_000_000
+    max_bytes: int = 256 * 1024 * 1024
+    max_age: float = 7 * 86400.0
+    batch_size: int = 500
+    record: str = "all"  # all | sample | none
+    sample_rate: float = 0.1
+    durability: str = "commit"  # commit: committed before the answer; batched: bounded loss window
+    flush_interval_ms: int = 200  # the loss window when durability = "batched"
+
+
+@dataclass
+class HealthConfig:
+    interval_s: float = 30.0
+
+
+@dataclass
+class Config:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    state_dir: str = ""
+    source: str = field(default="defaults", compare=False)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def buffer_path(self) -> Path:
+        return Path(self.buffer.path) if self.buffer.path else self.state_path / "buffer.db"
+
+    @property
+    def models_path(self) -> Path:
+        return self.state_path / "models"
+
+
+SECTIONS: dict[str, type] = {
+    "device": DeviceConfig,
+    "mqtt": MqttConfig,
+    "http": HttpConfig,
+    "models": ModelsConfig,
+    "buffer": BufferConfig,
+    "health": HealthConfig,
+}
+
+# Values checked beyond their type: key -> (predicate, what was expected)
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "device.id": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", v)), "[A-Za-z0-9_.-]+"),
+    "device.fleet": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", v)), "[A-Za-z0-9_.-]+"),
+    "mqtt.url": (
+        lambda v: v == "" or bool(re.fullmatch(r"mqtts?://[^/:]+(:\d+)?/?", v)),
+        "mqtt://host[:port] or mqtts://host[:port] (or empty for no broker)",
+    ),
+    "mqtt.keepalive": (lambda v: 5 <= v <= 3600, "5..3600 seconds"),
+    "mqtt.max_inflight": (lambda v: 1 <= v <= 1000, "1..1000"),
+    "mqtt.topic_prefix": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", v)), "a topic prefix like 'edge'"),
+    "http.port": (lambda v: 0 <= v <= 65535, "0..65535"),
+    "http.max_body_bytes": (lambda v: v >= 1024, "at least 1024"),
+    "models.keep_versions": (lambda v: v >= 2, "at least 2 (the active one and one to roll back to)"),
+    "models.intra_op_threads": (lambda v: 0 <= v <= 64, "0..64 (0: onnxruntime decides)"),
+    "models.inter_op_threads": (lambda v: 0 <= v <= 64, "0..64 (0: onnxruntime decides)"),
+    "models.probation_max_error_rate": (lambda v: 0 <= v <= 1, "0..1"),
+    "models.probation_max_latency_ratio": (lambda v: v >= 1, "at least 1"),
+    "buffer.max_rows": (lambda v: v >= 1, "at least 1"),
+    "buffer.max_bytes": (lambda v: v >= 65536, "at least 64 KiB"),
+    "buffer.max_age": (lambda v: v > 0, "a positive duration"),
+    "buffer.batch_size": (lambda v: 1 <= v <= 100_000, "1..100000"),
+    "buffer.record": (lambda v: v in {"all", "sample", "none"}, "'all', 'sample' or 'none'"),
+    "buffer.sample_rate": (lambda v: 0 < v <= 1, "0 < rate <= 1"),
+    "buffer.durability": (lambda v: v in {"commit", "batched"}, "'commit' or 'batched'"),
+    "buffer.flush_interval_ms": (lambda v: 1 <= v <= 60_000, "1..60000"),
+    "health.interval_s": (lambda v: v >= 1, "at least 1 second"),
+}  # fmt: skip
+
+_DURATION_KEYS = {"buffer.max_age", "health.interval_s", "models.probation_s"}
+_SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
+
+
+def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
+    """Turn a TOML or environment value into the type of ``default``."""
+    kind = type(default)
+    try:
+        if key in _DURATION_KEYS and isinstance(value, str):
+            m = _DURATION.match(value)
+            if not m:
+                raise ValueError
+            return kind(float(m.group(1)) * _UNITS[m.group(2)])
+        if key in _SIZE_KEYS and isinstance(value, str):
+            m = _SIZE.match(value)
+            if not m:
+                raise ValueError
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in {
+                "1",
+                "true",
+                "yes",
+                "on",
+                "0",
+                "false",
+                "no",
+                "off",
+            }:
+                return value.lower() in {"1", "true", "yes", "on"}
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                return int(value)
+            raise ValueError
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int | float):
+                return float(value)
+            if isinstance(value, str):
+                return float(value)
+            raise ValueError
+        if kind is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
+        if kind is str:
+            if isinstance(value, str):
+                return value
+            raise ValueError
+    except ValueError:
+        pass
+    expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list of strings", str: "a string"}[kind]  # fmt: skip
+    if key in _DURATION_KEYS:
+        expected = "a duration (seconds, or like '30s', '5m', '7d')"
+    if key in _SIZE_KEYS:
+        expected = "a size in bytes (or like '10MiB')"
+    problems.append(f"{key}: {value!r} is not valid, expected {expected}")
+    return default
+
+
+def _env_key(section: str | None, key: str) -> str:
+    return f"EDGE_AGENT_{section.upper()}_{key.upper()}" if section else f"EDGE_AGENT_{key.upper()}"
+
+
+def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the config from ``path`` (default: /etc/edge-agent/agent.toml if it exists).
+
+    A missing file at the default path means safe defaults; a missing file that was asked
+    for by name is an error. Raises ConfigError listing every problem.
+    """
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    data: dict[str, Any] = {}
+    cfg = Config()
+    explicit = path is not None or "EDGE_AGENT_CONFIG" in env
+    file = (
+        Path(path) if path is not None else Path(env.get("EDGE_AGENT_CONFIG", DEFAULT_CONFIG_PATH))
+    )
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+            cfg.source = str(file)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError([f"{file}: not valid TOML ({e})"]) from None
+        except OSError as e:
+            raise ConfigError([f"{file}: cannot be read ({e.strerror})"]) from None
+    elif explicit:
+        raise ConfigError([f"{file}: no such configuration file"])
+
+    for key in data:
+        if key not in SECTIONS and key != "state_dir":
+            problems.append(
+                f"{key}: unknown key or section (known: {', '.join([*SECTIONS, 'state_dir'])})"
+            )
+
+    for section, klass in SECTIONS.items():
+        section_obj = getattr(cfg, section)
+        raw = data.get(section, {})
+        if not isinstance(raw, dict):
+            problems.append(f"{section}: expected a [{section}] table, got {raw!r}")
+            raw = {}
+        names = {f.name for f in fields(klass)}
+        for key in raw:
+            if key not in names:
+                problems.append(f"{section}.{key}: unknown key (known: {', '.join(sorted(names))})")
+        for f in fields(klass):
+            full = f"{section}.{f.name}"
+            default = getattr(section_obj, f.name)
+            value: Any = raw.get(f.name, default)
+            env_name = _env_key(section, f.name)
+            if env_name in env:
+                value = env[env_name]
+            if value is not default:
+                value = _coerce(full, value, default, problems)
+            setattr(section_obj, f.name, value)
+
+    state = data.get("state_dir", "")
+    state = env.get("EDGE_AGENT_STATE_DIR", state)
+    if not isinstance(state, str):
+        problems.append(f"state_dir: {state!r} is not valid, expected a folder path")
+        state = ""
+    cfg.state_dir = state or env.get("STATE_DIRECTORY", "").split(":")[0] or "./edge-agent-state"
+
+    problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    for full, (check, expected) in _CHECKS.items():
+        section, key = full.split(".")
+        value = getattr(getattr(cfg, section), key)
+        try:
+            ok = check(value)
+        except TypeError:
+            ok = False
+        if not ok:
+            problems.append(f"{full}: {value!r} is not valid, expected {expected}")
+    if cfg.mqtt.reconnect_min_s > cfg.mqtt.reconnect_max_s:
+        problems.append(
+            f"mqtt.reconnect_min_s: {cfg.mqtt.reconnect_min_s} is above "
+            f"mqtt.reconnect_max_s {cfg.mqtt.reconnect_max_s}"
+        )
+    if bool(cfg.mqtt.cert) != bool(cfg.mqtt.key):
+        problems.append("mqtt.cert / mqtt.key: a client certificate needs both cert and key")
+    for key in ("password_file", "ca", "cert", "key"):
+        value = getattr(cfg.mqtt, key)
+        if value and not resolve_secret_path(value).is_file():
+            problems.append(f"mqtt.{key}: {value!r} does not exist or is not a file")
+    if cfg.mqtt.password_file and not cfg.mqtt.username:
+        problems.append("mqtt.password_file: set, but mqtt.username is empty")
+    if cfg.http.token_file and not resolve_secret_path(cfg.http.token_file).is_file():
+        problems.append(f"http.token_file: {cfg.http.token_file!r} does not exist or is not a file")
+    for i, key_path in enumerate(cfg.models.trusted_keys):
+        if not resolve_secret_path(key_path).is_file():
+            problems.append(
+                f"models.trusted_keys[{i}]: {key_path!r} does not exist or is not a file"
+            )
+    return problems
+
+
+def resolve_secret_path(value: str, env: Mapping[str, str] | None = None) -> Path:
+    """A relative secret path is looked up in systemd's $CREDENTIALS_DIRECTORY first."""
+    env = os.environ if env is None else env
+    p = Path(value)
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if not p.is_absolute() and creds and (Path(creds) / p).exists():
+        return Path(creds) / p
+    return p
+
+
+def read_secret(value: str) -> str:
+    """The content of a secret file, without the trailing newline."""
+    return resolve_secret_path(value).read_text().rstrip("\r\n")

@@ -1,0 +1,139 @@
+"""The one error family of the project.
+
+Every error carries its outward meaning: the HTTP status an API caller sees and the
+exit code a command returns. Transports turn them into ``{"error": ...}`` or a
+one-line message on stderr; nothing below them formats errors for a user.
+"""
+
+from __future__ import annotations
+
+
+class EdgeError(Exception):
+    """Base of every error the project raises on purpose."""
+
+    status: int = 500
+    exit_code: int = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- caller's mistakes (HTTP 4xx) -------------------------------------------------
+
+
+class BadRequest(EdgeError):
+    """The request body or parameters are wrong; the message names the field."""
+
+    status = 400
+
+
+class Unauthorized(EdgeError):
+    status = 401
+
+
+class ModelNotFound(EdgeError):
+    status = 404
+
+    def __init__(self, name: str, version: str | None = None) -> None:
+        what = f"model {name!r}" if version is None else f"model {name!r} version {version!r}"
+        super().__init__(f"{what} is not installed")
+        self.name = name
+        self.version = version
+
+
+class PayloadTooLarge(EdgeError):
+    status = 413
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"body: {size} bytes is over the limit of {limit} bytes")
+
+
+class UnsupportedMediaType(EdgeError):
+    status = 415
+
+
+class NotReady(EdgeError):
+    """No model is ready to answer yet."""
+
+    status = 503
+
+
+# --- configuration ----------------------------------------------------------------
+
+
+class ConfigError(EdgeError):
+    """One or more configuration keys are wrong; every problem is listed."""
+
+    exit_code = 1
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems) if problems else "invalid configuration")
+
+
+# --- model packages ---------------------------------------------------------------
+
+
+class PackageError(EdgeError):
+    """A model package (or a delivery of one) cannot be trusted or used."""
+
+    status = 422
+
+
+class ManifestInvalid(PackageError):
+    pass
+
+
+class ChecksumMismatch(PackageError):
+    def __init__(self, what: str, expected: str, actual: str) -> None:
+        super().__init__(f"{what}: sha256 is {actual}, the manifest says {expected}")
+
+
+class SizeMismatch(PackageError):
+    def __init__(self, what: str, expected: int, actual: int) -> None:
+        super().__init__(f"{what}: {actual} bytes, the manifest says {expected}")
+
+
+class SignatureInvalid(PackageError):
+    pass
+
+
+class SignatureMissing(PackageError):
+    pass
+
+
+class ReplayedSerial(PackageError):
+    def __init__(self, name: str, serial: int, last: int) -> None:
+        super().__init__(
+            f"manifest serial {serial} for {name!r} is not above the last accepted serial {last}"
+        )
+
+
+class ParityFailed(PackageError):
+    pass
+
+
+class ModelLoadFailed(PackageError):
+    pass
+
+
+class SchemaUnsupported(PackageError):
+    pass
+
+
+class KeyFileError(EdgeError):
+    """A key file is missing, unreadable or not an ed25519 key."""
+
+
+class StorageFull(EdgeError):
+    """The state folder has no room for what we must write."""
+
+    status = 507
+
+
+class ConversionError(EdgeError):
+    """The converter cannot turn this estimator into a package."""

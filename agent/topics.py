@@ -1,0 +1,88 @@
+"""MQTT topic names and the staged-rollout bucket, shared by agent/ and fleet/."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "edge"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Topic segments are ``[A-Za-z0-9_.-]+``: no wildcards, no slashes."""
+    if not _NAME.match(value):
+        raise ValueError(f"{kind}: {value!r} must match [A-Za-z0-9_.-]+")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str = DEFAULT_PREFIX
+
+    def fleet_desired(self, fleet: str, model: str) -> str:
+        return f"{self.prefix}/fleets/{fleet}/models/{model}/desired"
+
+    def device_desired(self, device: str, model: str) -> str:
+        return f"{self.prefix}/devices/{device}/models/{model}/desired"
+
+    def artifact_chunk(self, sha256: str, index: int) -> str:
+        return f"{self.prefix}/artifacts/{sha256}/{index}"
+
+    def status(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/status"
+
+    def health(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/health"
+
+    def events(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/events"
+
+    def results(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/results"
+
+    def command(self, device: str, command: str) -> str:
+        return f"{self.prefix}/devices/{device}/commands/{command}"
+
+    # Subscriptions -------------------------------------------------------------
+
+    def fleet_desired_all(self, fleet: str) -> str:
+        return f"{self.prefix}/fleets/{fleet}/models/+/desired"
+
+    def device_desired_all(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/models/+/desired"
+
+    def commands_all(self, device: str) -> str:
+        return f"{self.prefix}/devices/{device}/commands/+"
+
+    def artifact_all(self, sha256: str) -> str:
+        return f"{self.prefix}/artifacts/{sha256}/+"
+
+    def all_status(self) -> str:
+        return f"{self.prefix}/devices/+/status"
+
+    def all_health(self) -> str:
+        return f"{self.prefix}/devices/+/health"
+
+    def all_events(self) -> str:
+        return f"{self.prefix}/devices/+/events"
+
+    def device_of(self, topic: str) -> str | None:
+        """``edge/devices/{device}/...`` -> device, else None."""
+        parts = topic.split("/")
+        head = self.prefix.split("/")
+        n = len(head)
+        if parts[:n] == head and len(parts) > n + 1 and parts[n] == "devices":
+            return parts[n + 1]
+        return None
+
+
+def rollout_bucket(salt: str, device_id: str) -> int:
+    """The device's bucket 0..99: ``int(sha256(salt + device_id)) mod 100``."""
+    digest = hashlib.sha256((salt + device_id).encode()).hexdigest()
+    return int(digest, 16) % 100
+
+
+def in_rollout(salt: str, device_id: str, percent: float) -> bool:
+    return rollout_bucket(salt, device_id) < percent

@@ -1,0 +1,1 @@
+"""edge-fleet: publish models to a fleet over MQTT, roll out, roll back, watch."""
