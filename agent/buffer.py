@@ -1,0 +1,544 @@
+"""The result buffer: every answered prediction kept in SQLite until the broker has it.
+
+One module owns the database. WAL mode with ``synchronous=NORMAL``: a committed row
+survives a kill -9 of the agent (the WAL is in the OS page cache and is replayed on
+open); only a power cut can lose the last commits before a checkpoint, the price of
+not fsyncing an SD card on every request.
+
+Durability ``commit`` (the default) returns from ``record`` only once the row is
+committed, with *group commit*: the first waiting caller becomes the leader and writes
+everyone's pending rows in one transaction, so sixteen concurrent requests cost one
+commit, not sixteen. Durability ``batched`` returns at once and a writer thread commits
+every ``flush_interval_ms``: that interval is the loss window on a crash.
+
+Bounds (``max_rows``, ``max_bytes``, ``max_age``) drop the oldest rows first, and every
+drop is counted by reason in the database itself, so counts survive restarts. A full
+disk never stops serving: the rows that cannot be written are dropped and counted
+(``disk_full``) and the answer still goes out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlite_utils
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent.config import BufferConfig
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Drop reasons, as they appear in health reports and /metrics.
+MAX_ROWS = "max_rows"
+MAX_BYTES = "max_bytes"
+MAX_AGE = "max_age"
+DISK_FULL = "disk_full"
+IO_ERROR = "io_error"
+DROP_REASONS = (MAX_ROWS, MAX_BYTES, MAX_AGE, DISK_FULL, IO_ERROR)
+
+_AGE_CHECK_INTERVAL_S = 1.0
+_EXPIRE_BATCH = 10_000
+_DROP_LOG_INTERVAL_S = 60.0
+# Fixed per-row cost added to the payload size so max_bytes tracks the file, not just JSON.
+_ROW_OVERHEAD = 64
+_RESERVE_BYTES = 256 * 1024
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays, without importing numpy here.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=_json_default)
+
+
+@dataclass
+class Result:
+    """One answered prediction, as the serving side hands it over."""
+
+    time: float
+    model: str
+    version: str
+    inputs: Any
+    outputs: Any
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class BufferedRow:
+    """A row read back for forwarding; ``inputs``/``outputs`` stay JSON text."""
+
+    seq: int
+    time: float
+    model: str
+    version: str
+    inputs: str
+    outputs: str
+    latency_ms: float
+
+    def to_json(self) -> str:
+        """The result object of the ``results`` payload, built without re-parsing."""
+        return (
+            f'{{"seq":{self.seq},"time":{self.time!r},"model":{json.dumps(self.model)},'
+            f'"version":{json.dumps(self.version)},"inputs":{self.inputs},'
+            f'"outputs":{self.outputs},"latency_ms":{self.latency_ms!r}}}'
+        )
+
+
+@dataclass
+class BufferStats:
+    rows: int
+    bytes: int
+    oldest_age_s: float | None
+    dropped: dict[str, int] = field(default_factory=dict)
+    recorded: int = 0
+    last_seq: int = 0
+
+
+# --- schema migrations: append only; PRAGMA user_version counts the applied ones ---
+
+_MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def _migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[..., None]:
+    _MIGRATIONS.append(fn)
+    return fn
+
+
+@_migration
+def _m1_initial(db: sqlite_utils.Database) -> None:
+    db.table("results").create(
+        {
+            "seq": int,
+            "time": float,
+            "model": str,
+            "version": str,
+            "inputs": str,
+            "outputs": str,
+            "latency_ms": float,
+            "size": int,
+        },
+        pk="seq",
+    )
+    db.table("drops").create({"reason": str, "count": int}, pk="reason")
+    # The seq high-water mark survives even when every row has been forwarded,
+    # so a seq is never reused and consumers can drop duplicates by it.
+    db.table("meta").create({"key": str, "value": int}, pk="key")
+    db.table("meta").insert({"key": "last_seq", "value": 0})
+
+
+class ResultBuffer:
+    """SQLite-backed, bounded, crash-safe queue of inference results."""
+
+    def __init__(self, path: Path, cfg: BufferConfig, metrics: Metrics | None = None) -> None:
+        self.path = Path(path)
+        self.cfg = cfg
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30
+        )
+        self._db = sqlite_utils.Database(self._conn)
+        self._db.enable_wal()
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+
+        # _write_lock: one writer on the connection. _lock: the queue state.
+        # Order when both are needed: _write_lock, then _lock.
+        self._write_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: list[tuple[Any, ...]] = []
+        self._leader = False
+        self._failed: deque[tuple[int, int]] = deque(maxlen=64)  # seq ranges not written
+        self._last_age_check = 0.0
+        self._drop_logged_at = -_DROP_LOG_INTERVAL_S
+        self._drop_log_pending = 0
+        self._recorded = 0
+
+        row = self._conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        self._next_seq = int(row[0]) + 1
+        self._committed_seq = self._next_seq - 1  # every seq <= this is settled
+        self._rows, self._bytes = self._count()
+        self._dropped: dict[str, int] = dict(
+            self._conn.execute("SELECT reason, count FROM drops").fetchall()
+        )
+        self._unsaved_drops: dict[str, int] = {}
+        self._ensure_reserve()
+
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if cfg.durability == "batched":
+            self._flusher = threading.Thread(
+                target=self._flush_loop, name="buffer-flush", daemon=True
+            )
+            self._flusher.start()
+        if metrics is not None:
+            metrics.registry.register(BufferCollector(self))
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, step in enumerate(_MIGRATIONS[version:], start=version + 1):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                step(self._db)
+                self._conn.execute(f"PRAGMA user_version={number}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _count(self) -> tuple[int, int]:
+        rows, nbytes = self._conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM results"
+        ).fetchone()
+        return int(rows), int(nbytes)
+
+    # --- the hot path ------------------------------------------------------------
+
+    def wants(self) -> bool:
+        """Whether the next result should be recorded (``record`` = all / sample / none)."""
+        if self.cfg.record == "all":
+            return True
+        if self.cfg.record == "none":
+            return False
+        return random.random() < self.cfg.sample_rate
+
+    def record(self, result: Result) -> int | None:
+        """Queue one result; in ``commit`` durability, return once it is committed.
+
+        Returns its ``seq``, or None when it was not recorded (sampling, or dropped
+        because the disk is full).
+        """
+        if not self.wants():
+            return None
+        inputs, outputs = _dumps(result.inputs), _dumps(result.outputs)
+        size = len(inputs) + len(outputs) + len(result.model) + len(result.version) + _ROW_OVERHEAD
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+            self._pending.append(
+                (seq, result.time, result.model, result.version, inputs, outputs,
+                 result.latency_ms, size)
+            )  # fmt: skip
+            if self.cfg.durability == "batched":
+                return seq
+            while True:
+                if self._committed_seq >= seq:
+                    return None if self._was_dropped(seq) else seq
+                if not self._leader:
+                    # Group commit: this caller writes everyone's pending rows.
+                    self._leader = True
+                    batch, self._pending = self._pending, []
+                    break
+                self._cond.wait()
+        self._commit_batch(batch)
+        with self._lock:
+            return None if self._was_dropped(seq) else seq
+
+    def _was_dropped(self, seq: int) -> bool:
+        return any(lo <= seq <= hi for lo, hi in self._failed)
+
+    def _commit_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Write one batch in one transaction (as leader or flusher), then wake waiters."""
+        failed = False
+        try:
+            if batch:
+                with self._write_lock:
+                    self._insert(batch)
+        except sqlite3.Error as e:
+            reason = DISK_FULL if _is_disk_full(e) else IO_ERROR
+            failed = True
+            with self._lock:
+                self._dropped[reason] = self._dropped.get(reason, 0) + len(batch)
+                self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(batch)
+            self._log_drop(reason, len(batch), e)
+        finally:
+            with self._lock:
+                if batch:
+                    self._committed_seq = max(self._committed_seq, batch[-1][0])
+                    if failed:
+                        self._failed.append((batch[0][0], batch[-1][0]))
+                self._leader = False
+                self._cond.notify_all()
+
+    def _log_drop(self, reason: str, count: int, error: Exception) -> None:
+        # Once a minute at most: a full SD card must not also fill the journal.
+        now = time.monotonic()
+        self._drop_log_pending += count
+        if now - self._drop_logged_at >= _DROP_LOG_INTERVAL_S:
+            log.warning(
+                "buffer: %d results not recorded (%s): %s", self._drop_log_pending, reason, error
+            )
+            self._drop_logged_at, self._drop_log_pending = now, 0
+
+    def _insert(self, batch: list[tuple[Any, ...]]) -> None:
+        def insert() -> None:
+            self._conn.executemany(
+                "INSERT INTO results (seq, time, model, version, inputs, outputs, latency_ms,"
+                " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                batch,
+            )
+            self._conn.execute("UPDATE meta SET value=? WHERE key='last_seq'", (batch[-1][0],))
+            self._rows += len(batch)
+            self._bytes += sum(row[7] for row in batch)
+            self._enforce_bounds()
+
+        self._transaction(insert)
+        self._recorded += len(batch)
+
+    def _transaction(self, work: Callable[[], None], *, frees_space: bool = False) -> None:
+        """Run ``work`` in one write transaction (the caller holds the write lock).
+
+        On a full disk, work that frees space (deleting forwarded or expired rows) may
+        use the reserve below and try once more; inserts never do, so the reserve is
+        there when the backlog must drain.
+        """
+        try:
+            self._transaction_once(work)
+        except sqlite3.OperationalError as e:
+            if not (frees_space and _is_disk_full(e) and self._release_reserve()):
+                raise
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._transaction_once(work)
+
+    # A small ballast file is kept beside the database while there is room. When the
+    # disk fills, deleting it leaves SQLite room to checkpoint and delete forwarded
+    # rows, so the backlog can still drain; it is put back once space returns.
+
+    @property
+    def _reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def _ensure_reserve(self) -> None:
+        if self._reserve_path.exists():
+            return
+        try:
+            with self._reserve_path.open("wb") as f:
+                f.write(b"\0" * _RESERVE_BYTES)
+        except OSError:
+            self._reserve_path.unlink(missing_ok=True)
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        log.warning("buffer: disk full; released %d reserved bytes to drain", _RESERVE_BYTES)
+        return True
+
+    def _transaction_once(self, work: Callable[[], None]) -> None:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            self._save_drops()
+            c.execute("COMMIT")
+        except BaseException:
+            # SQLite rolls back by itself on some errors (SQLITE_FULL among them).
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            # Counters moved inside the failed transaction: read back what the file holds.
+            self._rows, self._bytes = self._count()
+            raise
+
+    # --- bounds ------------------------------------------------------------------
+
+    def _enforce_bounds(self) -> None:
+        """Drop the oldest rows past max_rows / max_bytes / max_age (inside a transaction)."""
+        excess_rows = self._rows - self.cfg.max_rows
+        if excess_rows > 0:
+            self._drop_oldest(excess_rows, MAX_ROWS)
+        if self._bytes > self.cfg.max_bytes:
+            excess = self._bytes - self.cfg.max_bytes
+            count, total = 0, 0
+            cursor = self._conn.execute("SELECT size FROM results ORDER BY seq")
+            for (size,) in cursor:
+                count += 1
+                total += size
+                if total >= excess:
+                    break
+            cursor.close()
+            self._drop_oldest(count, MAX_BYTES)
+        if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
+            self._expire()
+
+    def _expire(self) -> None:
+        """Drop rows older than max_age, oldest first, a bounded number per call."""
+        now = time.time()
+        self._last_age_check = now
+        deleted = self._conn.execute(
+            "DELETE FROM results WHERE seq IN (SELECT seq FROM results ORDER BY seq LIMIT ?)"
+            " AND time < ? RETURNING size",
+            (_EXPIRE_BATCH, now - self.cfg.max_age),
+        ).fetchall()
+        self._account_drop(deleted, MAX_AGE)
+
+    def _drop_oldest(self, count: int, reason: str) -> None:
+        deleted = self._conn.execute(
+            "DELETE FROM results WHERE seq IN (SELECT seq FROM results ORDER BY seq LIMIT ?)"
+            " RETURNING size",
+            (count,),
+        ).fetchall()
+        self._account_drop(deleted, reason)
+
+    def _account_drop(self, deleted: list[tuple[int]], reason: str) -> None:
+        if not deleted:
+            return
+        self._rows -= len(deleted)
+        self._bytes -= sum(size for (size,) in deleted)
+        with self._lock:
+            self._dropped[reason] = self._dropped.get(reason, 0) + len(deleted)
+            self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(deleted)
+
+    def _save_drops(self) -> None:
+        with self._lock:
+            unsaved, self._unsaved_drops = self._unsaved_drops, {}
+        for reason, n in unsaved.items():
+            self._conn.execute(
+                "INSERT INTO drops (reason, count) VALUES (?, ?)"
+                " ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
+                (reason, n),
+            )
+
+    # --- batched durability ------------------------------------------------------
+
+    def flush(self) -> None:
+        """Commit whatever is pending now (batched mode; a no-op when nothing waits)."""
+        with self._lock:
+            while self._leader:
+                self._cond.wait()
+            if not self._pending:
+                return
+            self._leader = True
+            batch, self._pending = self._pending, []
+        self._commit_batch(batch)
+
+    def _flush_loop(self) -> None:
+        interval = self.cfg.flush_interval_ms / 1000
+        while not self._stop.wait(interval):
+            self.flush()
+        log.debug("buffer flusher stopped")
+
+    # --- the forwarder's side ----------------------------------------------------
+
+    def take_batch(self, limit: int, after: int = 0) -> list[BufferedRow]:
+        """Up to ``limit`` committed rows with seq above ``after``, oldest first.
+
+        Also expires rows past ``max_age``, so an idle device's backlog ages out too.
+        """
+        with self._write_lock:
+            if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
+                self._transaction(self._expire, frees_space=True)
+            rows = self._conn.execute(
+                "SELECT seq, time, model, version, inputs, outputs, latency_ms FROM results"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [BufferedRow(*r) for r in rows]
+
+    def mark_sent(self, seqs: Sequence[int]) -> None:
+        """Delete rows the broker has acknowledged."""
+        if not seqs:
+            return
+
+        def delete() -> None:
+            deleted = self._conn.execute(
+                "DELETE FROM results WHERE seq IN (SELECT value FROM json_each(?)) RETURNING size",
+                (json.dumps(list(seqs)),),
+            ).fetchall()
+            self._rows -= len(deleted)
+            self._bytes -= sum(size for (size,) in deleted)
+
+        with self._write_lock:
+            self._transaction(delete, frees_space=True)
+            self._ensure_reserve()
+
+    def stats(self) -> BufferStats:
+        with self._write_lock:
+            row = self._conn.execute("SELECT time FROM results ORDER BY seq LIMIT 1").fetchone()
+            rows, nbytes = self._rows, self._bytes
+        with self._lock:
+            dropped = dict(self._dropped)
+            last_seq = self._committed_seq
+        return BufferStats(
+            rows=rows,
+            bytes=nbytes,
+            oldest_age_s=max(0.0, time.time() - row[0]) if row else None,
+            dropped=dropped,
+            recorded=self._recorded,
+            last_seq=last_seq,
+        )
+
+    def iter_all(self) -> Iterator[BufferedRow]:
+        """Every buffered row, oldest first."""
+        after = 0
+        while batch := self.take_batch(1000, after):
+            yield from batch
+            after = batch[-1].seq
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Commit what is pending and close; the supervisor calls this last."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=5)
+        self.flush()
+        with self._write_lock:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:  # a full disk must not block shutdown
+                log.warning("buffer: checkpoint at close failed: %s", e)
+            self._conn.close()
+
+
+def _is_disk_full(e: sqlite3.Error) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(e) or "No space" in str(e)
+
+
+class BufferCollector(Collector):
+    """Buffer backlog and drops on /metrics, read from the buffer at scrape time."""
+
+    def __init__(self, buffer: ResultBuffer) -> None:
+        self.buffer = buffer
+
+    def collect(self) -> Iterable[Any]:
+        s = self.buffer.stats()
+        yield GaugeMetricFamily("edge_buffer_rows", "Results waiting to be forwarded", s.rows)
+        yield GaugeMetricFamily(
+            "edge_buffer_bytes", "Approximate size of the buffered results", s.bytes
+        )
+        yield GaugeMetricFamily(
+            "edge_buffer_oldest_age_seconds",
+            "Age of the oldest buffered result",
+            s.oldest_age_s or 0.0,
+        )
+        yield CounterMetricFamily(
+            "edge_buffer_recorded", "Results recorded since start", value=s.recorded
+        )
+        drops = CounterMetricFamily(
+            "edge_buffer_dropped", "Results dropped, by reason", labels=["reason"]
+        )
+        for reason in DROP_REASONS:
+            drops.add_metric([reason], s.dropped.get(reason, 0))
+        yield drops
