@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Create (or renew) broker accounts for edge-agent devices and operators.
+#
+#   mkcreds.sh [--conf-dir DIR] [--out DIR] device DEVICE_ID --fleet FLEET
+#   mkcreds.sh [--conf-dir DIR] [--out DIR] operator NAME
+#   mkcreds.sh [--conf-dir DIR] remove NAME
+#
+# Adds the account with a fresh random password to DIR/passwd (mosquitto_passwd) and
+# its ACL block to DIR/acl, and writes the password to OUT/NAME.password (mode 0600)
+# for the device's mqtt.password_file or edge-fleet --password-file. Running it again
+# for the same name renews the password and replaces the block (e.g. a new fleet).
+# Afterwards reload the broker: systemctl reload mosquitto (or kill -HUP its pid).
+set -euo pipefail
+
+conf_dir=/etc/mosquitto/edge
+out_dir=.
+prefix=""
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --conf-dir) conf_dir="$2"; shift 2 ;;
+        --out) out_dir="$2"; shift 2 ;;
+        --prefix) prefix="$2"; shift 2 ;;
+        -h|--help) usage ;;
+        -*) echo "mkcreds.sh: unknown option $1" >&2; usage ;;
+        *) break ;;
+    esac
+done
+[ $# -ge 2 ] || usage
+kind="$1"; name="$2"; shift 2
+fleet=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --fleet) fleet="$2"; shift 2 ;;
+        *) echo "mkcreds.sh: unknown argument $1" >&2; usage ;;
+    esac
+done
+
+# Names become topic segments and ACL lines: no wildcards, slashes or spaces.
+valid='^[A-Za-z0-9_.-]+$'
+[[ "$name" =~ $valid ]] || { echo "mkcreds.sh: name: '$name' must match [A-Za-z0-9_.-]+" >&2; exit 2; }
+acl="$conf_dir/acl"
+passwd="$conf_dir/passwd"
+[ -f "$acl" ] || { echo "mkcreds.sh: $acl: no ACL file (run mkconf.sh first)" >&2; exit 1; }
+if [ -z "$prefix" ]; then
+    # The prefix the ACL was rendered with: taken from its first pattern line.
+    prefix="$(sed -n 's|^pattern write \(.*\)/devices/%u/status$|\1|p' "$acl" | head -n1)"
+    prefix="${prefix:-edge}"
+fi
+
+# Drop NAME's block (from "user NAME" to the next blank line) from the ACL.
+remove_block() {
+    local tmp
+    tmp="$(mktemp "$acl.XXXXXX")"
+    awk -v who="user $1" '
+        $0 == who { skip = 1; next }
+        skip && /^[[:space:]]*$/ { skip = 0; next }
+        !skip { print }
+    ' "$acl" > "$tmp"
+    chmod --reference="$acl" "$tmp"
+    chown --reference="$acl" "$tmp" 2>/dev/null || true
+    mv "$tmp" "$acl"
+}
+
+case "$kind" in
+    device)
+        [[ "$fleet" =~ $valid ]] || { echo "mkcreds.sh: --fleet: '$fleet' must match [A-Za-z0-9_.-]+" >&2; exit 2; }
+        block="user $name
+topic read $prefix/fleets/$fleet/models/+/desired
+topic read $prefix/artifacts/#" ;;
+    operator)
+        block="user $name
+topic readwrite #" ;;
+    remove)
+        remove_block "$name"
+        mosquitto_passwd -D "$passwd" "$name" >/dev/null 2>&1 || true
+        echo "removed $name"
+        exit 0 ;;
+    *) echo "mkcreds.sh: '$kind': expected device, operator or remove" >&2; usage ;;
+esac
+
+mkdir -p "$out_dir"
+password="$(head -c 24 /dev/urandom | base64 | tr -d '/+=' | cut -c1-24)"
+mosquitto_passwd -b "$passwd" "$name" "$password"
+remove_block "$name"
+printf '\n%s\n\n' "$block" >> "$acl"
+# Collapse runs of blank lines left by replacements.
+tmp="$(mktemp "$acl.XXXXXX")"
+cat -s "$acl" > "$tmp"
+chmod --reference="$acl" "$tmp"; chown --reference="$acl" "$tmp" 2>/dev/null || true
+mv "$tmp" "$acl"
+( umask 077; printf '%s\n' "$password" > "$out_dir/$name.password" )
+echo "$out_dir/$name.password"
