@@ -137,3 +137,13 @@ class StorageFull(EdgeError):
 
 class ConversionError(EdgeError):
     """The converter cannot turn this estimator into a package."""
+
+
+class UsageError(EdgeError):
+    """The command line is wrong in a way argparse cannot see (exit 2, like argparse)."""
+
+    exit_code = 2
+
+
+class BrokerUnavailable(EdgeError):
+    """The MQTT broker cannot be reached, or refuses the connection or the credentials."""
