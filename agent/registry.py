@@ -1,0 +1,127 @@
+"""The active model of every name, swapped one reference at a time.
+
+A request takes its own reference with ``get`` and runs on it; ``swap`` replaces the
+dict entry under a lock. A request in flight during a swap finishes on the old object,
+which is released when the last such request lets go of it. No request ever fails
+because of a swap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import BadRequest, ModelNotFound, NotReady
+from agent.runtime import LoadedModel
+
+# Deployment states a model can be in, as /status and the retained MQTT status show them.
+ACTIVE = "active"
+PROBATION = "probation"
+UPDATING = "updating"
+FAILED = "failed"
+ROLLED_BACK = "rolled_back"
+
+
+@dataclass
+class ModelState:
+    """What /status says about one model beyond the loaded version."""
+
+    state: str = ACTIVE
+    reason: str = ""
+    since: float = field(default_factory=time.time)
+
+
+class Registry:
+    """Name -> active LoadedModel, plus a per-model deployment state."""
+
+    def __init__(self, default: str | None = None) -> None:
+        self.default = default or None
+        self._models: dict[str, LoadedModel] = {}
+        self._states: dict[str, ModelState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None = None, version: str | None = None) -> LoadedModel:
+        """The active model ``name`` (None: the only one, or ``models.default``)."""
+        models = self._models  # one read of the reference: no lock on the hot path
+        if not models:
+            raise NotReady("no model is loaded yet")
+        if name is None:
+            if self.default is not None:
+                name = self.default
+            elif len(models) == 1:
+                return next(iter(models.values()))
+            else:
+                raise BadRequest(
+                    f"model: several models are loaded ({', '.join(sorted(models))}); "
+                    "name one (?model=NAME) or set models.default"
+                )
+        model = models.get(name)
+        if model is None:
+            raise ModelNotFound(name)
+        if version is not None and version != model.version:
+            raise ModelNotFound(name, version)
+        return model
+
+    def swap(self, model: LoadedModel) -> LoadedModel | None:
+        """Make ``model`` the active one of its name; return the one it replaced."""
+        with self._lock:
+            # Copy-on-write: readers see the old dict or the new one, never a torn one.
+            models = dict(self._models)
+            old = models.get(model.name)
+            models[model.name] = model
+            self._models = models
+            self._states[model.name] = ModelState(ACTIVE)
+        return old
+
+    def remove(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            models = dict(self._models)
+            old = models.pop(name, None)
+            self._models = models
+            self._states.pop(name, None)
+        return old
+
+    def loaded(self, name: str) -> LoadedModel | None:
+        """The active model of ``name`` or None; never raises."""
+        return self._models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def models(self) -> list[LoadedModel]:
+        return [self._models[n] for n in sorted(self._models)]
+
+    def ready(self, name: str | None = None) -> bool:
+        """True when ``get(name)`` would answer."""
+        try:
+            self.get(name)
+        except (NotReady, ModelNotFound, BadRequest):
+            return False
+        return True
+
+    # --- deployment state ------------------------------------------------------------
+
+    def set_state(self, name: str, state: str, reason: str = "") -> None:
+        with self._lock:
+            self._states[name] = ModelState(state, reason)
+
+    def state(self, name: str) -> ModelState:
+        return self._states.get(name) or ModelState(FAILED if name not in self._models else ACTIVE)
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per model: version, state and the reason for it (for /status)."""
+        out: dict[str, dict[str, Any]] = {}
+        models, states = self._models, dict(self._states)
+        for name in sorted(set(models) | set(states)):
+            model = models.get(name)
+            st = states.get(name) or ModelState()
+            out[name] = {
+                "version": model.version if model else None,
+                "serial": model.manifest.serial if model else None,
+                "state": st.state,
+                "reason": st.reason or None,
+                "since": st.since,
+            }
+        return out

@@ -1,0 +1,240 @@
+"""Installed model versions on disk and the atomic pointer to the active one.
+
+Layout under ``root`` (``<state_dir>/models``)::
+
+    <name>/<version>/model.onnx, manifest.json   one folder per installed version
+    <name>/active.json                           {version, previous, serial, activated_at}
+    .lock                                        flock: one writer across processes
+
+A version folder is written under a temporary name, fsynced and renamed into place, so
+a folder with a version's name is always complete. ``active.json`` is switched with
+``atomic_write`` (write, fsync, rename, fsync the folder): a kill -9 at any moment leaves
+the old pointer or the new one, and both name a complete folder. ``serial`` in the
+pointer is the last serial accepted for the name; it never goes down, not even on a
+local rollback, so an old signed manifest cannot be replayed.
+
+``edge-agent install`` writes the store from its own process while an agent may be
+running; the ``.lock`` file serialises writers and the agent notices a changed pointer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agent.errors import ManifestInvalid, PackageError
+from agent.manifest import (
+    MANIFEST_FILE,
+    NAME_RE,
+    VERSION_RE,
+    Manifest,
+    atomic_write,
+    fsync_dir,
+    parse_version,
+    read_manifest,
+    sha256_file,
+    utc_now_rfc3339,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+ACTIVE_FILE = "active.json"
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+
+@dataclass(frozen=True)
+class ActivePointer:
+    """What ``<name>/active.json`` holds."""
+
+    version: str
+    previous: str | None
+    serial: int
+    activated_at: str
+
+
+class ModelStore:
+    """Versions of every model on disk, which one is active, and the last serial."""
+
+    def __init__(self, root: Path, keep_versions: int = 3) -> None:
+        self.root = Path(root)
+        self.keep_versions = keep_versions
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._clean_leftovers()
+
+    # --- locking -------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's writer lock (across processes, via flock)."""
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _clean_leftovers(self) -> None:
+        """Remove temp folders of installs that were interrupted (a crash mid-copy)."""
+        with self.locked():
+            for name_dir in self._name_dirs():
+                for child in name_dir.iterdir():
+                    if child.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+                        log.info("store: removing leftover of an interrupted install: %s", child)
+                        shutil.rmtree(child, ignore_errors=True)
+
+    # --- reading -------------------------------------------------------------------
+
+    def _name_dirs(self) -> list[Path]:
+        return sorted(
+            p
+            for p in self.root.iterdir()
+            if p.is_dir() and NAME_RE.match(p.name) and p.name[0] != "."
+        )
+
+    def names(self) -> list[str]:
+        """Every model with at least one installed version."""
+        return [p.name for p in self._name_dirs() if self.versions(p.name)]
+
+    def versions(self, name: str) -> list[str]:
+        """Installed versions of ``name``, oldest first (compared numerically)."""
+        d = self.root / name
+        if not d.is_dir():
+            return []
+        found = [
+            p.name
+            for p in d.iterdir()
+            if p.is_dir() and VERSION_RE.match(p.name) and (p / MANIFEST_FILE).is_file()
+        ]
+        return sorted(found, key=parse_version)
+
+    def version_dir(self, name: str, version: str) -> Path:
+        return self.root / name / version
+
+    def manifest(self, name: str, version: str) -> Manifest:
+        return read_manifest(self.version_dir(name, version))
+
+    def active(self, name: str) -> ActivePointer | None:
+        """The active pointer of ``name``; None when nothing was ever activated."""
+        path = self.root / name / ACTIVE_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            # atomic_write never leaves a torn file; this is damage from outside.
+            raise ManifestInvalid(f"{path}: unreadable active pointer ({e})") from None
+        try:
+            return ActivePointer(
+                version=str(data["version"]),
+                previous=None if data.get("previous") is None else str(data["previous"]),
+                serial=int(data.get("serial", 0)),
+                activated_at=str(data.get("activated_at", "")),
+            )
+        except (KeyError, TypeError, ValueError):
+            raise ManifestInvalid(f"{path}: expected {{version, previous, serial}}") from None
+
+    def last_serial(self, name: str) -> int:
+        """The last manifest serial accepted for ``name`` (-1 when none was)."""
+        pointer = self.active(name)
+        return -1 if pointer is None else pointer.serial
+
+    # --- writing -------------------------------------------------------------------
+
+    def add_version(self, package_dir: Path, manifest: Manifest) -> Path:
+        """Copy a verified package into ``<name>/<version>/``; return that folder.
+
+        The copy goes to a temp folder that is fsynced and renamed into place. A version
+        already installed with the same artifact only gets the new manifest (a rollback
+        manifest re-signs an old artifact with a new serial). Call with ``locked()`` held.
+        """
+        name_dir = self.root / manifest.name
+        name_dir.mkdir(parents=True, exist_ok=True)
+        final = name_dir / manifest.version
+        if final.is_dir() and (final / MANIFEST_FILE).is_file():
+            artifact = final / manifest.artifact.file
+            if artifact.is_file() and sha256_file(artifact) == manifest.artifact.sha256:
+                write_manifest(final, manifest.to_dict())
+                return final
+            pointer = self.active(manifest.name)
+            if pointer is not None and manifest.version in {pointer.version, pointer.previous}:
+                raise PackageError(
+                    f"version: {manifest.name} {manifest.version} is already installed with "
+                    "another artifact and is active or the rollback target; publish a new version"
+                )
+            self._remove_version_dir(final)
+
+        tmp = name_dir / f"{_TMP_PREFIX}{manifest.version}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for file in (manifest.artifact.file, MANIFEST_FILE):
+                _copy_fsync(package_dir / file, tmp / file)
+            fsync_dir(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(name_dir)
+        return final
+
+    def activate(self, name: str, version: str, *, serial: int | None = None) -> ActivePointer:
+        """Point ``name`` at ``version`` atomically; the old active becomes ``previous``.
+
+        ``serial`` is the accepted manifest's serial; the stored serial only grows.
+        Call with ``locked()`` held.
+        """
+        if not (self.version_dir(name, version) / MANIFEST_FILE).is_file():
+            raise PackageError(f"version: {name} {version} is not installed")
+        old = self.active(name)
+        if old is None:
+            previous = None
+        elif old.version == version:  # re-activation (e.g. a new serial): keep the fallback
+            previous = old.previous
+        else:
+            previous = old.version
+        last = -1 if old is None else old.serial
+        pointer = ActivePointer(
+            version=version,
+            previous=previous,
+            serial=max(last, serial if serial is not None else -1),
+            activated_at=utc_now_rfc3339(),
+        )
+        atomic_write(self.root / name / ACTIVE_FILE, json.dumps(asdict(pointer)).encode() + b"\n")
+        return pointer
+
+    def prune(self, name: str) -> list[str]:
+        """Remove the oldest versions beyond ``keep_versions``; never active or previous."""
+        pointer = self.active(name)
+        protected = set() if pointer is None else {pointer.version, pointer.previous}
+        versions = self.versions(name)
+        removable = [v for v in versions if v not in protected]
+        excess = len(versions) - self.keep_versions
+        removed = removable[: max(0, excess)]
+        for version in removed:
+            self._remove_version_dir(self.version_dir(name, version))
+        return removed
+
+    def _remove_version_dir(self, path: Path) -> None:
+        # Rename first so that a crash mid-delete leaves a leftover, not half a version.
+        trash = path.parent / f"{_OLD_PREFIX}{path.name}-{time.monotonic_ns()}"
+        os.rename(path, trash)
+        fsync_dir(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _copy_fsync(src: Path, dst: Path) -> None:
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
