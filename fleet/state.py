@@ -1,0 +1,210 @@
+"""The fleet as the operator sees it: each device's retained status and latest health.
+
+Fed by MQTT messages (``apply``) from any thread; read as immutable snapshots
+(``snapshot``) by the status table and the exporter. Times of arrival are this
+process's clock, so "last seen" never depends on a device's clock being right.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.topics import Topics
+
+
+class InvalidMessage(ValueError):
+    """A status or health payload that is not the documented shape."""
+
+
+@dataclass
+class ModelCounters:
+    """Inferences and errors summed over the health windows this process received."""
+
+    inferences: int = 0
+    errors: int = 0
+
+
+@dataclass
+class DeviceState:
+    device: str
+    status: dict[str, Any] | None = None
+    status_at: float | None = None  # when a live (not retained) status arrived
+    health: dict[str, Any] | None = None
+    health_at: float | None = None
+    health_count: int = 0
+    counters: dict[tuple[str, str], ModelCounters] = field(default_factory=dict)
+
+    @property
+    def fleet(self) -> str | None:
+        for payload in (self.status, self.health):
+            if payload and isinstance(payload.get("fleet"), str):
+                return str(payload["fleet"])
+        return None
+
+    @property
+    def state(self) -> str:
+        """online / offline from the retained status; unknown when only health was seen."""
+        if self.status and self.status.get("state") in ("online", "offline"):
+            return str(self.status["state"])
+        return "unknown"
+
+    @property
+    def last_seen_at(self) -> float | None:
+        seen = [t for t in (self.status_at, self.health_at) if t is not None]
+        return max(seen) if seen else None
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        """Per model: the status fields merged with the latest health window."""
+        merged: dict[str, dict[str, Any]] = {}
+        status_models = (self.status or {}).get("models") or {}
+        health_models = (self.health or {}).get("models") or {}
+        for name in sorted(set(status_models) | set(health_models)):
+            s = status_models.get(name) or {}
+            h = health_models.get(name) or {}
+            version = s.get("version") or h.get("version")
+            counters = self.counters.get((name, str(version)), ModelCounters())
+            merged[name] = {
+                "version": version,
+                "previous": s.get("previous"),
+                "state": s.get("state"),
+                "serial": s.get("serial"),
+                "inferences": h.get("inferences"),
+                "errors": h.get("errors"),
+                "p50_ms": h.get("p50_ms"),
+                "p99_ms": h.get("p99_ms"),
+                "inferences_total": counters.inferences,
+                "errors_total": counters.errors,
+            }
+        return merged
+
+
+def _number(payload: dict[str, Any], key: str, where: str) -> None:
+    value = payload.get(key)
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value)
+    ):
+        raise InvalidMessage(f"{where}: {key}: expected a number, got {value!r}")
+
+
+def _check_status(payload: Any, where: str) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise InvalidMessage(f"{where}: expected a JSON object, got {type(payload).__name__}")
+    if payload.get("state") not in ("online", "offline"):
+        raise InvalidMessage(
+            f"{where}: state: expected 'online' or 'offline', got {payload.get('state')!r}"
+        )
+    models = payload.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+        raise InvalidMessage(f"{where}: models: expected an object of objects, got {models!r}")
+    return payload
+
+
+def _check_health(payload: Any, where: str) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise InvalidMessage(f"{where}: expected a JSON object, got {type(payload).__name__}")
+    for key in ("uptime_s", "cpu_percent", "disk_free_bytes", "soc_temp_c"):
+        _number(payload, key, where)
+    for section in ("memory", "buffer", "mqtt"):
+        value = payload.get(section, {})
+        if not isinstance(value, dict):
+            raise InvalidMessage(f"{where}: {section}: expected an object, got {value!r}")
+    models = payload.get("models", {})
+    if not isinstance(models, dict):
+        raise InvalidMessage(f"{where}: models: expected an object, got {models!r}")
+    for name, m in models.items():
+        if not isinstance(m, dict):
+            raise InvalidMessage(f"{where}: models.{name}: expected an object, got {m!r}")
+        for key in ("inferences", "errors", "p50_ms", "p99_ms"):
+            _number(m, key, f"{where}: models.{name}")
+    return payload
+
+
+class FleetState:
+    """Thread-safe map of device id -> DeviceState, fed by MQTT messages."""
+
+    def __init__(self, topics: Topics | None = None) -> None:
+        self.topics = topics or Topics()
+        self._lock = threading.Lock()
+        self._devices: dict[str, DeviceState] = {}
+        self.invalid_messages = 0
+
+    def apply(
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        *,
+        retained: bool = False,
+        now: float | None = None,
+    ) -> str | None:
+        """Take one status or health message; returns the device it was about.
+
+        Raises ``InvalidMessage`` naming the topic and field when the payload is not the
+        documented shape (the caller logs it; the device's previous state is kept).
+        """
+        now = time.time() if now is None else now
+        device = self.topics.device_of(topic)
+        kind = topic.rsplit("/", 1)[-1]
+        if device is None or kind not in ("status", "health"):
+            return None
+        if kind == "status" and not payload:
+            # An empty retained status is how an operator forgets a decommissioned device.
+            with self._lock:
+                self._devices.pop(device, None)
+            return device
+        try:
+            decoded = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            with self._lock:
+                self.invalid_messages += 1
+            raise InvalidMessage(f"{topic}: not JSON: {e}") from None
+        try:
+            checked = (_check_status if kind == "status" else _check_health)(decoded, topic)
+        except InvalidMessage:
+            with self._lock:
+                self.invalid_messages += 1
+            raise
+        with self._lock:
+            state = self._devices.setdefault(device, DeviceState(device))
+            if kind == "status":
+                state.status = checked
+                if not retained:
+                    state.status_at = now
+            else:
+                if (
+                    state.health is not None
+                    and checked.get("time") == state.health.get("time")
+                    and checked.get("time") is not None
+                ):
+                    return device  # a QoS 1 redelivery: do not count its window twice
+                state.health = checked
+                state.health_at = now
+                state.health_count += 1
+                for name, m in (checked.get("models") or {}).items():
+                    c = state.counters.setdefault((name, str(m.get("version"))), ModelCounters())
+                    c.inferences += int(m.get("inferences") or 0)
+                    c.errors += int(m.get("errors") or 0)
+        return device
+
+    def snapshot(self, fleet: str | None = None) -> list[DeviceState]:
+        """Copies of the devices (of one fleet), sorted by fleet then device id."""
+        with self._lock:
+            devices = [
+                DeviceState(
+                    d.device,
+                    d.status,
+                    d.status_at,
+                    d.health,
+                    d.health_at,
+                    d.health_count,
+                    {k: ModelCounters(v.inferences, v.errors) for k, v in d.counters.items()},
+                )
+                for d in self._devices.values()
+            ]
+        if fleet is not None:
+            devices = [d for d in devices if d.fleet == fleet]
+        return sorted(devices, key=lambda d: (d.fleet or "", d.device))
