@@ -1,0 +1,381 @@
+"""``edge-agent``: run the daemon, check its config, install and roll back models, demo.
+
+Exit codes: 0 success, 1 a failure explained in one line on stderr (a traceback only
+with ``--verbose``), 2 bad usage. ``install`` and ``rollback`` write the model store
+directly, whether or not an agent runs; a running agent notices the changed active
+pointer within a second (``agent.supervisor.StoreWatcher``) and swaps the model in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import Config, load_config, read_secret
+from agent.errors import ConfigError, EdgeError
+from agent.manifest import Manifest, open_package
+
+PROG = "edge-agent"
+DEMO_PACKAGE = Path(__file__).resolve().parent / "demo" / "iris"
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="config file (default: $EDGE_AGENT_CONFIG or /etc/edge-agent/agent.toml)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logs"
+    )
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Serve ONNX models on this device.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{run,check-config,status,install,models,rollback,demo}"
+    )
+    sub.required = True
+    sub.add_parser("run", parents=[common], help="run the agent in the foreground")
+    sub.add_parser("check-config", parents=[common], help="validate the config, list every problem")
+    p = sub.add_parser("status", parents=[common], help="ask the local agent for its status")
+    p.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    p = sub.add_parser("install", parents=[common], help="install and activate a model package")
+    p.add_argument("package", type=Path, help="package folder or .tar")
+    p = sub.add_parser("models", parents=[common], help="list installed model versions")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("rollback", parents=[common], help="activate the previous version")
+    p.add_argument("model", help="model name")
+    p = sub.add_parser("demo", parents=[common], help="serve the bundled iris model here")
+    p.add_argument("--port", type=int, default=8080, help="first port to try (default 8080)")
+    p.add_argument(
+        "--state-dir", type=Path, help="keep state here (default: a temp folder removed at exit)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``edge-agent``; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors (2)
+        return e.code if isinstance(e.code, int) else 2
+    verbose = bool(getattr(args, "verbose", False))
+    _setup_logging(verbose, quiet=args.command not in {"run", "demo"})
+    handler = {
+        "run": cmd_run,
+        "check-config": cmd_check_config,
+        "status": cmd_status,
+        "install": cmd_install,
+        "models": cmd_models,
+        "rollback": cmd_rollback,
+        "demo": cmd_demo,
+    }[args.command]
+    try:
+        return handler(args)
+    except ConfigError as e:
+        for problem in e.problems or [e.message]:
+            print(f"{PROG}: config: {problem}", file=sys.stderr)
+        return e.exit_code
+    except EdgeError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if verbose:
+            traceback.print_exc()
+        print(
+            f"{PROG}: internal error: {type(e).__name__}: {e} (--verbose shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _setup_logging(verbose: bool, *, quiet: bool) -> None:
+    # Under journald ($JOURNAL_STREAM) timestamps are the journal's job.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO)
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+# --- run / check-config -------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.supervisor import Supervisor
+
+    Supervisor(_config(args)).run()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.manifest import load_trusted_keys
+
+    cfg = _config(args)
+    from agent.config import resolve_secret_path
+
+    problems = []
+    for i, key in enumerate(cfg.models.trusted_keys):
+        try:
+            load_trusted_keys([resolve_secret_path(key)])
+        except EdgeError as e:
+            problems.append(f"models.trusted_keys[{i}]: {e}")
+    if problems:
+        raise ConfigError(problems)
+    print(f"config OK ({cfg.source})")
+    print(f"  device {cfg.device.id}, fleet {cfg.device.fleet}")
+    print(f"  http   {cfg.http.host}:{cfg.http.port}" + (" (token)" if cfg.http.token_file else ""))
+    print(f"  mqtt   {cfg.mqtt.url or 'none (offline: serves and buffers)'}")
+    print(f"  state  {cfg.state_path.resolve()}")
+    return 0
+
+
+# --- status -------------------------------------------------------------------------
+
+
+def _local_url(cfg: Config, path: str) -> str:
+    host = cfg.http.host
+    if host in {"0.0.0.0", ""}:
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{cfg.http.port}{path}"
+
+
+def fetch_status(cfg: Config, timeout: float = 3.0) -> dict[str, Any]:
+    """GET /status of the local agent; EdgeError when none answers."""
+    url = _local_url(cfg, "/status")
+    request = urllib.request.Request(url)
+    if cfg.http.token_file:
+        request.add_header("Authorization", f"Bearer {read_secret(cfg.http.token_file)}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body: dict[str, Any] = json.loads(response.read())
+            return body
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", "replace")[:200]
+        raise EdgeError(f"{url}: HTTP {e.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise EdgeError(f"no agent answers at {url} ({reason}); is edge-agent running?") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = fetch_status(_config(args))
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(s: dict[str, Any]) -> str:
+    broker = s.get("broker") or {}
+    buf = s.get("buffer") or {}
+    dropped = {k: v for k, v in (buf.get("dropped") or {}).items() if v}
+    oldest = buf.get("oldest_age_s")
+    lines = [
+        f"device   {s.get('device')} (fleet {s.get('fleet')}), agent {s.get('agent_version')}",
+        f"uptime   {_duration(float(s.get('uptime_s') or 0))}",
+        f"broker   {broker.get('url') or '-'}: {broker.get('state', '?')}",
+        f"buffer   {buf.get('rows', 0)} results, {_size(int(buf.get('bytes') or 0))}"
+        + (f", oldest {_duration(float(oldest))}" if oldest is not None else "")
+        + (f"; dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else ""),
+        "models" if s.get("models") else "models   none installed",
+    ]
+    for name, m in sorted((s.get("models") or {}).items()):
+        line = f"  {name:<16} {m.get('version') or '-':<10} {m.get('state')}"
+        if m.get("previous"):
+            line += f" (previous {m['previous']})"
+        if m.get("reason"):
+            line += f": {m['reason']}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n:.1f} GiB"
+
+
+# --- install / models / rollback ----------------------------------------------------
+
+
+def _local_installer(cfg: Config) -> Any:
+    from agent.installer import Installer
+    from agent.registry import Registry
+    from agent.store import ModelStore
+
+    store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)
+    return Installer(cfg, store, Registry(default=cfg.models.default or None))
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    installer = _local_installer(cfg)
+    with tempfile.TemporaryDirectory(prefix="edge-agent-install-") as scratch:
+        package = open_package(args.package, Path(scratch))
+        manifest = installer.install(package, source=f"edge-agent install {args.package}")
+    print(f"installed {manifest.name} {manifest.version} (serial {manifest.serial}): active")
+    print(_running_agent_note(cfg, manifest.name, manifest.version))
+    return 0
+
+
+def _running_agent_note(cfg: Config, name: str, version: str, wait_s: float = 10.0) -> str:
+    """Tell whether a running agent has picked the version up (it polls the store)."""
+    try:
+        fetch_status(cfg, timeout=1.0)
+    except EdgeError:
+        return "no agent is running here; it will serve this version when started"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            model = fetch_status(cfg, timeout=2.0).get("models", {}).get(name) or {}
+        except EdgeError:
+            break
+        if model.get("version") == version:
+            return f"the running agent now serves {name} {version}"
+        time.sleep(0.2)
+    return f"the running agent has not switched to {name} {version} yet; see `edge-agent status`"
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from agent.store import ModelStore
+
+    cfg = _config(args)
+    store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)
+    listing: dict[str, dict[str, Any]] = {}
+    for name in store.names():
+        pointer = store.active(name)
+        listing[name] = {
+            "active": pointer.version if pointer else None,
+            "previous": pointer.previous if pointer else None,
+            "serial": pointer.serial if pointer else None,
+            "activated_at": pointer.activated_at if pointer else None,
+            "versions": store.versions(name),
+        }
+    if args.json:
+        print(json.dumps(listing, indent=2, sort_keys=True))
+        return 0
+    if not listing:
+        print(f"no models installed in {store.root}")
+        return 0
+    for name, info in listing.items():
+        print(f"{name} (serial {info['serial']}, activated {info['activated_at']})")
+        for version in reversed(info["versions"]):
+            mark = "active" if version == info["active"] else ""
+            mark = "previous" if version == info["previous"] else mark
+            print(f"  {'*' if mark == 'active' else ' '} {version:<12} {mark}".rstrip())
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    installer = _local_installer(cfg)
+    before = installer.store.active(args.model)
+    manifest = installer.rollback(args.model, reason="edge-agent rollback")
+    print(f"rolled back {args.model}: {before.version if before else '-'} -> {manifest.version}")
+    print(_running_agent_note(cfg, manifest.name, manifest.version))
+    return 0
+
+
+# --- demo ---------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the bundled iris model on 127.0.0.1 and print a curl line that works."""
+    from agent.supervisor import Supervisor
+
+    if not (DEMO_PACKAGE / "manifest.json").is_file():
+        raise EdgeError(f"the bundled demo package is missing: {DEMO_PACKAGE}")
+    temp = None
+    if args.state_dir is None:
+        temp = tempfile.TemporaryDirectory(prefix="edge-agent-demo-")
+        state = Path(temp.name)
+    else:
+        state = args.state_dir
+    try:
+        cfg = Config(state_dir=str(state))  # the demo ignores /etc: it must just work
+        cfg.source = "edge-agent demo"
+        cfg.http.port = _free_port(cfg.http.host, args.port)
+        installer = _local_installer(cfg)
+        manifest = installer.install(DEMO_PACKAGE, source="bundled demo")
+        supervisor = Supervisor(cfg)
+
+        def banner() -> None:
+            host, port = supervisor.address()
+            print(_demo_banner(host, port, manifest, state), flush=True)
+
+        supervisor.run(on_started=banner)
+    finally:
+        if temp is not None:
+            temp.cleanup()
+    return 0
+
+
+def _free_port(host: str, first: int, tries: int = 100) -> int:
+    import socket
+
+    for port in range(first, first + tries):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise EdgeError(f"demo: no free port in {first}..{first + tries - 1} on {host}")
+
+
+def _demo_banner(host: str, port: int, manifest: Manifest, state: Path) -> str:
+    rows = manifest.parity.get("inputs", {}).get(manifest.inputs[0].name) or [[0.0]]
+    body = json.dumps({"features": rows[:2]})
+    base = f"http://{host}:{port}"
+    return (
+        f"edge-agent demo: serving {manifest.name} {manifest.version} at {base} (state in {state})\n"
+        f"try:\n"
+        f"  curl -s {base}/predict -H 'Content-Type: application/json' -d '{body}'\n"
+        f"Ctrl-C stops it."
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Wires the agent: builds every component in order, starts them, stops them in reverse.
+
+The order is the one in docs/architecture.md. Components never import each other;
+each gets its collaborators here. The MQTT side (client, forwarder, health, delivery)
+exists only when ``mqtt.url`` is set: without a broker the agent serves and buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from agent import __version__
+from agent.buffer import ResultBuffer
+from agent.config import Config
+from agent.installer import Change, Installer
+from agent.registry import Registry
+from agent.store import ModelStore
+
+if TYPE_CHECKING:
+    from types import FrameType
+
+log = logging.getLogger(__name__)
+
+# How often the agent looks for versions that `edge-agent install`/`rollback` activated
+# from another process. Reading a few tiny JSON files a second costs nothing.
+STORE_POLL_S = 1.0
+
+
+class Component(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def alive(self) -> bool: ...
+
+
+class StoreWatcher:
+    """Loads versions activated by another process (the `edge-agent install` command)."""
+
+    def __init__(self, installer: Installer, interval_s: float = STORE_POLL_S) -> None:
+        self.installer = installer
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tick = time.monotonic()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="store-watch", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.installer.sync()
+            except Exception:
+                log.exception("store-watch: sync failed")
+            self._tick = time.monotonic()
+        log.info("store-watch: stopped")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def alive(self) -> bool:
+        # A sync can load a large model: allow it a minute before calling the loop hung.
+        running = self._thread is not None and self._thread.is_alive()
+        return running and time.monotonic() - self._tick < max(60.0, 10 * self.interval_s)
+
+
+class Supervisor:
+    """Builds, starts and stops the agent's components; answers /status."""
+
+    def __init__(self, cfg: Config) -> None:
+        from agent.http_server import HttpServer
+        from agent.metrics import Metrics
+        from agent.service import Service
+
+        self.cfg = cfg
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+        self._stop = threading.Event()
+        self._stopped = False
+        self.mqtt: Any = None
+
+        cfg.state_path.mkdir(parents=True, exist_ok=True)
+        self.metrics = Metrics()
+        self.store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)
+        self.registry = Registry(default=cfg.models.default or None)
+        self.installer = Installer(cfg, self.store, self.registry, self.metrics)
+        self.buffer = ResultBuffer(cfg.buffer_path, cfg.buffer, self.metrics)
+        self.service = Service(cfg, self.registry, self.buffer, self.metrics, status=self.status)
+        self.http = HttpServer(cfg.http, self.service)
+        self.watcher = StoreWatcher(self.installer)
+        # Started in this order, stopped in reverse; the buffer is closed after all.
+        self.components: list[Component] = [self.watcher]
+        if cfg.mqtt.url:
+            self._build_mqtt()
+        self.components.append(self.http)
+
+    def _build_mqtt(self) -> None:
+        # Imported here so an agent without a broker never loads paho.
+        from agent.delivery import Delivery
+        from agent.forwarder import Forwarder
+        from agent.health import HealthReporter
+        from agent.mqtt import MqttClient
+
+        cfg = self.cfg
+        self.mqtt = MqttClient(cfg, self.metrics, status=self.status)
+        forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
+        health = HealthReporter(cfg, self.registry, self.buffer, self.mqtt, self.metrics)
+        delivery = Delivery(cfg, self.mqtt, self.installer, self.store, self.metrics)
+        self.components += [self.mqtt, forwarder, health, delivery]
+        # A model change refreshes the retained status the fleet reads.
+        publish_status = getattr(self.mqtt, "publish_status", None)
+        if callable(publish_status):
+            self.installer.listeners.append(lambda _change: publish_status())
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the store, then start every component; HTTP last so it serves loaded models."""
+        t0 = time.monotonic()
+        loaded = self.installer.load_all()
+        self.installer.listeners.append(self._log_change)
+        for component in self.components:
+            component.start()
+        log.info(
+            "edge-agent %s: device %s, fleet %s, serving %s on http://%s:%s (ready in %.0f ms)",
+            __version__,
+            self.cfg.device.id,
+            self.cfg.device.fleet,
+            ", ".join(f"{m.name} {m.version}" for m in self.registry.models()) or "no model",
+            *self.address(),
+            (time.monotonic() - t0) * 1000,
+        )
+        if not loaded:
+            log.warning("no model installed: install one with `edge-agent install PACKAGE`")
+        self._on_ready()
+
+    def address(self) -> tuple[str, int]:
+        address = getattr(self.http, "address", None)
+        if isinstance(address, tuple) and len(address) >= 2:
+            return str(address[0]), int(address[1])
+        return self.cfg.http.host, self.cfg.http.port
+
+    def stop(self) -> None:
+        """Stop every component in reverse order; flush and close the buffer last."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._on_stopping()
+        for component in reversed(self.components):
+            try:
+                component.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(component).__name__)
+        self.buffer.close()
+        log.info("edge-agent stopped")
+
+    def run(self, on_started: Callable[[], None] | None = None) -> None:
+        """Start, block until SIGTERM or SIGINT, stop cleanly."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self._stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            if on_started is not None:
+                on_started()
+            self._stop.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def alive(self) -> bool:
+        """True while every component's loop is running: the watchdog pings only then."""
+        return not self._stopped and all(c.alive() for c in self.components)
+
+    # --- systemd hooks: agent/sdnotify.py plugs in here ------------------------------
+
+    def _on_ready(self) -> None:
+        """Called once HTTP serves and the store is loaded: systemd READY=1 belongs here."""
+
+    def _on_stopping(self) -> None:
+        """Called when a stop begins: systemd STOPPING=1 belongs here."""
+
+    def status_line(self) -> str:
+        """One line a person can read (systemd STATUS=)."""
+        models = "; ".join(f"serving {m.name} {m.version}" for m in self.registry.models())
+        broker = "no broker" if self.mqtt is None else f"broker {self._broker()['state']}"
+        backlog = self.buffer.stats().rows
+        return f"{models or 'no model'}; {broker}; backlog {backlog}"
+
+    def _log_change(self, change: Change) -> None:
+        log.info("model %s: %s %s %s", change.name, change.event, change.manifest.version,
+                 change.reason)  # fmt: skip
+
+    # --- /status ---------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The /status body; also what the retained MQTT status is built from."""
+        models: dict[str, Any] = {}
+        for name, st in self.registry.status().items():
+            try:
+                pointer = self.store.active(name)
+            except Exception:
+                pointer = None
+            models[name] = {
+                "version": st["version"],
+                "previous": pointer.previous if pointer else None,
+                "state": st["state"],
+                "serial": pointer.serial if pointer else st["serial"],
+                "reason": st["reason"],
+                "activated_at": pointer.activated_at if pointer else None,
+            }
+        stats = self.buffer.stats()
+        return {
+            "device": self.cfg.device.id,
+            "fleet": self.cfg.device.fleet,
+            "agent_version": __version__,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "uptime_s": round(time.monotonic() - self._started_mono, 3),
+            "models": models,
+            "broker": self._broker(),
+            "buffer": {
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "oldest_age_s": stats.oldest_age_s,
+                "dropped": stats.dropped,
+            },
+        }
+
+    def _broker(self) -> dict[str, Any]:
+        if self.mqtt is None:
+            return {"url": None, "connected": False, "state": "offline (no broker configured)"}
+        connected = getattr(self.mqtt, "connected", None)
+        if callable(connected):
+            connected = connected()
+        return {
+            "url": self.cfg.mqtt.url,
+            "connected": bool(connected),
+            "state": "connected" if connected else "disconnected",
+        }
