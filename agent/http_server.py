@@ -1,0 +1,296 @@
+"""The thin HTTP transport: stdlib server, TCP_NODELAY, keep-alive, auth, limits, gzip.
+
+Chosen by measurement (``bench/http.py``): the standard library's threading server
+with Nagle's algorithm off on every accepted socket and HTTP/1.1 keep-alive serves
+within reach of a bare reference server and adds no dependency to a 1 GB Pi. Without
+TCP_NODELAY every keep-alive answer waits ~40 ms for the peer's delayed ACK.
+
+This module only speaks HTTP: it checks the bearer token, refuses oversized or
+oddly encoded bodies before they cost memory, decompresses, hands the request to
+``Service.handle`` and writes the reply (compressed when asked and worth it) in a
+single send.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hmac
+import logging
+import socket
+import threading
+import zlib
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from agent.config import HttpConfig, read_secret
+from agent.errors import (
+    BadRequest,
+    EdgeError,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from agent.service import Reply, Service, error_reply
+
+log = logging.getLogger(__name__)
+
+# Liveness and readiness stay open without the token: probes (systemd, Docker
+# HEALTHCHECK, a load balancer) have no secret, and an empty 200/503 reveals nothing.
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+COMPRESS_MIN_BYTES = 1024  # below this, gzip costs more time than the bytes it saves
+IDLE_TIMEOUT_S = 60.0  # a keep-alive connection idle this long is closed
+_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # deflate = zlib stream (RFC 9110)
+_STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
+
+
+def decompress(data: bytes, encoding: str, limit: int) -> bytes:
+    """Undo a Content-Encoding, stopping at ``limit`` bytes so a bomb cannot fill memory."""
+    wbits = _WBITS.get(encoding)
+    if wbits is None:
+        raise UnsupportedMediaType(
+            f"Content-Encoding: {encoding!r} is not supported (expected gzip, deflate or identity)"
+        )
+    for bits in (wbits, -15) if encoding == "deflate" else (wbits,):
+        d = zlib.decompressobj(bits)
+        try:
+            out = d.decompress(data, limit + 1)
+        except zlib.error as e:
+            if bits == wbits and encoding == "deflate":
+                continue  # some clients send raw deflate without the zlib header
+            raise BadRequest(f"body: not valid {encoding} data ({e})") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise PayloadTooLarge(len(out), limit)
+        if not d.eof:
+            raise BadRequest(f"body: {encoding} data is truncated")
+        return out
+    raise BadRequest(f"body: not valid {encoding} data")
+
+
+def choose_encoding(accept: str | None) -> str | None:
+    """gzip or deflate if the client's Accept-Encoding allows it (q > 0), else None."""
+    if not accept:
+        return None
+    allowed: dict[str, float] = {}
+    for part in accept.split(","):
+        token, _, params = part.strip().partition(";")
+        q = 1.0
+        params = params.strip().replace(" ", "")
+        if params.startswith("q="):
+            try:
+                q = float(params[2:])
+            except ValueError:
+                q = 0.0
+        allowed[token.strip().lower()] = q
+    for enc in ("gzip", "deflate"):
+        if allowed.get(enc, allowed.get("*", 0.0)) > 0:
+            return enc
+    return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def __getattr__(self, name: str) -> Any:
+        # Every method reaches the service, so an unknown one is a 405, never a 501.
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Malformed HTTP (bad request line, huge headers): a JSON error, then close."""
+        self.close_connection = True
+        self._write(error_reply(code, f"request: {message or HTTPStatus(code).phrase}"))
+
+    def _handle(self) -> None:
+        service = self.server.service
+        path, _, query = self.path.partition("?")
+        method = "GET" if self.command == "HEAD" else self.command
+        try:
+            self._authorize(path)
+            body = self._body()
+        except EdgeError as e:
+            reply = error_reply(e.status, e.message, route="transport")
+            if e.status == 401:
+                reply.headers["WWW-Authenticate"] = 'Bearer realm="edge-agent"'
+            service.metrics.request("transport", "", "", e.status)
+            self._write(reply)
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        reply = service.handle(method, path, query, headers, body)
+        if reply.compressible and len(reply.body) >= COMPRESS_MIN_BYTES:
+            encoding = choose_encoding(self.headers.get("Accept-Encoding"))
+            if encoding is not None:
+                reply.body = (
+                    gzip.compress(reply.body, 5, mtime=0)
+                    if encoding == "gzip"
+                    else zlib.compress(reply.body, 5)
+                )
+                reply.headers["Content-Encoding"] = encoding
+                reply.headers["Vary"] = "Accept-Encoding"
+        self._write(reply)
+
+    def _authorize(self, path: str) -> None:
+        token = self.server.token
+        if token is None or path in OPEN_PATHS:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            self._discard_body()
+            raise Unauthorized(
+                "Authorization: missing bearer token (send 'Authorization: Bearer <token>')"
+            )
+        if not hmac.compare_digest(value.strip().encode(), token):
+            self._discard_body()
+            raise Unauthorized("Authorization: the bearer token is wrong")
+
+    def _discard_body(self) -> None:
+        # An unread body would be taken for the next request: close instead of reading it.
+        if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+
+    def _body(self) -> bytes:
+        limit = self.server.max_body
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            data = self._read_chunked(limit)
+        else:
+            raw = self.headers.get("Content-Length")
+            if raw is None:
+                data = b""
+            else:
+                try:
+                    length = int(raw)
+                    if length < 0:
+                        raise ValueError
+                except ValueError:
+                    self.close_connection = True
+                    raise BadRequest(f"Content-Length: {raw!r} is not a byte count") from None
+                if length > limit:
+                    self.close_connection = True  # refused before reading: the body stays unread
+                    raise PayloadTooLarge(length, limit)
+                data = self.rfile.read(length)
+                if len(data) != length:
+                    self.close_connection = True
+                    raise BadRequest(f"body: got {len(data)} bytes, Content-Length said {length}")
+        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", ""):
+            data = decompress(data, encoding, limit)
+        return data
+
+    def _read_chunked(self, limit: int) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise BadRequest(f"body: bad chunk size line {line[:40]!r}") from None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise PayloadTooLarge(total, limit)
+            parts.append(self.rfile.read(size))
+            self.rfile.readline(8)
+
+    def _write(self, reply: Reply) -> None:
+        body = b"" if self.command == "HEAD" else reply.body
+        head = [
+            _STATUS_LINES.get(reply.status) or f"HTTP/1.1 {reply.status} \r\n".encode(),
+            b"Content-Type: ",
+            reply.content_type.encode(),
+            b"\r\nContent-Length: ",
+            str(len(reply.body)).encode(),
+            b"\r\n",
+        ]
+        for key, value in reply.headers.items():
+            head.append(f"{key}: {value}\r\n".encode("latin-1"))
+        if self.close_connection:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        # One send per answer: with TCP_NODELAY two sends would be two packets.
+        self.wfile.write(b"".join(head) + body)
+        self.log_request(reply.status, len(body))
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], service: Service, cfg: HttpConfig) -> None:
+        self.service = service
+        self.max_body = cfg.max_body_bytes
+        self.token = read_secret(cfg.token_file).encode() if cfg.token_file else None
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, which can stall for seconds
+        # on a device without DNS; the name is never used.
+        self.socket.bind(self.server_address)
+        self.server_address = self.socket.getsockname()
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+
+class HttpServer:
+    """The agent's HTTP listener: ``start()``, ``stop()``, ``alive()``, ``.address``."""
+
+    def __init__(self, cfg: HttpConfig, service: Service) -> None:
+        self.cfg = cfg
+        self.service = service
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            return (self.cfg.host, self.cfg.port)
+        host, port = self._server.server_address[:2]
+        return (str(host), int(port))
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._server = _Server((self.cfg.host, self.cfg.port), self.service, self.cfg)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="http",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("serving HTTP on %s", self.url)
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        log.info("HTTP server stopped")
+        self._server = None
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()

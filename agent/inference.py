@@ -1,0 +1,332 @@
+"""The ``/predict`` core: decode features (rows or named columns), run, encode.
+
+No sockets here: ``Predictor.predict`` takes the parsed JSON body and answers a dict.
+Every refusal is a ``BadRequest`` naming the row and column, so a caller can find the
+offending value in a thousand-row request without guessing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from agent.buffer import Result, ResultBuffer
+from agent.errors import BadRequest
+from agent.manifest import Manifest, TensorSpec
+from agent.metrics import InferenceStats
+from agent.registry import Registry
+from agent.runtime import LoadedModel
+
+FLOATS = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+INTS = {
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+}  # fmt: skip
+_NUMBER_TYPES = (int, float)
+
+
+def parse_json(data: bytes | memoryview, what: str = "body") -> Any:
+    """JSON from a request body; a syntax error names the line, column and offset."""
+    try:
+        return json.loads(bytes(data))
+    except json.JSONDecodeError as e:
+        raise BadRequest(
+            f"{what}: invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"{what}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise BadRequest(f"{what}: JSON nested too deeply") from None
+
+
+def expected_value(datatype: str) -> str:
+    if datatype in FLOATS:
+        return "a number"
+    if datatype in INTS:
+        return "an integer"
+    return "a string" if datatype == "BYTES" else "true or false"
+
+
+def value_ok(v: Any, datatype: str) -> bool:
+    """Whether a JSON value fits a tensor datatype; bools are never numbers here."""
+    t = type(v)
+    if datatype in FLOATS:
+        return t is float or t is int
+    if datatype in INTS:
+        return t is int or (t is float and v.is_integer())
+    if datatype == "BYTES":
+        return t is str
+    return t is bool
+
+
+def numpy_dtype(datatype: str) -> Any:
+    if datatype in FLOATS:
+        return FLOATS[datatype]
+    if datatype in INTS:
+        return INTS[datatype]
+    return object if datatype == "BYTES" else np.bool_
+
+
+def allows_nan(manifest: Manifest) -> bool:
+    """Models say so in the manifest (``allow_nan``); tree ensembles from skl2onnx do not."""
+    return manifest.raw.get("allow_nan") is True
+
+
+@dataclass(frozen=True)
+class Schema:
+    """How ``/predict`` rows map onto a model's inputs, computed once per manifest."""
+
+    matrix: TensorSpec | None  # one [-1, n] input: rows are lists of n values
+    width: int | None  # n, or None when the model takes any width
+    columns: list[str]  # names a dict row uses: feature names, or the input names
+    datatypes: list[str]  # per column
+    specs: list[TensorSpec]  # column models: one input per column
+
+    @property
+    def expected_columns(self) -> str:
+        return ", ".join(self.columns) or "none"
+
+
+def _schema_of(manifest: Manifest) -> Schema:
+    inputs = manifest.inputs
+    if len(inputs) == 1 and len(inputs[0].shape) == 2 and inputs[0].shape[1] != 1:
+        spec = inputs[0]
+        width = spec.shape[1] if spec.shape[1] > 0 else None
+        names = manifest.feature_names or []
+        columns = [str(n) for n in names] if width is not None and len(names) == width else []
+        return Schema(spec, width, columns, [spec.datatype] * len(columns), [])
+    return Schema(None, len(inputs), [i.name for i in inputs], [i.datatype for i in inputs], inputs)
+
+
+_SCHEMAS: dict[int, tuple[Manifest, Schema]] = {}
+
+
+def schema_of(manifest: Manifest) -> Schema:
+    cached = _SCHEMAS.get(id(manifest))
+    if cached is not None and cached[0] is manifest:
+        return cached[1]
+    if len(_SCHEMAS) > 64:
+        _SCHEMAS.clear()
+    schema = _schema_of(manifest)
+    _SCHEMAS[id(manifest)] = (manifest, schema)
+    return schema
+
+
+def _type_name(v: Any) -> str:
+    return {list: "a list", dict: "an object", str: "a string", bool: "a boolean"}.get(
+        type(v), repr(v)[:40]
+    )
+
+
+def _bad_value(where: str, v: Any, datatype: str) -> BadRequest:
+    return BadRequest(f"{where}: expected {expected_value(datatype)}, got {v!r:.60}")
+
+
+def _dict_row_to_list(i: int, row: dict[str, Any], schema: Schema) -> list[Any]:
+    if not schema.columns:
+        raise BadRequest(
+            f"features[{i}]: this model takes rows as lists of {schema.width or 'n'} values "
+            "(it has no feature names for named columns)"
+        )
+    try:
+        values = [row[c] for c in schema.columns]
+    except KeyError:
+        missing = [c for c in schema.columns if c not in row]
+        raise BadRequest(
+            f"features[{i}]: missing column {missing[0]!r} (expected columns: {schema.expected_columns})"
+        ) from None
+    if len(row) != len(schema.columns):
+        extra = [k for k in row if k not in set(schema.columns)]
+        raise BadRequest(
+            f"features[{i}]: unknown column {extra[0]!r} (expected columns: {schema.expected_columns})"
+        )
+    return values
+
+
+def _matrix_rows(rows: list[Any], schema: Schema) -> list[list[Any]]:
+    """Rows as lists of exactly n numbers; named rows mapped through the feature names."""
+    assert schema.matrix is not None
+    n = schema.width
+    datatype = schema.matrix.datatype
+    floats = datatype in FLOATS
+    out = rows
+    for i, raw in enumerate(rows):
+        row = raw
+        if type(raw) is dict:
+            if out is rows:
+                out = list(rows)
+            row = out[i] = _dict_row_to_list(i, raw, schema)
+        elif type(row) is not list:
+            raise BadRequest(
+                f"features[{i}]: expected a list of {n or 'n'} values, got {_type_name(row)}"
+            )
+        if n is None:
+            n = len(row)
+        if len(row) != n:
+            what = "numbers" if floats or datatype in INTS else "values"
+            raise BadRequest(f"features[{i}]: expected {n} {what}, got {len(row)}")
+        # Fast path for the common case: every value a plain int or float.
+        if floats and all(type(v) in _NUMBER_TYPES for v in row):
+            continue
+        for j, v in enumerate(row):
+            if not value_ok(v, datatype):
+                raise _bad_value(_where(i, j, schema), v, datatype)
+    return out
+
+
+def _where(i: int, j: int, schema: Schema) -> str:
+    if schema.columns and j < len(schema.columns):
+        return f"features[{i}][{j}] ({schema.columns[j]})"
+    return f"features[{i}][{j}]"
+
+
+def _check_finite(arr: np.ndarray, rows: list[Any], schema: Schema, model: str) -> None:
+    if arr.dtype.kind != "f" or bool(np.isfinite(arr).all()):
+        return
+    i, j = (int(x) for x in np.argwhere(~np.isfinite(arr.reshape(len(rows), -1)))[0])
+    value = rows[i][j]
+    raise BadRequest(
+        f"{_where(i, j, schema)}: {value!r} is not a finite number, and model {model!r} "
+        "does not accept NaN or infinity"
+    )
+
+
+def _to_array(values: list[Any], datatype: str, where: str) -> np.ndarray:
+    try:
+        return np.array(values, dtype=numpy_dtype(datatype))
+    except (OverflowError, ValueError) as e:
+        raise BadRequest(f"{where}: values do not fit {datatype} ({e})") from None
+
+
+def decode_features(manifest: Manifest, features: Any) -> dict[str, np.ndarray]:
+    """``features`` (list of rows) -> the model's input tensors, or BadRequest naming the cell."""
+    if type(features) is not list:
+        raise BadRequest(f"features: expected a list of rows, got {_type_name(features)}")
+    if not features:
+        raise BadRequest("features: expected at least one row, got an empty list")
+    schema = schema_of(manifest)
+    if schema.matrix is not None:
+        rows = _matrix_rows(features, schema)
+        arr = _to_array(rows, schema.matrix.datatype, "features")
+        if not allows_nan(manifest):
+            _check_finite(arr, rows, schema, manifest.name)
+        return {schema.matrix.name: arr}
+    return _decode_columns(manifest, features, schema)
+
+
+def _decode_columns(
+    manifest: Manifest, features: list[Any], schema: Schema
+) -> dict[str, np.ndarray]:
+    """Column models: one input per column, each [-1, 1]; rows are objects (or lists)."""
+    ncols = len(schema.columns)
+    rows: list[list[Any]] = []
+    for i, raw in enumerate(features):
+        row = raw
+        if type(raw) is dict:
+            row = _dict_row_to_list(i, raw, schema)
+        elif type(row) is list:
+            if len(row) != ncols:
+                raise BadRequest(
+                    f"features[{i}]: expected {ncols} values ({schema.expected_columns}), got {len(row)}"
+                )
+        else:
+            raise BadRequest(
+                f"features[{i}]: expected an object with columns {schema.expected_columns}, "
+                f"got {_type_name(row)}"
+            )
+        for j, v in enumerate(row):
+            if not value_ok(v, schema.datatypes[j]):
+                raise _bad_value(_where(i, j, schema), v, schema.datatypes[j])
+        rows.append(row)
+    inputs: dict[str, np.ndarray] = {}
+    nan_ok = allows_nan(manifest)
+    for j, spec in enumerate(schema.specs):
+        column = [row[j] for row in rows]
+        arr = _to_array(column, spec.datatype, f"features[*][{j}] ({spec.name})")
+        if not nan_ok and arr.dtype.kind == "f" and not bool(np.isfinite(arr).all()):
+            i = int(np.argwhere(~np.isfinite(arr))[0][0])
+            raise BadRequest(
+                f"{_where(i, j, schema)}: {column[i]!r} is not a finite number, and model "
+                f"{manifest.name!r} does not accept NaN or infinity"
+            )
+        inputs[spec.name] = arr.reshape(-1, 1) if len(spec.shape) == 2 else arr
+    return inputs
+
+
+def one_per_row(arr: np.ndarray) -> list[Any]:
+    """A [-1, 1] output (regressors) answers one value per row, not a list per row."""
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr.reshape(-1)
+    out: list[Any] = arr.tolist()
+    return out
+
+
+class Predictor:
+    """Decode, run, record, observe: the one function ``POST /predict`` calls."""
+
+    def __init__(
+        self, registry: Registry, buffer: ResultBuffer | None, stats: InferenceStats
+    ) -> None:
+        self.registry = registry
+        self.buffer = buffer
+        self.stats = stats
+
+    def predict(self, body: Any, model: str | None = None) -> dict[str, Any]:
+        if type(body) is not dict:
+            raise BadRequest(
+                f"body: expected a JSON object with 'features', got {_type_name(body)}"
+            )
+        loaded = self.registry.get(model)
+        manifest = loaded.manifest
+        start = time.perf_counter()
+        try:
+            answer = self._predict(loaded, manifest, body)
+        except BadRequest:
+            self.stats.observe(manifest.name, manifest.version, time.perf_counter() - start, False)
+            raise
+        latency = time.perf_counter() - start
+        self.stats.observe(manifest.name, manifest.version, latency, True)
+        if self.buffer is not None:
+            outputs = {k: v for k, v in answer.items() if k in ("prediction", "probabilities")}
+            self.buffer.record(
+                Result(time.time(), manifest.name, manifest.version, body["features"], outputs,
+                       latency * 1000)
+            )  # fmt: skip
+        return answer
+
+    def _predict(
+        self, loaded: LoadedModel, manifest: Manifest, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        unknown = [k for k in body if k not in ("features", "probabilities")]
+        if unknown:
+            raise BadRequest(f"{unknown[0]}: unknown field (expected 'features', 'probabilities')")
+        if "features" not in body:
+            raise BadRequest("features: missing (expected a list of rows)")
+        want_proba = body.get("probabilities", False)
+        if type(want_proba) is not bool:
+            raise BadRequest(f"probabilities: expected true or false, got {want_proba!r:.40}")
+        wanted = [manifest.prediction_output]
+        proba_name = manifest.probabilities_output
+        if want_proba:
+            if proba_name is None:
+                raise BadRequest(
+                    f"probabilities: model {manifest.name!r} has no probabilities output "
+                    "(it is not a classifier)"
+                )
+            wanted.append(proba_name)
+        inputs = decode_features(manifest, body["features"])
+        outputs = loaded.run(inputs, wanted)
+        answer: dict[str, Any] = {
+            "prediction": one_per_row(outputs[manifest.prediction_output]),
+            "model": manifest.name,
+            "version": manifest.version,
+        }
+        if want_proba and proba_name is not None:
+            answer["probabilities"] = outputs[proba_name].tolist()
+            if manifest.classes is not None:
+                answer["classes"] = manifest.classes
+        return answer

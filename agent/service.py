@@ -1,0 +1,235 @@
+"""What the HTTP routes call: one place maps a request to core calls and errors to replies.
+
+The transport (``agent/http_server.py``) deals with sockets, auth, body limits and
+compression, then hands ``Service.handle`` a method, path, query, headers and body.
+Here the route is matched, the core (``Predictor``, ``OpenInference``) is called and
+every ``EdgeError`` becomes ``(status, {"error": message})``. Anything else is a bug: a
+500 that is logged with its traceback and counted on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent import __version__
+from agent.buffer import ResultBuffer
+from agent.config import Config
+from agent.errors import BadRequest, EdgeError
+from agent.inference import Predictor, parse_json
+from agent.metrics import Metrics
+from agent.oip import OpenInference
+from agent.registry import Registry
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+
+
+@dataclass
+class Reply:
+    """An answer before it meets the wire."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+    compressible: bool = False  # only infer answers are worth compressing
+    route: str = ""
+    model: str = ""
+    version: str = ""
+
+
+def json_reply(status: int, obj: Any, **kw: Any) -> Reply:
+    return Reply(status, json.dumps(obj, separators=(",", ":")).encode(), **kw)
+
+
+def error_reply(status: int, message: str, **kw: Any) -> Reply:
+    return json_reply(status, {"error": message}, **kw)
+
+
+# Static routes: path -> (methods, route label).
+_STATIC: dict[str, tuple[str, ...]] = {
+    "/predict": ("POST",),
+    "/v2": ("GET",),
+    "/v2/health/live": ("GET",),
+    "/v2/health/ready": ("GET",),
+    "/metrics": ("GET",),
+    "/status": ("GET",),
+}
+
+
+class Service:
+    """The routes of the agent's HTTP API, without the HTTP."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        registry: Registry,
+        buffer: ResultBuffer | None,
+        metrics: Metrics,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.buffer = buffer
+        self.metrics = metrics
+        self.status = status
+        self.predictor = Predictor(registry, buffer, metrics.inference)
+        self.oip = OpenInference(registry, buffer, metrics.inference)
+        self.started = time.time()
+
+    # --- dispatch --------------------------------------------------------------------
+
+    def handle(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
+    ) -> Reply:
+        """Answer one request; never raises."""
+        try:
+            reply = self._dispatch(method, path, query, headers, body)
+        except EdgeError as e:
+            reply = error_reply(e.status, e.message)
+            reply.route = _route_label(path)
+            reply.model, reply.version = self._labels(path, query)
+            if e.status >= 500:
+                log.warning("%s %s: %s %s", method, path, e.status, e.message)
+        except Exception as e:
+            # A bug, never the caller's fault: keep the traceback, count it, keep serving.
+            log.exception("%s %s: unexpected error", method, path)
+            reply = error_reply(
+                500, f"internal error ({type(e).__name__}); this is a bug, see the agent's log"
+            )
+            reply.route = _route_label(path)
+        self.metrics.request(reply.route, reply.model, reply.version, reply.status)
+        return reply
+
+    def _dispatch(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
+    ) -> Reply:
+        methods = _STATIC.get(path)
+        if methods is not None:
+            if method not in methods:
+                return _not_allowed(method, path, methods)
+            return self._static(path, query, body)
+        match = _MODEL_ROUTE.match(path)
+        if match is None:
+            return error_reply(
+                404, f"path: no route {path!r} (see docs/http-api.md)", route="other"
+            )
+        name, version, action = match.groups()
+        allowed = ("POST",) if action == "/infer" else ("GET",)
+        if method not in allowed:
+            return _not_allowed(method, path, allowed)
+        if action == "/infer":
+            header = headers.get("inference-header-content-length")
+            length: int | None = None
+            if header is not None:
+                try:
+                    length = int(header)
+                except ValueError:
+                    raise BadRequest(
+                        f"Inference-Header-Content-Length: {header!r} is not a byte count"
+                    ) from None
+            answer = self.oip.infer(name, version, body, length)
+            reply = Reply(200, answer.body, compressible=True)
+            if answer.json_length is not None:
+                reply.content_type = "application/octet-stream"
+                reply.headers["Inference-Header-Content-Length"] = str(answer.json_length)
+        elif action == "/ready":
+            self.oip.model(name, version)
+            reply = Reply(200)
+        else:
+            reply = json_reply(200, self.oip.model_metadata(name, version))
+        reply.route = _route_label(path)
+        model = self.registry.get(name)
+        reply.model, reply.version = model.manifest.name, model.manifest.version
+        return reply
+
+    def _static(self, path: str, query: str, body: bytes) -> Reply:
+        if path == "/predict":
+            model = parse_qs(query).get("model", [None])[-1] if query else None
+            answer = self.predictor.predict(parse_json(body), model)
+            return json_reply(
+                200, answer, route=path, model=answer["model"], version=answer["version"]
+            )
+        if path == "/v2/health/live":
+            return Reply(200, route=path)
+        if path == "/v2/health/ready":
+            return Reply(200 if self.oip.ready() else 503, route=path)
+        if path == "/v2":
+            return json_reply(200, self.oip.server_metadata(), route=path)
+        if path == "/metrics":
+            return Reply(
+                200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST, route=path
+            )
+        return json_reply(200, self.status_report(), route=path)
+
+    def _labels(self, path: str, query: str) -> tuple[str, str]:
+        """Model and version labels of a failed request: only names that are installed,
+        so a caller's typo cannot grow the metric's label set without bound."""
+        name: str | None = None
+        match = _MODEL_ROUTE.match(path)
+        if match is not None:
+            name = match.group(1)
+        elif path == "/predict":
+            name = parse_qs(query).get("model", [None])[-1] if query else None
+        else:
+            return "", ""
+        try:
+            model = self.registry.get(name)
+        except EdgeError:
+            return "", ""
+        return model.manifest.name, model.manifest.version
+
+    # --- /status ---------------------------------------------------------------------
+
+    def status_report(self) -> dict[str, Any]:
+        """Device, models, broker and buffer at a glance; the supervisor adds what it owns."""
+        report: dict[str, Any] = {
+            "device": self.cfg.device.id,
+            "fleet": self.cfg.device.fleet,
+            "agent_version": __version__,
+            "uptime_s": round(time.time() - self.started, 3),
+            "models": self.registry.status(),
+            "mqtt": {"configured": bool(self.cfg.mqtt.url), "connected": None},
+        }
+        if self.buffer is not None:
+            stats = self.buffer.stats()
+            report["buffer"] = {
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "oldest_age_s": stats.oldest_age_s,
+                "dropped": stats.dropped,
+            }
+        if self.status is not None:
+            report.update(self.status())
+        return report
+
+
+def _not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> Reply:
+    return error_reply(
+        405,
+        f"method: {method} is not allowed on {path} (allowed: {', '.join(allowed)})",
+        headers={"Allow": ", ".join(allowed)},
+        route=_route_label(path),
+    )
+
+
+def _route_label(path: str) -> str:
+    """The route template, never the raw path: label values must stay few."""
+    if path in _STATIC:
+        return path
+    match = _MODEL_ROUTE.match(path)
+    if match is None:
+        return "other"
+    versioned = "/versions/{version}" if match.group(2) else ""
+    return f"/v2/models/{{model}}{versioned}{match.group(3) or ''}"
