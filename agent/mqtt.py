@@ -1,0 +1,453 @@
+"""The device's MQTT connection: paho-mqtt 2, MQTT 5, one client for every component.
+
+``connect_async`` + ``loop_start``: an absent broker never delays start-up or serving;
+paho reconnects with backoff (``mqtt.reconnect_min_s`` .. ``mqtt.reconnect_max_s``). The
+retained status is ``online`` from each connect and ``offline`` as the last will.
+Subscriptions registered with ``subscribe`` are renewed in ``on_connect``, so a
+reconnect (clean start) restores them.
+
+``publish`` returns a ``PublishHandle`` that completes on the broker's PUBACK. MQTT 5
+matters here: mosquitto answers a publish its ACL denies with reason 135 "not
+authorized" (MQTT 3.1.1 drops it silently), and the handle carries that reason; every
+failure is logged and counted. A payload over the broker's Maximum Packet Size is
+refused before it reaches paho, which would otherwise resend it after every reconnect
+while the broker cuts the connection each time.
+
+Every callback catches and logs its exceptions: one escaping would end paho's network
+thread and with it the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from prometheus_client import Counter, Gauge
+
+from agent import __version__
+from agent.config import Config, read_secret
+from agent.metrics import Metrics
+from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# Room for the fixed header, topic and properties of a PUBLISH next to its payload.
+_HEADER_ROOM = 1024
+_FAILURE_LOG_INTERVAL_S = 30.0
+
+
+def rfc3339(t: float | None = None) -> str:
+    stamp = datetime.fromtimestamp(time.time() if t is None else t, UTC)
+    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Message:
+    """An incoming message, as handlers see it (no paho types beyond this module)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Handler = Callable[[Message], None]
+
+
+class PublishHandle:
+    """One publish: completes on PUBACK (QoS 1/2), or at once for QoS 0 and refusals."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.mid = 0
+        self.reason_code: int | None = None
+        self.error: str | None = None
+        self._event = threading.Event()
+        self._callbacks: list[Callable[[PublishHandle], None]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def ok(self) -> bool:
+        return self._event.is_set() and self.error is None
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for completion; True when the broker accepted the message."""
+        self._event.wait(timeout)
+        return self.ok
+
+    def add_done_callback(self, fn: Callable[[PublishHandle], None]) -> None:
+        """Call ``fn(handle)`` on completion (at once if done): keep it short, never publish."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _complete(self, reason_code: int, error: str | None = None) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason_code, self.error = reason_code, error
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("mqtt: publish callback for %s failed", self.topic)
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("ok" if self.ok else f"failed: {self.error}")
+        return f"PublishHandle({self.topic!r}, mid={self.mid}, {state})"
+
+
+class MqttClient:
+    """The agent's one MQTT connection; other components publish and subscribe through it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: Metrics | None = None,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = cfg.device.id
+        self.topics = Topics(cfg.mqtt.topic_prefix)
+        self._status = status  # -> the "models" object of the retained status
+        url = urlsplit(cfg.mqtt.url)
+        self.tls = url.scheme == "mqtts"
+        self.host = url.hostname or "localhost"
+        self.port = url.port or (8883 if self.tls else 1883)
+
+        self._lock = threading.Lock()
+        self._pending: dict[int, PublishHandle] = {}
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._listeners: list[Callable[[bool], None]] = []
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._max_packet: int | None = None
+        self._failure_logged: dict[str, float] = {}
+        self._started = False
+        self.reconnects = 0
+        self.failures: dict[str, int] = {}
+
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.mqtt.client_id or self.device,
+            protocol=paho.MQTTv5,
+        )
+        self._client.suppress_exceptions = True
+        self._client.reconnect_delay_set(
+            max(1, round(cfg.mqtt.reconnect_min_s)), max(1, round(cfg.mqtt.reconnect_max_s))
+        )
+        # Result batches in flight plus room for status, health and events.
+        self._client.max_inflight_messages_set(cfg.mqtt.max_inflight + 10)
+        # Bounded while offline: a QoS 1 publish beyond this fails instead of growing memory.
+        self._client.max_queued_messages_set(cfg.mqtt.max_inflight + 1000)
+        if cfg.mqtt.username:
+            password = read_secret(cfg.mqtt.password_file) if cfg.mqtt.password_file else None
+            self._client.username_pw_set(cfg.mqtt.username, password)
+        if self.tls or cfg.mqtt.ca:
+            self._client.tls_set(
+                ca_certs=cfg.mqtt.ca or None,  # None: the system's trust store
+                certfile=cfg.mqtt.cert or None,
+                keyfile=cfg.mqtt.key or None,
+            )
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self._client.on_subscribe = self._on_subscribe
+
+        self._m_connected: Gauge | None = None
+        self._m_reconnects: Counter | None = None
+        self._m_failures: Counter | None = None
+        if metrics is not None:
+            reg = metrics.registry
+            self._m_connected = Gauge(
+                "edge_mqtt_connected", "1 while connected to the broker", registry=reg
+            )
+            self._m_reconnects = Counter(
+                "edge_mqtt_reconnects", "Connections re-established after a loss", registry=reg
+            )
+            self._m_failures = Counter(
+                "edge_mqtt_publish_failures",
+                "Publishes the broker refused (PUBACK reason) or that could not be sent",
+                ["reason"],
+                registry=reg,
+            )
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once, broker or not."""
+        self._set_will()
+        self._client.connect_async(self.host, self.port, keepalive=self.cfg.mqtt.keepalive)
+        self._client.loop_start()
+        self._started = True
+        log.info("mqtt: connecting to %s:%d as %s", self.host, self.port, self.device)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Announce ``offline`` (retained) if connected, then disconnect without the will."""
+        if not self._started:
+            return
+        if self.connected:
+            self.publish_status("offline", reason="stopped").wait(timeout)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._started = False
+        self._set_connected(False)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for handle in pending.values():
+            handle._complete(-1, "stopped before the broker acknowledged")
+        log.info("mqtt: stopped")
+
+    def alive(self) -> bool:
+        """paho's network thread is running (it reconnects by itself while it runs)."""
+        thread = getattr(self._client, "_thread", None)
+        return self._started and thread is not None and thread.is_alive()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    def add_connection_listener(self, fn: Callable[[bool], None]) -> None:
+        """``fn(connected)`` on every connect and disconnect (runs on paho's thread)."""
+        self._listeners.append(fn)
+
+    @property
+    def max_payload(self) -> int | None:
+        """The largest payload the broker takes (from CONNACK), None until known."""
+        return None if self._max_packet is None else self._max_packet - _HEADER_ROOM
+
+    # --- status ----------------------------------------------------------------------
+
+    def status_payload(self, state: str, reason: str | None = None) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "device": self.device,
+            "fleet": self.cfg.device.fleet,
+            "state": state,
+            "since": rfc3339(),
+            "agent_version": __version__,
+            "models": self._models(),
+        }
+        if reason:
+            payload["reason"] = reason
+        return payload
+
+    def _models(self) -> dict[str, Any]:
+        if self._status is None:
+            return {}
+        try:
+            return dict(self._status())
+        except Exception:
+            log.exception("mqtt: reading the models for the status failed")
+            return {}
+
+    def publish_status(self, state: str = "online", reason: str | None = None) -> PublishHandle:
+        """Refresh the retained status (call when models change)."""
+        payload = self.status_payload(state, reason)
+        return self.publish(self.topics.status(self.device), payload, qos=1, retain=True)
+
+    def _set_will(self) -> None:
+        # Renewed before every connection so "since" and models are those of the last one.
+        will = self.status_payload("offline", reason="connection lost")
+        self._client.will_set(self.topics.status(self.device), json.dumps(will), qos=1, retain=True)
+
+    # --- publish ---------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str | Mapping[str, Any],
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+    ) -> PublishHandle:
+        """Publish; the handle completes on the broker's answer (never raises for that)."""
+        data = payload if isinstance(payload, bytes | str) else json.dumps(payload)
+        raw = data.encode() if isinstance(data, str) else data
+        handle = PublishHandle(topic)
+        limit = self.max_payload
+        if limit is not None and len(raw) > limit:
+            self._fail(handle, "too_large", f"payload of {len(raw)} bytes is over the broker's"
+                       f" maximum of {limit} bytes")  # fmt: skip
+            return handle
+        if qos == 0:
+            info = self._client.publish(topic, raw, qos=0, retain=retain, properties=properties)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                handle._complete(0)
+            else:
+                self._fail(handle, "not_sent", paho.error_string(info.rc))
+            return handle
+        # Hold paho's outgoing-message lock across publish() and our bookkeeping: its
+        # network thread holds the same lock while it runs on_publish, so a PUBACK can
+        # never arrive for a mid we have not recorded yet. Same lock order everywhere.
+        with self._client._out_message_mutex:
+            info = self._client.publish(topic, raw, qos=qos, retain=retain, properties=properties)
+            handle.mid = info.mid
+            # NO_CONN: paho keeps the message and sends it after the next connect.
+            if info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                with self._lock:
+                    self._pending[info.mid] = handle
+                return handle
+        self._fail(handle, "not_sent", paho.error_string(info.rc))
+        return handle
+
+    def _fail(self, handle: PublishHandle, reason: str, message: str, code: int = -1) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+        if self._m_failures is not None:
+            self._m_failures.labels(reason).inc()
+        now = time.monotonic()
+        # Once per reason and interval: a denied topic must not flood the journal.
+        if (
+            now - self._failure_logged.get(reason, -_FAILURE_LOG_INTERVAL_S)
+            >= _FAILURE_LOG_INTERVAL_S
+        ):
+            self._failure_logged[reason] = now
+            log.warning("mqtt: publish to %s refused: %s", handle.topic, message)
+        handle._complete(code, message)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
+    ) -> None:
+        try:
+            with self._lock:
+                handle = self._pending.pop(mid, None)
+            if handle is None:
+                return  # QoS 0, or a publish from before stop()
+            code = int(rc.value)
+            if code >= 128:
+                reason = rc.getName().lower().replace(" ", "_")
+                self._fail(handle, reason, f"{rc.getName()} (reason {code})", code)
+            else:
+                handle._complete(code)
+        except Exception:
+            log.exception("mqtt: on_publish failed")
+
+    # --- subscribe -------------------------------------------------------------------
+
+    def subscribe(self, topic: str, qos: int, handler: Handler) -> None:
+        """Receive ``topic`` (a filter) now and after every reconnect; ``handler(Message)``."""
+        with self._lock:
+            self._subs[topic] = (qos, handler)
+        self._client.message_callback_add(topic, self._dispatcher(topic, handler))
+        if self.connected:
+            self._client.subscribe(topic, qos=qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            self._subs.pop(topic, None)
+        self._client.message_callback_remove(topic)
+        if self.connected:
+            self._client.unsubscribe(topic)
+
+    def _dispatcher(self, topic: str, handler: Handler) -> Callable[..., None]:
+        def dispatch(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+            try:
+                props = getattr(msg, "properties", None)
+                handler(
+                    Message(
+                        topic=msg.topic,
+                        payload=bytes(msg.payload),
+                        qos=msg.qos,
+                        retain=bool(msg.retain),
+                        response_topic=getattr(props, "ResponseTopic", None),
+                        correlation_data=getattr(props, "CorrelationData", None),
+                    )
+                )
+            except Exception:
+                log.exception("mqtt: handler for %s failed on %s", topic, msg.topic)
+
+        return dispatch
+
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, rcs: list[ReasonCode], p: Any
+    ) -> None:
+        try:
+            for rc in rcs:
+                if rc.is_failure:
+                    log.error("mqtt: subscription refused by the broker: %s", rc.getName())
+        except Exception:
+            log.exception("mqtt: on_subscribe failed")
+
+    # --- connection events -----------------------------------------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        try:
+            if rc.is_failure:
+                log.error(
+                    "mqtt: %s:%d refused the connection: %s (will retry)",
+                    self.host, self.port, rc.getName(),
+                )  # fmt: skip
+                return
+            self._max_packet = getattr(props, "MaximumPacketSize", None)
+            if self._ever_connected:
+                self.reconnects += 1
+                if self._m_reconnects is not None:
+                    self._m_reconnects.inc()
+            self._ever_connected = True
+            with self._lock:
+                subs = list(self._subs.items())
+            for topic, (qos, _) in subs:
+                client.subscribe(topic, qos=qos)
+            self._set_connected(True)
+            self.publish_status("online")
+            log.info("mqtt: connected to %s:%d", self.host, self.port)
+        except Exception:
+            log.exception("mqtt: on_connect failed")
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
+    ) -> None:
+        try:
+            was = self.connected
+            self._set_connected(False)
+            if was:
+                log.warning("mqtt: disconnected (%s); reconnecting", rc.getName())
+            self._set_will()
+        except Exception:
+            log.exception("mqtt: on_disconnect failed")
+
+    def _set_connected(self, up: bool) -> None:
+        if up:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        if self._m_connected is not None:
+            self._m_connected.set(1 if up else 0)
+        for fn in list(self._listeners):
+            try:
+                fn(up)
+            except Exception:
+                log.exception("mqtt: connection listener failed")
+
+
+def response_properties(correlation_data: bytes | None) -> Properties:
+    """PUBLISH properties for an answer to a request carrying ``correlation_data``."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    return props
