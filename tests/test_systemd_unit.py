@@ -1,0 +1,190 @@
+"""The systemd unit: it verifies, it is hardened, and the agent runs under its limits."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "edge-agent.service"
+MAX_EXPOSURE = 2.0
+
+analyze = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(
+    analyze is None,
+    reason="systemd-analyze not installed (apt-get install systemd): unit not verified",
+)
+
+
+def directives(path: Path = UNIT) -> dict[str, list[str]]:
+    """Every `Key=value` of the unit; a key may repeat (SystemCallFilter=)."""
+    found: dict[str, list[str]] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def one(key: str) -> str:
+    values = directives()[key]
+    assert len(values) == 1, f"{key}= set {len(values)} times"
+    return values[0]
+
+
+@needs_analyze
+def test_unit_verifies_without_a_warning(tmp_path):
+    # verify checks that ExecStart= exists: build the layout install-pi.sh creates,
+    # plus the targets the unit refers to, in a scratch root.
+    exe = tmp_path / "opt/edge-agent/bin/edge-agent"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    units = tmp_path / "usr/lib/systemd"
+    units.mkdir(parents=True)
+    for system in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
+        if system.is_dir():
+            shutil.copytree(system, units / "system", symlinks=True, dirs_exist_ok=True)
+            break
+    target = tmp_path / "etc/systemd/system/edge-agent.service"
+    target.parent.mkdir(parents=True)
+    shutil.copy(UNIT, target)
+    proc = subprocess.run(
+        [analyze, "verify", f"--root={tmp_path}", str(target)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 0, output
+    # Unknown or misspelt keys are only warnings ("Unknown key ..., ignoring"): a
+    # hardening line that does nothing must fail the test too.
+    assert output == "", output
+
+
+@needs_analyze
+def test_verify_catches_a_misspelt_hardening_key(tmp_path):
+    broken = tmp_path / "edge-agent.service"
+    broken.write_text(
+        UNIT.read_text()
+        .replace("ProtectSystem=strict", "ProtectSytem=strict")
+        .replace("/opt/edge-agent/bin/edge-agent", "/bin/true")
+    )
+    proc = subprocess.run(
+        [analyze, "verify", str(broken)], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert "Unknown key 'ProtectSytem'" in proc.stdout + proc.stderr
+
+
+@needs_analyze
+def test_security_exposure_is_at_most_two():
+    proc = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", proc.stdout)
+    assert m, proc.stdout + proc.stderr
+    score = float(m.group(1))
+    assert score <= MAX_EXPOSURE, f"exposure {score} {m.group(2)}; worst:\n" + "\n".join(
+        line for line in proc.stdout.splitlines() if line.startswith("✗")
+    )
+
+
+def test_unit_is_a_notify_service_with_a_watchdog_and_a_start_limit():
+    assert one("Type") == "notify"
+    assert one("NotifyAccess") == "main"
+    assert one("Restart") == "on-failure"
+    watchdog = one("WatchdogSec")
+    assert re.fullmatch(r"\d+s", watchdog), watchdog
+    # The start limit is what turns a config error into a failed unit, not a loop.
+    assert int(one("StartLimitBurst")) >= 2
+    assert one("StartLimitIntervalSec")
+
+
+def test_unit_runs_as_a_dynamic_user_with_state_config_and_credentials():
+    assert one("DynamicUser") == "yes"
+    assert one("StateDirectory") == "edge-agent"
+    assert one("ConfigurationDirectory") == "edge-agent"
+    cred_id, _, source = one("LoadCredential").partition(":")
+    assert cred_id and source == "/etc/edge-agent/credentials"
+    assert "--config /etc/edge-agent/agent.toml" in one("ExecStart")
+    assert one("UMask") == "0077"
+
+
+def test_unit_keeps_request_logging_off_the_sd_card():
+    assert one("LogLevelMax") == "info"
+    assert one("LogRateLimitBurst").isdigit()
+
+
+def test_unit_allows_only_the_socket_families_the_agent_uses():
+    assert one("RestrictAddressFamilies").split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
+    assert one("CapabilityBoundingSet") == ""
+    assert "@system-service" in directives()["SystemCallFilter"]
+
+
+def test_onnxruntime_and_signatures_work_without_writable_executable_memory(tmp_path):
+    """MemoryDenyWriteExecute=yes is only safe if nothing the agent loads JITs code.
+
+    The kernel's PR_SET_MDWE is the same rule systemd applies; set it before importing
+    onnxruntime, numpy and cryptography, then run a real model and check a signature.
+    """
+    skl2onnx = pytest.importorskip("skl2onnx")
+    from sklearn.datasets import load_iris
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = load_iris(return_X_y=True)
+    x = x.astype("float32")
+    for name, est in {
+        "linear": make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)),
+        "forest": RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0),
+    }.items():
+        est.fit(x, y)
+        onx = skl2onnx.to_onnx(est, x[:1], options={id(est): {"zipmap": False}})
+        (tmp_path / f"{name}.onnx").write_bytes(onx.SerializeToString())
+    script = textwrap.dedent(
+        f"""
+        import ctypes, mmap
+        PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+            print("SKIP kernel without PR_SET_MDWE, errno", ctypes.get_errno()); raise SystemExit
+        try:
+            mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            raise SystemExit("W+X mapping allowed: the restriction is not in force")
+        except PermissionError:
+            pass
+        import numpy as np, onnxruntime as ort
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        x = np.array({x[[0, 60, 120]].tolist()}, dtype=np.float32)
+        for name in ("linear", "forest"):
+            s = ort.InferenceSession("{tmp_path}/" + name + ".onnx",
+                                     providers=["CPUExecutionProvider"])
+            print(name, s.run(None, {{s.get_inputs()[0].name: x}})[0].tolist())
+        key = Ed25519PrivateKey.generate()
+        key.public_key().verify(key.sign(b"manifest"), b"manifest")
+        print("signature ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120
+    )
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.returncode == 0, proc.stderr
+    assert "linear [0, 1, 2]" in proc.stdout
+    assert "forest [0, 1, 2]" in proc.stdout
+    assert "signature ok" in proc.stdout
