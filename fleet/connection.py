@@ -212,7 +212,8 @@ def connect(
             log.exception("on_connect failed")
 
     def on_disconnect(_c: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
-        if outcome.get("ok"):
+        # A failure reason code: the broker went away, not our own disconnect().
+        if outcome.get("ok") and reason.is_failure:
             log.warning("disconnected from %s: %s (reconnecting)", options.url, reason)
 
     def on_subscribe(_c: mqtt.Client, _u: object, _m: int, reasons: list[Any], _p: object) -> None:

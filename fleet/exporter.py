@@ -278,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             fleet.apply(message.topic, message.payload, retained=bool(message.retain))
         except InvalidMessage as e:
-            log.warning("ignored: %s", e)
+            level = logging.WARNING if fleet.first_problem(message.topic) else logging.DEBUG
+            log.log(level, "ignored: %s", e)
 
     client = connect(
         options,

@@ -132,6 +132,15 @@ class FleetState:
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceState] = {}
         self.invalid_messages = 0
+        self._warned: set[str] = set()
+
+    def first_problem(self, topic: str) -> bool:
+        """True the first time a topic carries a bad payload: log it loudly once, not every interval."""
+        with self._lock:
+            if topic in self._warned:
+                return False
+            self._warned.add(topic)
+            return True
 
     def apply(
         self,

@@ -56,7 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def _age(seconds: float | None) -> str:
     if seconds is None:
-        return "never"
+        return "-"
     seconds = max(0.0, seconds)
     if seconds < 120:
         return f"{seconds:.0f}s ago"
@@ -68,7 +68,7 @@ def _age(seconds: float | None) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    return "-" if seconds is None else _age(seconds).removesuffix(" ago")
+    return _age(seconds).removesuffix(" ago")
 
 
 def device_json(d: DeviceState, now: float) -> dict[str, Any]:
@@ -186,7 +186,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         try:
             fleet.apply(message.topic, message.payload, retained=bool(message.retain))
         except InvalidMessage as e:
-            log.warning("ignored: %s", e)
+            level = logging.WARNING if fleet.first_problem(message.topic) else logging.DEBUG
+            log.log(level, "ignored: %s", e)
 
     client = connect(
         options,
