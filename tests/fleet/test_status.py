@@ -112,8 +112,8 @@ def health_every(
     def loop() -> None:
         while not stop.is_set():
             for device, payload in payloads.items():
-                payload = {**payload, "time": now_rfc3339()}
-                client.publish(f"edge/devices/{device}/health", json.dumps(payload), qos=0)
+                fresh = {**payload, "time": now_rfc3339()}
+                client.publish(f"edge/devices/{device}/health", json.dumps(fresh), qos=0)
             stop.wait(period)
 
     thread = threading.Thread(target=loop, name="test-health", daemon=True)
