@@ -17,8 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from agent import __version__
 from agent.buffer import ResultBuffer
 from agent.config import Config
+from agent.errors import EdgeError
+from agent.http_server import HttpServer
 from agent.installer import Change, Installer
+from agent.metrics import Metrics
 from agent.registry import Registry
+from agent.service import Service
 from agent.store import ModelStore
 
 if TYPE_CHECKING:
@@ -75,10 +79,6 @@ class Supervisor:
     """Builds, starts and stops the agent's components; answers /status."""
 
     def __init__(self, cfg: Config) -> None:
-        from agent.http_server import HttpServer
-        from agent.metrics import Metrics
-        from agent.service import Service
-
         self.cfg = cfg
         self.started_at = time.time()
         self._started_mono = time.monotonic()
@@ -103,9 +103,9 @@ class Supervisor:
 
     def _build_mqtt(self) -> None:
         # Imported here so an agent without a broker never loads paho.
-        from agent.delivery import Delivery
+        from agent.delivery import Delivery  # type: ignore[import-not-found, unused-ignore]
         from agent.forwarder import Forwarder
-        from agent.health import HealthReporter
+        from agent.health import HealthReporter  # type: ignore[import-not-found, unused-ignore]
         from agent.mqtt import MqttClient
 
         cfg = self.cfg
@@ -127,7 +127,15 @@ class Supervisor:
         loaded = self.installer.load_all()
         self.installer.listeners.append(self._log_change)
         for component in self.components:
-            component.start()
+            try:
+                component.start()
+            except OSError as e:
+                if component is not self.http:
+                    raise
+                raise EdgeError(
+                    f"http.host/http.port: cannot listen on {self.cfg.http.host}:"
+                    f"{self.cfg.http.port}: {e.strerror or e}"
+                ) from None
         log.info(
             "edge-agent %s: device %s, fleet %s, serving %s on http://%s:%s (ready in %.0f ms)",
             __version__,
