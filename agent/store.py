@@ -92,6 +92,11 @@ class ModelStore:
                     if child.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
                         log.info("store: removing leftover of an interrupted install: %s", child)
                         shutil.rmtree(child, ignore_errors=True)
+                    elif child.name.startswith(f".{ACTIVE_FILE}."):
+                        child.unlink(missing_ok=True)  # atomic_write's temp file
+                    elif child.is_dir():
+                        for temp in child.glob(f".{MANIFEST_FILE}.*"):
+                            temp.unlink(missing_ok=True)
 
     # --- reading -------------------------------------------------------------------
 
