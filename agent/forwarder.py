@@ -1,0 +1,216 @@
+"""Drain the result buffer to ``edge/devices/{id}/results``: in order, QoS 1, at least once.
+
+A batch of rows goes out as one message; its rows are deleted (``mark_sent``) only after
+the broker's PUBACK for it. At most ``mqtt.max_inflight`` batches wait for a PUBACK at a
+time, so memory stays bounded however large the backlog. While the connection is down
+nothing new is sent: paho resends the unacknowledged batches after the reconnect, and
+a batch the broker refuses, or that is lost with the process (kill -9), is read again
+from SQLite and sent again. Duplicates are possible by design; every result carries the
+device's increasing ``seq`` so consumers drop them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge
+
+from agent.config import Config
+
+if TYPE_CHECKING:
+    from agent.buffer import BufferedRow, ResultBuffer
+    from agent.metrics import Metrics
+    from agent.mqtt import MqttClient, PublishHandle
+
+log = logging.getLogger(__name__)
+
+# A results message stays below this even when rows are large (the broker's limit is
+# 4 MiB, see broker-config/mosquitto.conf); a batch is split where it would pass it.
+MAX_MESSAGE_BYTES = 1024 * 1024
+_IDLE_POLL_S = 0.25  # how soon a new result goes out when the backlog was empty
+_RETRY_MIN_S = 1.0  # after a refused batch, back off before resending
+_RETRY_MAX_S = 60.0
+_ALIVE_WINDOW_S = 30.0
+_RATE_WINDOW_S = 10.0
+
+
+@dataclass
+class _Flight:
+    handle: PublishHandle
+    seqs: list[int]
+
+
+class Forwarder:
+    """The buffer -> MQTT pump; one named thread."""
+
+    def __init__(
+        self, cfg: Config, buffer: ResultBuffer, mqtt: MqttClient, metrics: Metrics | None = None
+    ) -> None:
+        self.buffer = buffer
+        self.mqtt = mqtt
+        self.batch_size = cfg.buffer.batch_size
+        self.max_inflight = cfg.mqtt.max_inflight
+        self.topic = mqtt.topics.results(cfg.device.id)
+        self._head = f'{{"device":{json.dumps(cfg.device.id)},"results":['.encode()
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # a PUBACK or a (re)connect: look again at once
+        self._thread: threading.Thread | None = None
+        self._inflight: deque[_Flight] = deque()
+        self._after = 0  # highest seq sent and not known lost
+        self._backoff = 0.0  # grows while batches keep failing, reset by a success
+        self._retry_at = 0.0
+        self._tick = time.monotonic()
+        self.forwarded = 0
+        self.failed_batches = 0
+        self._rate: deque[tuple[float, int]] = deque()  # (time, forwarded) samples
+        mqtt.add_connection_listener(lambda up: self._wake.set())
+
+        self._m_forwarded: Counter | None = None
+        self._m_failed: Counter | None = None
+        if metrics is not None:
+            reg = metrics.registry
+            self._m_forwarded = Counter(
+                "edge_forwarded_results", "Results the broker acknowledged", registry=reg
+            )
+            Gauge(
+                "edge_forward_rate", "Results forwarded per second, last 10 s", registry=reg
+            ).set_function(self.rate)
+            Gauge(
+                "edge_forward_inflight_batches", "Result batches awaiting a PUBACK", registry=reg
+            ).set_function(lambda: len(self._inflight))
+            self._m_failed = Counter(
+                "edge_forward_failed_batches",
+                "Result batches refused or lost and sent again",
+                registry=reg,
+            )
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop sending; wait briefly for outstanding PUBACKs so their rows are deleted."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        """The loop thread runs and has ticked recently."""
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and time.monotonic() - self._tick < _ALIVE_WINDOW_S
+        )
+
+    def rate(self) -> float:
+        """Results acknowledged per second over the last few seconds."""
+        samples = list(self._rate)
+        if len(samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    # --- the loop --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info("forwarder: started, results to %s", self.topic)
+        while not self._stop.is_set():
+            self._tick = time.monotonic()
+            # Clear before looking: a PUBACK landing after this wakes the wait below.
+            self._wake.clear()
+            try:
+                wait = self._step()
+            except Exception:
+                # A bug or an SQLite error must not end forwarding for good.
+                log.exception("forwarder: step failed; retrying")
+                wait = _RETRY_MIN_S
+            if wait > 0:
+                self._wake.wait(wait)
+        self._drain_on_stop()
+        log.info("forwarder: stopped (%d results forwarded)", self.forwarded)
+
+    def _step(self) -> float:
+        """Settle finished batches, send more; return how long to sleep (0: go on)."""
+        self._settle()
+        delay = self._retry_at - time.monotonic()
+        if delay > 0:
+            return delay
+        if not self.mqtt.connected:
+            return 1.0
+        if len(self._inflight) >= self.max_inflight:
+            return 1.0  # woken by the next PUBACK
+        rows = self.buffer.take_batch(self.batch_size, after=self._after)
+        if not rows:
+            return _IDLE_POLL_S
+        self._send(rows)
+        return 0.0
+
+    def _send(self, rows: list[BufferedRow]) -> None:
+        # Serialised without parsing: each row already holds its JSON text.
+        parts: list[bytes] = []
+        size = len(self._head) + 2
+        for row in rows:
+            part = row.to_json().encode()
+            if parts and size + len(part) + 1 > MAX_MESSAGE_BYTES:
+                break
+            parts.append(part)
+            size += len(part) + 1
+        payload = self._head + b",".join(parts) + b"]}"
+        seqs = [row.seq for row in rows[: len(parts)]]
+        handle = self.mqtt.publish(self.topic, payload, qos=1)
+        handle.add_done_callback(lambda h: self._wake.set())
+        self._inflight.append(_Flight(handle, seqs))
+        self._after = seqs[-1]
+
+    def _settle(self) -> None:
+        """Delete acknowledged rows; on a refusal, rewind to resend from the oldest row."""
+        acked: list[int] = []
+        failed: _Flight | None = None
+        for flight in list(self._inflight):
+            if not flight.handle.done():
+                continue
+            self._inflight.remove(flight)
+            if flight.handle.ok:
+                acked.extend(flight.seqs)
+            elif failed is None:
+                failed = flight
+        if acked:
+            self.buffer.mark_sent(acked)
+            self.forwarded += len(acked)
+            if self._m_forwarded is not None:
+                self._m_forwarded.inc(len(acked))
+        now = time.monotonic()
+        self._rate.append((now, self.forwarded))
+        while len(self._rate) > 2 and now - self._rate[0][0] > _RATE_WINDOW_S:
+            self._rate.popleft()
+        if failed is not None:
+            self.failed_batches += 1
+            if self._m_failed is not None:
+                self._m_failed.inc()
+            log.warning(
+                "forwarder: batch seq %d..%d not accepted (%s); will resend",
+                failed.seqs[0], failed.seqs[-1], failed.handle.error,
+            )  # fmt: skip
+            # Rows of later batches may be acknowledged or not: rewind to the start of
+            # the backlog; whatever is already deleted is not read again.
+            self._inflight.clear()
+            self._after = 0
+            self._backoff = min(_RETRY_MAX_S, max(_RETRY_MIN_S, self._backoff * 2))
+            self._retry_at = now + self._backoff
+        elif acked:
+            self._backoff = 0.0
+
+    def _drain_on_stop(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._inflight and time.monotonic() < deadline and self.mqtt.connected:
+            self._inflight[0].handle.wait(max(0.0, deadline - time.monotonic()))
+            self._settle()

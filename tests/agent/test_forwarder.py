@@ -1,0 +1,189 @@
+"""The forwarder against a real mosquitto: in order, nothing lost, duplicates by seq."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from agent.buffer import Result, ResultBuffer
+from agent.config import BufferConfig, Config
+from agent.forwarder import Forwarder
+from agent.metrics import Metrics
+from agent.mqtt import MqttClient
+from tests.fixtures.broker import ROOT, Broker, MessageLog
+
+
+def make_config(broker: Broker, device: str, username: str | None = None) -> Config:
+    creds = broker.add_device(username or device, fleet="f1")
+    cfg = Config()
+    cfg.device.id, cfg.device.fleet = device, "f1"
+    for key, value in broker.mqtt_settings(creds).items():
+        setattr(cfg.mqtt, key, value)
+    cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s = 1, 1
+    cfg.buffer.batch_size = 100
+    return cfg
+
+
+def fill(buffer: ResultBuffer, n: int) -> None:
+    for i in range(n):
+        buffer.record(Result(time.time(), "iris", "1.0", [[i, 0.5]], [i % 3], 0.25))
+    buffer.flush()
+
+
+def seqs_of(log: MessageLog) -> list[int]:
+    return [r["seq"] for m in log.messages for r in json.loads(m.payload)["results"]]
+
+
+class Agent:
+    """The forwarding half of an agent, in this process."""
+
+    def __init__(self, cfg: Config, path: Path) -> None:
+        self.metrics = Metrics()
+        self.buffer = ResultBuffer(path, BufferConfig(durability="batched"), self.metrics)
+        self.mqtt = MqttClient(cfg, self.metrics)
+        self.forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
+
+    def start(self) -> Agent:
+        self.mqtt.start()
+        self.forwarder.start()
+        return self
+
+    def stop(self) -> None:
+        self.forwarder.stop()
+        self.mqtt.stop(timeout=1)
+        self.buffer.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    made: list[Agent] = []
+    yield made
+    for a in made:
+        a.stop()
+
+
+def test_backlog_arrives_in_order_and_is_deleted(
+    broker: Broker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = make_config(broker, "dev-1")
+    consumer = broker.subscribe("edge/devices/dev-1/results")
+    agent = Agent(cfg, tmp_path / "buffer.db")
+    agents.append(agent)
+    fill(agent.buffer, 1000)
+    agent.start()
+    consumer.wait_for(lambda m: len(seqs_of(consumer)) >= 1000)
+    assert seqs_of(consumer) == list(range(1, 1001))
+    first = json.loads(consumer.messages[0].payload)
+    assert first["device"] == "dev-1"
+    assert first["results"][0] == {
+        "seq": 1, "time": first["results"][0]["time"], "model": "iris", "version": "1.0",
+        "inputs": [[0, 0.5]], "outputs": [0], "latency_ms": 0.25,
+    }  # fmt: skip
+    assert len(first["results"]) == 100  # buffer.batch_size
+    deadline = time.monotonic() + 5
+    while agent.buffer.stats().rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.buffer.stats().rows == 0
+    assert agent.forwarder.forwarded == 1000
+    assert agent.forwarder.alive()
+    text = generate_latest(agent.metrics.registry).decode()
+    assert "edge_forwarded_results_total 1000.0" in text
+    assert "edge_buffer_rows 0.0" in text
+
+
+def test_results_made_while_the_broker_is_down_all_arrive(
+    broker: Broker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    cfg = make_config(broker, "dev-1")
+    consumer = broker.subscribe("edge/devices/dev-1/results", persistent=True)
+    agent = Agent(cfg, tmp_path / "buffer.db").start()
+    agents.append(agent)
+    assert agent.mqtt.wait_connected(10)
+    fill(agent.buffer, 300)
+    consumer.wait_for(lambda m: len(seqs_of(consumer)) >= 300)
+    broker.stop()
+    fill(agent.buffer, 700)  # made while the broker is away
+    time.sleep(1.5)
+    assert agent.buffer.stats().rows == 700  # kept, not lost, not deleted
+    broker.start()
+    consumer.wait_for(lambda m: len(set(seqs_of(consumer))) >= 1000, timeout=30)
+    assert sorted(set(seqs_of(consumer))) == list(range(1, 1001))
+    deadline = time.monotonic() + 5
+    while agent.buffer.stats().rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.buffer.stats().rows == 0
+
+
+def test_kill_9_mid_forwarding_loses_nothing(broker: Broker, tmp_path: Path) -> None:
+    cfg = make_config(broker, "dev-1")
+    path = tmp_path / "buffer.db"
+    seed = ResultBuffer(path, BufferConfig(durability="batched"))
+    fill(seed, 20_000)
+    seed.close()
+    consumer = broker.subscribe("edge/devices/dev-1/results", persistent=True)
+    script = textwrap.dedent(f"""
+        import time
+        from agent.buffer import ResultBuffer
+        from agent.config import BufferConfig, Config
+        from agent.forwarder import Forwarder
+        from agent.mqtt import MqttClient
+        cfg = Config()
+        cfg.device.id = "dev-1"
+        cfg.mqtt.url, cfg.mqtt.username = {cfg.mqtt.url!r}, "dev-1"
+        cfg.mqtt.password_file = {cfg.mqtt.password_file!r}
+        cfg.buffer.batch_size = 50
+        buf = ResultBuffer({str(path)!r}, BufferConfig())
+        mqtt = MqttClient(cfg)
+        mqtt.start()
+        Forwarder(cfg, buf, mqtt).start()
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        consumer.wait_for(lambda m: len(m) >= 20, timeout=30)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    before = set(seqs_of(consumer))
+    assert 0 < len(before) < 20_000, "the kill should land mid-forwarding"
+    # The agent comes back on the same buffer and finishes the job.
+    agent = Agent(cfg, path).start()
+    try:
+        consumer.wait_for(lambda m: len(set(seqs_of(consumer))) >= 20_000, timeout=60)
+    finally:
+        agent.stop()
+    got = seqs_of(consumer)
+    # The consumer drops duplicates by seq and has every result exactly once.
+    assert sorted(set(got)) == list(range(1, 20_001))
+
+
+def test_refused_batches_stay_buffered_and_are_counted(
+    broker: Broker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    # Logged in as dev-1 but configured as dev-2: the ACL refuses dev-2's results topic.
+    cfg = make_config(broker, "dev-2", username="dev-1")
+    cfg.mqtt.client_id = "dev-1"
+    agent = Agent(cfg, tmp_path / "buffer.db")
+    agents.append(agent)
+    fill(agent.buffer, 250)
+    agent.start()
+    deadline = time.monotonic() + 10
+    while agent.forwarder.failed_batches == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.forwarder.failed_batches >= 1
+    assert agent.buffer.stats().rows == 250
+    assert agent.forwarder.forwarded == 0
+    assert agent.mqtt.failures.get("not_authorized", 0) >= 1
+    text = generate_latest(agent.metrics.registry).decode()
+    assert 'edge_mqtt_publish_failures_total{reason="not_authorized"}' in text
