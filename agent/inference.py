@@ -197,7 +197,9 @@ def _check_finite(arr: np.ndarray, rows: list[Any], schema: Schema, model: str) 
 
 def _to_array(values: list[Any], datatype: str, where: str) -> np.ndarray:
     try:
-        return np.array(values, dtype=numpy_dtype(datatype))
+        # Values past the float range become inf here and are refused by the finite check.
+        with np.errstate(over="ignore"):
+            return np.array(values, dtype=numpy_dtype(datatype))
     except (OverflowError, ValueError) as e:
         raise BadRequest(f"{where}: values do not fit {datatype} ({e})") from None
 
@@ -265,6 +267,14 @@ def one_per_row(arr: np.ndarray) -> list[Any]:
     return out
 
 
+def probabilities_output(manifest: Manifest) -> str | None:
+    """The manifest names it; packages that do not are read by the converter's convention."""
+    name = manifest.probabilities_output
+    if name is None and any(o.name == "probabilities" for o in manifest.outputs):
+        name = "probabilities"
+    return name
+
+
 class Predictor:
     """Decode, run, record, observe: the one function ``POST /predict`` calls."""
 
@@ -310,7 +320,7 @@ class Predictor:
         if type(want_proba) is not bool:
             raise BadRequest(f"probabilities: expected true or false, got {want_proba!r:.40}")
         wanted = [manifest.prediction_output]
-        proba_name = manifest.probabilities_output
+        proba_name = probabilities_output(manifest)
         if want_proba:
             if proba_name is None:
                 raise BadRequest(

@@ -193,14 +193,16 @@ class Service:
     # --- /status ---------------------------------------------------------------------
 
     def status_report(self) -> dict[str, Any]:
-        """Device, models, broker and buffer at a glance; the supervisor adds what it owns."""
+        """Device, models, broker and buffer at a glance; the supervisor's report when wired."""
+        if self.status is not None:
+            return dict(self.status())
         report: dict[str, Any] = {
             "device": self.cfg.device.id,
             "fleet": self.cfg.device.fleet,
             "agent_version": __version__,
             "uptime_s": round(time.time() - self.started, 3),
             "models": self.registry.status(),
-            "mqtt": {"configured": bool(self.cfg.mqtt.url), "connected": None},
+            "broker": {"url": self.cfg.mqtt.url or None, "connected": False},
         }
         if self.buffer is not None:
             stats = self.buffer.stats()
@@ -210,8 +212,6 @@ class Service:
                 "oldest_age_s": stats.oldest_age_s,
                 "dropped": stats.dropped,
             }
-        if self.status is not None:
-            report.update(self.status())
         return report
 
 
