@@ -193,17 +193,22 @@ class FleetCollector:
             labels=MODEL,
         )
         for d in devices:
-            for name, m in d.models().items():
-                labels = [d.device, d.fleet or "", name, str(m["version"] or "")]
-                if m["state"] is not None:
-                    info.add_metric([*labels, str(m["previous"] or ""), str(m["state"])], 1.0)
-                if d.health is None:
-                    continue
-                inferences.add_metric(labels, float(m["inferences_total"]))
-                errors.add_metric(labels, float(m["errors_total"]))
+            dev = [d.device, d.fleet or ""]
+            for name, m in ((d.status or {}).get("models") or {}).items():
+                if m.get("state") is not None:
+                    labels = [*dev, name, str(m.get("version") or "")]
+                    info.add_metric([*labels, str(m.get("previous") or ""), str(m["state"])], 1.0)
+            # Every version this exporter counted, so an upgrade does not cut off the
+            # old version's series before its last increase is scraped.
+            for (name, version), c in sorted(d.counters.items()):
+                inferences.add_metric([*dev, name, version], float(c.inferences))
+                errors.add_metric([*dev, name, version], float(c.errors))
+            # Latency belongs to the version the health window measured.
+            for name, h in ((d.health or {}).get("models") or {}).items():
+                labels = [*dev, name, str(h.get("version") or "")]
                 for family, key in ((p50, "p50_ms"), (p99, "p99_ms")):
-                    if isinstance(m[key], int | float):
-                        family.add_metric(labels, float(m[key]) / 1000.0)
+                    if isinstance(h.get(key), int | float):
+                        family.add_metric(labels, float(h[key]) / 1000.0)
         yield from (info, inferences, errors, p50, p99)
 
     def _exporter_metrics(self) -> Iterator[Metric]:

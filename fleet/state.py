@@ -66,10 +66,8 @@ class DeviceState:
         for name in sorted(set(status_models) | set(health_models)):
             s = status_models.get(name) or {}
             h = health_models.get(name) or {}
-            version = s.get("version") or h.get("version")
-            counters = self.counters.get((name, str(version)), ModelCounters())
             merged[name] = {
-                "version": version,
+                "version": s.get("version") or h.get("version"),
                 "previous": s.get("previous"),
                 "state": s.get("state"),
                 "serial": s.get("serial"),
@@ -77,8 +75,6 @@ class DeviceState:
                 "errors": h.get("errors"),
                 "p50_ms": h.get("p50_ms"),
                 "p99_ms": h.get("p99_ms"),
-                "inferences_total": counters.inferences,
-                "errors_total": counters.errors,
             }
         return merged
 
