@@ -84,6 +84,7 @@ def build(
     private_key: Ed25519PrivateKey | None = None,
     serial: int = 1,
     opset: dict[str, int] | None = None,
+    double: bool = False,
 ) -> BuildResult:
     """Like build_package, returning the manifest and parity figures for a report."""
     if not NAME_RE.match(name):
@@ -94,7 +95,7 @@ def build(
     check_fitted(estimator)
     if isinstance(sample, str | Path):
         sample = read_sample(Path(sample))
-    schema = infer_schema(estimator, sample)
+    schema = infer_schema(estimator, sample, double=double)
     batch = (
         sample_batch(schema, sample)
         if sample is not None

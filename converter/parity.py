@@ -134,7 +134,9 @@ def compare(
             )
             if diff.worst_rows:
                 r = diff.worst_rows[0]
-                diff.detail = f"row {r}: scikit-learn {want[r]!r}, onnxruntime {got[r]!r}"
+                diff.detail = (
+                    f"row {r}: scikit-learn {want[r].tolist()!r}, onnxruntime {got[r].tolist()!r}"
+                )
         else:
             w = want.astype(np.float64).reshape(rows, -1)
             g = got.astype(np.float64).reshape(rows, -1)
@@ -178,9 +180,10 @@ def raise_on_failure(result: ParityResult, schema: InputSchema, batch: Batch) ->
     for d in result.outputs.values():
         if d.mismatches:
             rows = ", ".join(str(r) for r in d.worst_rows)
+            which = "rows" if d.exact else "worst rows"
             problems.append(
                 f"{d.name} differs on {d.mismatches} of {result.rows} rows "
-                f"(worst rows {rows}; {d.detail})"
+                f"({which} {rows}; {d.detail})"
             )
     tolerance = f"tolerance atol {result.atol:g} + rtol {result.rtol:g}"
     raise ParityFailed(f"parity: {'; '.join(problems)}; {tolerance}{float32_advice(schema, batch)}")

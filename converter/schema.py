@@ -77,8 +77,13 @@ def _string_columns(ct: Any) -> set[str]:
     return found
 
 
-def infer_schema(estimator: Any, sample: Any = None) -> InputSchema:
-    """Input tensors for ``estimator``; a DataFrame ``sample`` decides column types."""
+def infer_schema(estimator: Any, sample: Any = None, *, double: bool = False) -> InputSchema:
+    """Input tensors for ``estimator``; a DataFrame ``sample`` decides column types.
+
+    ``double`` asks for FP64 number inputs (a float64 graph, for features whose
+    magnitude float32 cannot hold precisely enough).
+    """
+    number = "FP64" if double else "FP32"
     feature_names = _names(getattr(estimator, "feature_names_in_", None))
     ct = column_transformer(estimator)
     if ct is not None and getattr(ct, "feature_names_in_", None) is not None:
@@ -86,7 +91,7 @@ def infer_schema(estimator: Any, sample: Any = None) -> InputSchema:
         strings = _string_columns(ct)
         if sample is not None and hasattr(sample, "dtypes"):
             strings = {c for c in columns if sample[c].dtype.kind not in "biuf"}
-        specs = [TensorSpec(c, "BYTES" if c in strings else "FP32", [-1, 1]) for c in columns]
+        specs = [TensorSpec(c, "BYTES" if c in strings else number, [-1, 1]) for c in columns]
         return InputSchema(specs, columns, len(columns), by_column=True)
     if ct is not None:
         raise ConversionError(
@@ -100,7 +105,7 @@ def infer_schema(estimator: Any, sample: Any = None) -> InputSchema:
             "(no n_features_in_); is it fitted?"
         )
     return InputSchema(
-        [TensorSpec("input", "FP32", [-1, int(n)])], feature_names, int(n), by_column=False
+        [TensorSpec("input", number, [-1, int(n)])], feature_names, int(n), by_column=False
     )
 
 
