@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The arm64 base image for the container e2e, built here because no registry is
+# reachable: an arm64 `debootstrap --variant=minbase` of bookworm, trimmed the way the
+# official debian:bookworm-slim is (no docs, man pages or apt caches), imported into
+# local container storage as debian:bookworm-slim so `FROM debian:bookworm-slim` in
+# Dockerfile.arm64 resolves without a pull.
+#
+#   . scripts/e2e/container-base.sh
+#   cbase_host_tools; cbase_binfmt; cbase_image_ensure
+#
+# The root file system is cached as a tarball under E2E_CACHE (outside the checkout),
+# separately from the Pi e2e's systemd rootfs: that one boots systemd, this one must
+# stay small. Needs root (debootstrap, chroot, binfmt_misc).
+set -euo pipefail
+
+E2E_CACHE=${E2E_CACHE:-/var/cache/edge-agent-e2e}
+CBASE_SUITE=${CBASE_SUITE:-bookworm}
+CBASE_TAR=${CBASE_TAR:-$E2E_CACHE/$CBASE_SUITE-arm64-minbase.tar}
+CBASE_IMAGE=${CBASE_IMAGE:-docker.io/library/debian:bookworm-slim}
+# One storage root for buildah and podman, cached beside the tarball. vfs needs no
+# fuse-overlayfs or kernel overlay support inside this sandbox.
+CSTORE_ROOT=${CSTORE_ROOT:-$E2E_CACHE/containers}
+CSTORE_RUNROOT=${CSTORE_RUNROOT:-/run/edge-agent-e2e/containers}
+CSTORE_OPTS=(--root "$CSTORE_ROOT" --runroot "$CSTORE_RUNROOT" --storage-driver vfs)
+
+clog() { printf '[container-e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+# Host tools from Debian (CI machines start bare). crun fails in this sandbox; runc works.
+cbase_host_tools() {
+    local want=(buildah podman runc qemu-user-static binfmt-support debootstrap)
+    local missing=() pkg
+    for pkg in "${want[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        clog "installing host packages: ${missing[*]}"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    fi
+}
+
+# arm64 binaries run through qemu-user-static; Debian registers it with the F flag, so
+# containers need no copy of the interpreter.
+cbase_binfmt() {
+    [[ -e /proc/sys/fs/binfmt_misc/register ]] ||
+        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+    update-binfmts --enable qemu-aarch64 2>/dev/null || true
+    if ! grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64; then
+        update-binfmts --import qemu-aarch64 || true
+        update-binfmts --enable qemu-aarch64
+    fi
+    grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
+        clog "binfmt_misc: qemu-aarch64 could not be enabled"
+        return 1
+    }
+}
+
+# The Debian mirror the host's apt uses (deb822 or one-line format): same route, same
+# proxy or snapshot as the host.
+cbase_mirror() {
+    local uri=""
+    if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
+        uri=$(awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources |
+            grep -v -e security -e nodesource -e google | head -n1 || true)
+    fi
+    if [[ -z $uri && -f /etc/apt/sources.list ]]; then
+        uri=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list)
+    fi
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# What makes the official slim image slim: dpkg drops docs, man pages and translations,
+# apt keeps no package cache. Without these the size we report would be misleading.
+cbase_slim_config() {
+    local root=$1
+    mkdir -p "$root/etc/dpkg/dpkg.cfg.d" "$root/etc/apt/apt.conf.d"
+    cat >"$root/etc/dpkg/dpkg.cfg.d/docker" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+path-exclude /usr/share/lintian/*
+EOF
+    cat >"$root/etc/apt/apt.conf.d/docker-clean" <<'EOF'
+DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+    echo 'APT::Install-Recommends "false";' >"$root/etc/apt/apt.conf.d/docker-no-recommends"
+}
+
+cbase_rootfs_tar() {
+    local work=$E2E_CACHE/$CBASE_SUITE-arm64-minbase.partial mirror
+    mirror=$(cbase_mirror)
+    rm -rf "$work"
+    mkdir -p "$work"
+    cbase_slim_config "$work"
+    clog "debootstrap --variant=minbase $CBASE_SUITE arm64 from $mirror (first stage)"
+    debootstrap --arch=arm64 --foreign --variant=minbase "$CBASE_SUITE" "$work" "$mirror"
+    clog "debootstrap second stage under qemu (every maintainer script is emulated)"
+    chroot "$work" /debootstrap/debootstrap --second-stage
+    printf 'deb %s %s main\ndeb %s %s-updates main\n' "$mirror" "$CBASE_SUITE" "$mirror" "$CBASE_SUITE" \
+        >"$work/etc/apt/sources.list"
+    rm -rf "$work"/var/lib/apt/lists/* "$work"/var/cache/apt/archives/*.deb "$work"/var/log/*.log
+    # The slim excludes only apply to packages unpacked after they were written; the
+    # second stage wrote them before, but drop what slipped in anyway.
+    find "$work/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete 2>/dev/null || true
+    rm -rf "$work"/usr/share/man/* "$work"/usr/share/info/*
+    : >"$work/etc/resolv.conf"
+    tar --numeric-owner --xattrs -C "$work" -cf "$CBASE_TAR.partial" .
+    mv "$CBASE_TAR.partial" "$CBASE_TAR"
+    rm -rf "$work"
+}
+
+cbase_image_ensure() {
+    mkdir -p "$E2E_CACHE"
+    exec {CBASE_LOCK_FD}>"$E2E_CACHE/.container-base.lock"
+    flock "$CBASE_LOCK_FD"
+    if [[ -f $CBASE_TAR ]]; then
+        clog "arm64 minbase rootfs cached: $CBASE_TAR"
+    else
+        cbase_rootfs_tar
+    fi
+    if podman "${CSTORE_OPTS[@]}" image exists "$CBASE_IMAGE"; then
+        clog "base image $CBASE_IMAGE already in $CSTORE_ROOT"
+    else
+        clog "importing $CBASE_TAR as $CBASE_IMAGE (linux/arm64)"
+        podman "${CSTORE_OPTS[@]}" import --os linux --arch arm64 \
+            --change 'CMD ["bash"]' "$CBASE_TAR" "$CBASE_IMAGE" >/dev/null
+    fi
+    flock -u "$CBASE_LOCK_FD"
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    cbase_host_tools
+    cbase_binfmt
+    cbase_image_ensure
+fi
