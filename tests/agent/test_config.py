@@ -1,0 +1,122 @@
+"""Configuration: defaults without a file, env overrides, every problem listed, secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import DEFAULT_CONFIG_PATH, load_config, read_secret
+from agent.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_at_the_default_path_gives_safe_defaults() -> None:
+    assert not DEFAULT_CONFIG_PATH.exists()
+    cfg = load_config(env={})
+    assert (cfg.http.host, cfg.http.port) == ("127.0.0.1", 8080)
+    assert cfg.mqtt.url == ""  # offline: serves and buffers
+    assert cfg.state_dir == "./edge-agent-state"
+    assert cfg.models.keep_versions >= 2
+    assert cfg.source == "defaults"
+
+
+def test_state_folder_from_systemd_state_directory() -> None:
+    cfg = load_config(env={"STATE_DIRECTORY": "/var/lib/edge-agent"})
+    assert cfg.models_path == Path("/var/lib/edge-agent/models")
+    assert cfg.buffer_path == Path("/var/lib/edge-agent/buffer.db")
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'state_dir = "/srv/a"\n[http]\nport = 9000\n[models]\ntrusted_keys = []\n'
+        '[buffer]\nmax_age = "2d"\nmax_bytes = "10MiB"\n',
+    )
+    cfg = load_config(
+        path,
+        env={
+            "EDGE_AGENT_HTTP_PORT": "9100",
+            "EDGE_AGENT_DEVICE_ID": "pi-17",
+            "EDGE_AGENT_STATE_DIR": "/srv/b",
+            "EDGE_AGENT_MODELS_ALLOW_UNSIGNED": "yes",
+            "EDGE_AGENT_HEALTH_INTERVAL_S": "5m",
+        },
+    )
+    assert cfg.http.port == 9100
+    assert cfg.device.id == "pi-17"
+    assert cfg.state_dir == "/srv/b"
+    assert cfg.models.allow_unsigned is True
+    assert cfg.health.interval_s == 300.0
+    assert cfg.buffer.max_age == 2 * 86400.0
+    assert cfg.buffer.max_bytes == 10 * 1024 * 1024
+    assert cfg.source == str(path)
+
+
+def test_config_file_named_by_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[device]\nfleet = "greenhouse"\n')
+    assert load_config(env={"EDGE_AGENT_CONFIG": str(path)}).device.fleet == "greenhouse"
+
+
+def test_every_bad_key_is_listed_with_its_value(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[http]\nport = 70000\nhots = "x"\n[models]\nkeep_versions = 1\n'
+        '[buffer]\nrecord = "some"\n[mqtt]\nurl = "http://broker"\n[extra]\na = 1\n',
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"EDGE_AGENT_HEALTH_INTERVAL_S": "often"})
+    problems = info.value.problems
+    expected = [
+        "http.port: 70000",
+        "http.hots: unknown key",
+        "models.keep_versions: 1",
+        "buffer.record: 'some'",
+        "mqtt.url: 'http://broker'",
+        "extra: unknown key or section",
+        "health.interval_s: 'often'",
+    ]
+    for start in expected:
+        assert any(p.startswith(start) for p in problems), f"{start!r} not in {problems}"
+    assert len(problems) == len(expected)
+    assert all("expected" in p or "unknown" in p for p in problems)
+
+
+def test_a_missing_file_asked_for_by_name_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"agent\.toml: not valid TOML"):
+        load_config(path, env={})
+
+
+def test_secrets_are_read_from_credentials_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "http-token").write_text("s3cret\n")
+    (creds / "mqtt-password").write_text("hunter2\n")
+    path = write(
+        tmp_path,
+        '[http]\ntoken_file = "http-token"\n'
+        '[mqtt]\nurl = "mqtts://broker:8883"\nusername = "pi-1"\npassword_file = "mqtt-password"\n',
+    )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    cfg = load_config(path, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert read_secret(cfg.http.token_file) == "s3cret"
+    assert read_secret(cfg.mqtt.password_file) == "hunter2"
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "http.token_file: 'http-token' does not exist" in str(info.value)
+    assert "mqtt.password_file: 'mqtt-password' does not exist" in str(info.value)
