@@ -130,7 +130,7 @@ class MqttClient:
         self.cfg = cfg
         self.device = cfg.device.id
         self.topics = Topics(cfg.mqtt.topic_prefix)
-        self._status = status  # -> the "models" object of the retained status
+        self._status = status  # -> the /status body; its "models" go in the retained status
         url = urlsplit(cfg.mqtt.url)
         self.tls = url.scheme == "mqtts"
         self.host = url.hostname or "localhost"
@@ -259,13 +259,21 @@ class MqttClient:
         if self._status is None:
             return {}
         try:
-            return dict(self._status())
+            return dict(self._status().get("models", {}))
         except Exception:
             log.exception("mqtt: reading the models for the status failed")
             return {}
 
     def publish_status(self, state: str = "online", reason: str | None = None) -> PublishHandle:
-        """Refresh the retained status (call when models change)."""
+        """Refresh the retained status (call when models change).
+
+        Only while connected: a status queued offline could land after the fresh one
+        ``on_connect`` sends, leaving a stale retained status behind.
+        """
+        if not self.connected:
+            handle = PublishHandle(self.topics.status(self.device))
+            handle._complete(-1, "not connected; the status is sent on connect")
+            return handle
         payload = self.status_payload(state, reason)
         return self.publish(self.topics.status(self.device), payload, qos=1, retain=True)
 

@@ -49,7 +49,9 @@ def test_connect_announces_online_with_models(broker: Broker, clients: list[Mqtt
     creds = broker.add_device("dev-1", fleet="f1")
     seen = broker.subscribe("edge/devices/dev-1/status")
     models = {"iris": {"version": "1.2", "previous": "1.1", "state": "active", "serial": 7}}
-    c = start(clients, make_config(broker, creds), status=lambda: models)
+    c = start(
+        clients, make_config(broker, creds), status=lambda: {"models": models, "device": "dev-1"}
+    )
     assert c.wait_connected(10)
     msgs = seen.wait_for(lambda m: len(m) >= 1)
     status = json.loads(msgs[0].payload)

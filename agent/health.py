@@ -1,0 +1,276 @@
+"""Health reports: every ``health.interval_s`` to ``edge/devices/{id}/health`` and /metrics.
+
+Collectors read psutil (CPU, load, memory, the agent's RSS, free disk of the state
+folder), the board's thermal zone where it has one, the inference window (count,
+errors, p50/p99 per model since the last report), the buffer and the MQTT client.
+The last report is also exposed as gauges, so /metrics and the fleet see the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psutil
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent import __version__
+from agent.config import Config
+
+if TYPE_CHECKING:
+    from agent.buffer import ResultBuffer
+    from agent.metrics import InferenceWindow, Metrics
+    from agent.mqtt import MqttClient
+    from agent.registry import Registry
+
+log = logging.getLogger(__name__)
+
+THERMAL_ROOT = Path("/sys/class/thermal")
+# Zone types that are the SoC on common boards (Raspberry Pi: cpu-thermal).
+_SOC_ZONE_HINTS = ("cpu", "soc", "x86_pkg")
+
+
+def soc_temperature(root: Path = THERMAL_ROOT) -> float | None:
+    """The SoC temperature in °C from the thermal zones, or None on boards without one."""
+    zones = sorted(root.glob("thermal_zone*"))
+    if not zones:
+        return None
+
+    def kind(zone: Path) -> str:
+        try:
+            return (zone / "type").read_text().strip().lower()
+        except OSError:
+            return ""
+
+    zones.sort(key=lambda z: not any(h in kind(z) for h in _SOC_ZONE_HINTS))
+    for zone in zones:
+        try:
+            return round(int((zone / "temp").read_text().strip()) / 1000.0, 1)
+        except (OSError, ValueError):
+            continue  # some zones refuse reads (ENODATA) when their sensor is off
+    return None
+
+
+def disk_free(path: Path) -> int | None:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    for p in (path, *path.resolve().parents):
+        try:
+            return int(psutil.disk_usage(str(p)).free)
+        except OSError:
+            continue
+    return None
+
+
+class HealthReporter:
+    """The health loop; one named thread."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        registry: Registry,
+        buffer: ResultBuffer,
+        mqtt: MqttClient | None,
+        metrics: Metrics | None = None,
+        *,
+        thermal_root: Path = THERMAL_ROOT,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.buffer = buffer
+        self.mqtt = mqtt
+        self.metrics = metrics
+        self.interval_s = cfg.health.interval_s
+        self.thermal_root = thermal_root
+        self.topic = f"{cfg.mqtt.topic_prefix}/devices/{cfg.device.id}/health"
+        self.window: InferenceWindow | None = (
+            metrics.inference.subscribe() if metrics is not None else None
+        )
+        self._proc = psutil.Process()
+        # The first cpu_percent call measures nothing and returns 0: prime both now so
+        # the first report covers the time since start.
+        psutil.cpu_percent(None)
+        self._proc.cpu_percent(None)
+        self.last: dict[str, Any] | None = None
+        self.reports = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tick = time.monotonic()
+        if metrics is not None:
+            metrics.registry.register(HealthCollector(self))
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="health", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.window is not None and self.metrics is not None:
+            self.metrics.inference.unsubscribe(self.window)
+
+    def alive(self) -> bool:
+        running = self._thread is not None and self._thread.is_alive()
+        return running and time.monotonic() - self._tick < max(60.0, 3 * self.interval_s)
+
+    def _run(self) -> None:
+        log.info("health: reporting every %.0f s to %s", self.interval_s, self.topic)
+        # A first report soon after start-up, so the fleet sees a new device at once.
+        first_wait = min(self.interval_s, 2.0)
+        wait = first_wait
+        while not self._stop.wait(wait):
+            self._tick = time.monotonic()
+            try:
+                self.report()
+            except Exception:
+                log.exception("health: report failed")
+            wait = self.interval_s
+        log.info("health: stopped after %d reports", self.reports)
+
+    # --- the report ------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """Collect, keep for /metrics, publish (QoS 1) when connected; return the payload."""
+        payload = self.collect()
+        self.last = payload
+        self.reports += 1
+        # Not queued while offline: a late health report is worse than none.
+        if self.mqtt is not None and self.mqtt.connected:
+            self.mqtt.publish(self.topic, json.dumps(payload), qos=1)
+        return payload
+
+    def collect(self) -> dict[str, Any]:
+        """The health payload of docs/protocol.md; takes the inference window."""
+        mem = psutil.virtual_memory()
+        try:
+            load = [round(x, 2) for x in os.getloadavg()]
+        except OSError:
+            load = [None, None, None]  # type: ignore[list-item]
+        stats = self.buffer.stats()
+        payload: dict[str, Any] = {
+            "device": self.cfg.device.id,
+            "fleet": self.cfg.device.fleet,
+            "time": _rfc3339(time.time()),
+            "uptime_s": round(time.time() - self._proc.create_time(), 1),
+            "agent_version": __version__,
+            "cpu_percent": psutil.cpu_percent(None),
+            "agent_cpu_percent": round(self._proc.cpu_percent(None), 1),
+            "load": load,
+            "memory": {
+                "used": int(mem.total - mem.available),
+                "available": int(mem.available),
+                "agent_rss": int(self._proc.memory_info().rss),
+            },
+            "disk_free_bytes": disk_free(self.cfg.state_path),
+            "soc_temp_c": soc_temperature(self.thermal_root),
+            "models": self._models(),
+            "buffer": {
+                "rows": stats.rows,
+                "bytes": stats.bytes,
+                "oldest_age_s": None
+                if stats.oldest_age_s is None
+                else round(stats.oldest_age_s, 3),
+                "dropped": dict(stats.dropped),
+            },
+            "mqtt": {
+                "connected": bool(self.mqtt and self.mqtt.connected),
+                "reconnects": self.mqtt.reconnects if self.mqtt else 0,
+            },
+            "forwarded": self._sample("edge_forwarded_results_total"),
+            "forward_rate": self._sample("edge_forward_rate"),
+        }
+        return payload
+
+    def _models(self) -> dict[str, Any]:
+        window = self.window.take() if self.window is not None else {}
+        out: dict[str, Any] = {}
+        for name in self.registry.names():
+            model = self.registry.loaded(name)
+            out[name] = {"version": model.version if model else None, "inferences": 0,
+                         "errors": 0, "p50_ms": None, "p99_ms": None}  # fmt: skip
+        # Requests of an old version finishing after a swap count towards the model;
+        # the percentiles are those of the version that served the most.
+        best: dict[str, int] = {}
+        for (name, version), s in sorted(window.items()):
+            entry = out.setdefault(name, {"version": version, "inferences": 0, "errors": 0,
+                                          "p50_ms": None, "p99_ms": None})  # fmt: skip
+            entry["inferences"] += s.count
+            entry["errors"] += s.errors
+            if s.count > best.get(name, -1):
+                best[name] = s.count
+                entry["p50_ms"] = None if s.p50_ms is None else round(s.p50_ms, 3)
+                entry["p99_ms"] = None if s.p99_ms is None else round(s.p99_ms, 3)
+        return out
+
+    def _sample(self, name: str) -> float | int:
+        if self.metrics is None:
+            return 0
+        value = self.metrics.registry.get_sample_value(name)
+        if value is None:
+            return 0
+        return int(value) if float(value).is_integer() else round(value, 1)
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+class HealthCollector(Collector):
+    """The last health report as gauges on /metrics."""
+
+    def __init__(self, reporter: HealthReporter) -> None:
+        self.reporter = reporter
+
+    def collect(self) -> Iterable[Any]:
+        r = self.reporter.last
+        yield CounterMetricFamily(
+            "edge_health_reports", "Health reports made", value=self.reporter.reports
+        )
+        if r is None:
+            return
+        g = GaugeMetricFamily
+        yield g("edge_device_cpu_percent", "System CPU use over the last report interval",
+                r["cpu_percent"])  # fmt: skip
+        yield g("edge_agent_cpu_percent", "The agent's CPU use over the last report interval",
+                r["agent_cpu_percent"])  # fmt: skip
+        load = g("edge_device_load", "Load average", labels=["period"])
+        for period, value in zip(("1m", "5m", "15m"), r["load"], strict=True):
+            if value is not None:
+                load.add_metric([period], value)
+        yield load
+        mem = r["memory"]
+        yield g("edge_device_memory_used_bytes", "Memory in use (total - available)", mem["used"])
+        yield g("edge_device_memory_available_bytes", "Memory available", mem["available"])
+        yield g("edge_agent_rss_bytes", "Resident memory of the agent", mem["agent_rss"])
+        if r["disk_free_bytes"] is not None:
+            yield g("edge_device_disk_free_bytes", "Free space of the state folder's disk",
+                    r["disk_free_bytes"])  # fmt: skip
+        if r["soc_temp_c"] is not None:
+            yield g("edge_device_soc_temperature_celsius", "SoC temperature", r["soc_temp_c"])
+        p50 = g("edge_model_latency_p50_ms", "Median latency over the last report interval",
+                labels=["model", "version"])  # fmt: skip
+        p99 = g("edge_model_latency_p99_ms", "p99 latency over the last report interval",
+                labels=["model", "version"])  # fmt: skip
+        count = g("edge_model_inferences_interval", "Inferences in the last report interval",
+                  labels=["model", "version"])  # fmt: skip
+        errors = g("edge_model_errors_interval", "Failed inferences in the last report interval",
+                   labels=["model", "version"])  # fmt: skip
+        for name, m in r["models"].items():
+            labels = [name, str(m["version"])]
+            count.add_metric(labels, m["inferences"])
+            errors.add_metric(labels, m["errors"])
+            if m["p50_ms"] is not None:
+                p50.add_metric(labels, m["p50_ms"])
+            if m["p99_ms"] is not None:
+                p99.add_metric(labels, m["p99_ms"])
+        yield from (p50, p99, count, errors)
