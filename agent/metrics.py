@@ -9,6 +9,7 @@ its own window, so one ``take()`` does not steal samples from another.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ class _Series:
 
 def _percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile; the values are already sorted."""
-    rank = max(0, min(len(sorted_values) - 1, round(q * len(sorted_values) + 0.5) - 1))
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q * len(sorted_values)) - 1))
     return sorted_values[rank]
 
 

@@ -1,0 +1,245 @@
+"""The HTTP transport on loopback: keep-alive, token, limits, encodings, bad requests."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.http_server import choose_encoding
+from tests.agent.serving import Client, Served, serve
+
+ROW = {"features": [[5.1, 3.5, 1.4, 0.2]]}
+
+
+@pytest.fixture
+def served(tmp_path: Path, iris_package: Path) -> Any:
+    with serve(tmp_path, iris_package, max_body_bytes=64 * 1024) as s:
+        yield s
+
+
+def raw_exchange(served: Served, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes or a full answer arrived."""
+    with socket.create_connection((served.host, served.port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            text = b"".join(chunks)
+            head, sep, body = text.partition(b"\r\n\r\n")
+            if sep and b"content-length:" in head.lower():
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(body) >= length:
+                    break
+        return b"".join(chunks)
+
+
+def assert_still_serving(served: Served) -> None:
+    r = served.client().predict(ROW)
+    assert r.status == 200, r.body
+
+
+def test_keep_alive_answers_are_not_delayed(served: Served) -> None:
+    c = served.client()
+    c.predict(ROW)  # connect and warm up
+    start = time.perf_counter()
+    for _ in range(50):
+        assert c.predict(ROW).status == 200
+    # Without TCP_NODELAY each keep-alive answer waits ~40 ms for a delayed ACK.
+    assert (time.perf_counter() - start) / 50 < 0.01
+
+
+def test_every_error_is_json_and_the_server_keeps_serving(served: Served) -> None:
+    c = served.client()
+    cases = [
+        ("POST", "/predict", b'{"features": [[1, 2', {}, 400),
+        ("POST", "/predict", b"\xff\xfe", {}, 400),
+        ("GET", "/nowhere", None, {}, 404),
+        ("GET", "/predict", None, {}, 405),
+        ("PUT", "/v2/models/iris/infer", b"{}", {}, 405),
+        ("POST", "/v2/health/live", b"", {}, 405),
+        ("BREW", "/predict", None, {}, 405),
+        ("POST", "/predict", b"{}", {"Content-Encoding": "br"}, 415),
+        ("POST", "/predict", b"not gzip", {"Content-Encoding": "gzip"}, 400),
+        ("POST", "/v2/models/iris/infer", b"{}", {"Inference-Header-Content-Length": "x"}, 400),
+    ]
+    for method, path, body, headers, status in cases:
+        r = c.request(method, path, body, headers)
+        assert r.status == status, (method, path, r.body)
+        assert r.headers["content-type"] == "application/json"
+        assert r.error, r.body
+    assert c.request("GET", "/predict").headers["allow"] == "POST"
+    brotli = c.request("POST", "/predict", b"{}", {"Content-Encoding": "br"})
+    assert (
+        brotli.error
+        == "Content-Encoding: 'br' is not supported (expected gzip, deflate or identity)"
+    )
+    assert c.predict(ROW).status == 200  # same connection, still serving
+
+
+def test_malformed_http_is_a_json_400(served: Served) -> None:
+    answer = raw_exchange(served, b"THIS IS NOT HTTP\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"].startswith("request: ")
+    assert_still_serving(served)
+
+
+def test_body_over_the_limit_is_413_before_it_is_sent(served: Served) -> None:
+    # Only the headers go out: the server must answer without waiting for 10 MB.
+    answer = raw_exchange(
+        served,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+        read_timeout=3,
+    )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["error"] == "body: 10000000 bytes is over the limit of 65536 bytes"
+    assert b"Connection: close" in answer
+    assert_still_serving(served)
+
+
+def test_gzip_bomb_is_413_without_inflating_it(served: Served) -> None:
+    bomb = gzip.compress(b"0" * (50 * 1024 * 1024))  # 50 MiB of zeros in ~50 KiB
+    assert len(bomb) < 64 * 1024
+    r = served.client().request("POST", "/predict", bomb, {"Content-Encoding": "gzip"})
+    assert r.status == 413
+    assert r.error == "body: 65537 bytes is over the limit of 65536 bytes"
+    assert_still_serving(served)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b, wbits=-15)),  # raw deflate, as some clients send
+    ],
+)
+def test_compressed_request_bodies(served: Served, encoding: str, compress: Any) -> None:
+    r = served.client().request(
+        "POST", "/predict", compress(json.dumps(ROW).encode()), {"Content-Encoding": encoding}
+    )
+    assert r.status == 200, r.body
+    assert r.json["prediction"] == ["setosa"]
+
+
+def test_chunked_request_body(served: Served) -> None:
+    body = json.dumps(ROW).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    answer = raw_exchange(
+        served,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["prediction"] == ["setosa"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_only_large_infer_answers_are_compressed(served: Served, encoding: str) -> None:
+    c = served.client()
+    rows = [[5.1, 3.5, 1.4, 0.2]] * 200
+    infer = {"inputs": [{"name": "input", "shape": [200, 4], "datatype": "FP32", "data": rows}]}
+    big = c.request("POST", "/v2/models/iris/infer", infer, {"Accept-Encoding": encoding})
+    assert big.headers.get("content-encoding") == encoding
+    plain = gzip.decompress(big.body) if encoding == "gzip" else zlib.decompress(big.body)
+    assert json.loads(plain)["outputs"][0]["shape"] == [200]
+    small = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": rows[0]}]}
+    assert (
+        "content-encoding"
+        not in c.request(
+            "POST", "/v2/models/iris/infer", small, {"Accept-Encoding": encoding}
+        ).headers
+    )
+    predict = c.request("POST", "/predict", {"features": rows}, {"Accept-Encoding": encoding})
+    assert "content-encoding" not in predict.headers  # only infer answers are compressed
+    assert (
+        "content-encoding"
+        not in c.request("GET", "/metrics", None, {"Accept-Encoding": encoding}).headers
+    )
+
+
+def test_accept_encoding_parsing() -> None:
+    assert choose_encoding("gzip, deflate, br") == "gzip"
+    assert choose_encoding("deflate") == "deflate"
+    assert choose_encoding("gzip;q=0, deflate;q=0.5") == "deflate"
+    assert choose_encoding("br") is None
+    assert choose_encoding("identity") is None
+    assert choose_encoding("*") == "gzip"
+    assert choose_encoding(None) is None
+
+
+def test_bearer_token(tmp_path: Path, iris_package: Path) -> None:
+    with serve(tmp_path, iris_package, token="s3cret-token") as served:
+        anonymous = served.client()
+        for path in ("/v2/health/live", "/v2/health/ready"):
+            assert anonymous.request("GET", path).status == 200, path  # probes stay open
+        for method, path, body in [
+            ("POST", "/predict", ROW),
+            ("GET", "/metrics", None),
+            ("GET", "/status", None),
+            ("GET", "/v2", None),
+            ("GET", "/v2/models/iris", None),
+        ]:
+            r = anonymous.request(method, path, body)
+            assert r.status == 401, path
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            assert r.error.startswith("Authorization: missing bearer token")
+        wrong = served.client(token="s3cret-tokem").predict(ROW)
+        assert (wrong.status, wrong.error) == (401, "Authorization: the bearer token is wrong")
+        good = served.client(token="s3cret-token")
+        assert good.predict(ROW).status == 200
+        assert good.request("GET", "/status").status == 200
+
+
+def test_unexpected_failure_is_a_counted_500_and_serving_goes_on(
+    tmp_path: Path, iris_package: Path
+) -> None:
+    def broken_status() -> dict[str, Any]:
+        raise RuntimeError("status source is broken")
+
+    with serve(tmp_path, iris_package, status=broken_status) as served:
+        c = served.client()
+        r = c.request("GET", "/status")
+        assert r.status == 500
+        assert r.error == "internal error (RuntimeError); this is a bug, see the agent's log"
+        metrics = c.request("GET", "/metrics").body.decode()
+        assert (
+            'edge_http_errors_total{model="",route="/status",status="500",version=""} 1.0'
+            in metrics
+        )
+        assert c.predict(ROW).status == 200
+
+
+def test_head_answers_headers_only(served: Served) -> None:
+    answer = raw_exchange(served, b"HEAD /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == b""
+
+
+def test_real_agent_serves_every_route(start_agent: Any, iris_package: Path) -> None:
+    agent = start_agent(packages=[iris_package])
+    client = Client(agent.host, agent.port)
+    assert client.predict(ROW).json["prediction"] == ["setosa"]
+    assert client.request("GET", "/v2/health/ready").status == 200
+    assert client.request("GET", "/v2/models/iris").json["versions"] == ["1.0.0"]
+    infer = {
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": ROW["features"]}]
+    }
+    assert client.request("POST", "/v2/models/iris/infer", infer).status == 200
+    status = client.request("GET", "/status").json
+    assert status["models"]["iris"]["version"] == "1.0.0"
+    assert status["buffer"]["rows"] == 2
+    assert "edge_http_requests_total" in client.request("GET", "/metrics").body.decode()
