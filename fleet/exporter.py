@@ -45,6 +45,7 @@ MODEL = [*DEV, "model", "version"]
 _HEALTH_GAUGES: list[tuple[str, str, tuple[str, ...]]] = [
     ("edge_fleet_device_uptime_seconds", "Agent uptime.", ("uptime_s",)),
     ("edge_fleet_device_cpu_percent", "Device CPU use, percent of all cores.", ("cpu_percent",)),
+    ("edge_fleet_agent_cpu_percent", "CPU use of the edge-agent process.", ("agent_cpu_percent",)),
     ("edge_fleet_device_memory_used_bytes", "Device memory in use.", ("memory", "used")),
     ("edge_fleet_device_memory_available_bytes", "Device memory available.", ("memory", "available")),
     ("edge_fleet_agent_rss_bytes", "Resident memory of the edge-agent process.", ("memory", "agent_rss")),
@@ -129,6 +130,11 @@ class FleetCollector:
             "MQTT reconnects of the device's agent (device's own count).",
             labels=DEV,
         )
+        forwarded = CounterMetricFamily(
+            "edge_fleet_results_forwarded",
+            "Results the device forwarded to the broker (device's own count).",
+            labels=DEV,
+        )
         tally: dict[tuple[str, str], int] = {}
         for d in devices:
             labels = [d.device, d.fleet or ""]
@@ -160,11 +166,14 @@ class FleetCollector:
             n = _get(health, ("mqtt", "reconnects"))
             if n is not None:
                 reconnects.add_metric(labels, n)
+            n = _get(health, ("forwarded",))
+            if n is not None:
+                forwarded.add_metric(labels, n)
         for (fleet, state), n in sorted(tally.items()):
             counts.add_metric([fleet, state], float(n))
         yield from (online, info, seen, health_age, counts, load)
         yield from (family for family, _ in gauges)
-        yield from (dropped, reconnects)
+        yield from (dropped, reconnects, forwarded)
 
     def _model_metrics(self, devices: list[DeviceState]) -> Iterator[Metric]:
         info = GaugeMetricFamily(

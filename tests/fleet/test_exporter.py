@@ -84,6 +84,7 @@ def test_collector_labels_every_series_by_device_and_fleet() -> None:
     assert value(s, "edge_fleet_buffer_oldest_age_seconds", **one) == 30.0
     assert value(s, "edge_fleet_buffer_dropped_total", **one, reason="disk_full") == 2
     assert value(s, "edge_fleet_mqtt_reconnects_total", **one) == 3
+    assert value(s, "edge_fleet_results_forwarded_total", **one) == 42
     model = {**one, "model": "iris", "version": "1.2.0"}
     assert value(s, "edge_fleet_model_info", **model, previous="1.1.0", state="active") == 1.0
     assert value(s, "edge_fleet_model_latency_p99_seconds", **model) == 0.0045
