@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors (2)
         return e.code if isinstance(e.code, int) else 2
     verbose = bool(getattr(args, "verbose", False))
-    _setup_logging(verbose, quiet=args.command not in {"run", "demo"})
+    log_handler = _setup_logging(verbose, daemon=args.command in {"run", "demo"})
     handler = {
         "run": cmd_run,
         "check-config": cmd_check_config,
@@ -106,15 +106,34 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
 
 
-def _setup_logging(verbose: bool, *, quiet: bool) -> None:
+def _setup_logging(verbose: bool, *, daemon: bool) -> logging.Handler | None:
+    """Daemons log INFO to stderr for journald; one-shot commands only print their result.
+
+    One-shot commands get a temporary handler (returned, removed after the command) so
+    that calling ``main`` in-process leaves the caller's logging as it was.
+    """
     # Under journald ($JOURNAL_STREAM) timestamps are the journal's job.
     fmt = "%(levelname)s %(name)s: %(message)s"
     if not os.environ.get("JOURNAL_STREAM"):
         fmt = "%(asctime)s " + fmt
-    level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO)
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    if daemon:
+        level = logging.DEBUG if verbose else logging.INFO
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    # Refusals are already the command's one-line error: logs only with --verbose.
+    handler.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if verbose:
+        root.setLevel(logging.DEBUG)
+    return handler
 
 
 def _config(args: argparse.Namespace) -> Config:
