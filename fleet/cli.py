@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="debug logs, tracebacks",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command")
     sub.required = True
     for name in COMMAND_MODULES:
         if importlib.util.find_spec(name) is None:
