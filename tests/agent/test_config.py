@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from agent.config import DEFAULT_CONFIG_PATH, load_config, read_secret
+from agent.config import DEFAULT_CONFIG_PATH, SECTIONS, load_config, read_secret
 from agent.errors import ConfigError
 
 
@@ -120,3 +122,18 @@ def test_secrets_are_read_from_credentials_directory(
         load_config(path, env={})
     assert "http.token_file: 'http-token' does not exist" in str(info.value)
     assert "mqtt.password_file: 'mqtt-password' does not exist" in str(info.value)
+
+
+def test_example_config_loads_and_shows_every_key() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "agent.toml"
+    cfg = load_config(example, env={})
+    assert cfg.source == str(example)
+    text = example.read_text()
+    sections = dict(re.findall(r"^\[(\w+)\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S))
+    missing = [
+        f"{section}.{f.name}"
+        for section, klass in SECTIONS.items()
+        for f in fields(klass)
+        if not re.search(rf"^#?\s*{f.name} = ", sections.get(section, ""), re.M)
+    ]
+    assert not missing, f"examples/agent.toml does not show: {missing}"
