@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test check lint typecheck pytest bench clean
+.PHONY: setup demo test check lint typecheck pytest bench clean container-e2e
 
 setup:
 	@scripts/setup.sh
@@ -30,3 +30,6 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+container-e2e:  ## build Dockerfile.arm64 for arm64 (buildah + qemu) and run it with podman; needs root
+	scripts/container-e2e.sh
