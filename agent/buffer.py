@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections import deque
@@ -31,11 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agent.config import BufferConfig
+
+# sqlite-utils imports pandas whenever it is installed, for DataFrame support the buffer
+# never uses: 44 MiB of RSS on a 1 GB device. Hide it for that one import only.
+_pandas_loaded = "pandas" in sys.modules
+if not _pandas_loaded:
+    sys.modules["pandas"] = None  # type: ignore[assignment]
+try:
+    import sqlite_utils
+finally:
+    if not _pandas_loaded:
+        del sys.modules["pandas"]
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
