@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -117,16 +116,18 @@ def _setup_logging(verbose: bool, *, daemon: bool) -> logging.Handler | None:
     One-shot commands get a temporary handler (returned, removed after the command) so
     that calling ``main`` in-process leaves the caller's logging as it was.
     """
-    # Under journald ($JOURNAL_STREAM) timestamps are the journal's job.
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if not os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(asctime)s " + fmt
     if daemon:
-        level = logging.DEBUG if verbose else logging.INFO
-        logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+        # Under journald: <N> priority prefixes and no timestamps (agent.sdnotify).
+        from agent.sdnotify import log_formatter
+
+        daemon_handler = logging.StreamHandler(sys.stderr)
+        daemon_handler.setFormatter(log_formatter(sys.stderr))
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO, handlers=[daemon_handler], force=True
+        )
         return None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     # Refusals are already the command's one-line error: logs only with --verbose.
     handler.setLevel(logging.DEBUG if verbose else logging.CRITICAL)
     root = logging.getLogger()

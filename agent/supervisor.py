@@ -22,6 +22,7 @@ from agent.http_server import HttpServer
 from agent.installer import Change, Installer
 from agent.metrics import Metrics
 from agent.registry import Registry
+from agent.sdnotify import Notifier, WatchdogLoop
 from agent.service import Service
 from agent.store import ModelStore
 
@@ -100,6 +101,9 @@ class Supervisor:
         if cfg.mqtt.url:
             self._build_mqtt()
         self.components.append(self.http)
+        # systemd: READY=1 once serving, WATCHDOG=1 only while every loop is alive.
+        self.notifier = Notifier()
+        self.watchdog = WatchdogLoop(self.notifier, self.alive, status=self.status_line)
 
     def _build_mqtt(self) -> None:
         # Imported here so an agent without a broker never loads paho.
@@ -167,6 +171,7 @@ class Supervisor:
             except Exception:
                 log.exception("stopping %s failed", type(component).__name__)
         self.buffer.close()
+        self.notifier.close()
         log.info("edge-agent stopped")
 
     def run(self, on_started: Callable[[], None] | None = None) -> None:
@@ -197,10 +202,14 @@ class Supervisor:
     # --- systemd hooks: agent/sdnotify.py plugs in here ------------------------------
 
     def _on_ready(self) -> None:
-        """Called once HTTP serves and the store is loaded: systemd READY=1 belongs here."""
+        """HTTP serves and the store is loaded: tell systemd (READY=1), start the watchdog."""
+        self.notifier.ready(self.status_line())
+        self.watchdog.start()
 
     def _on_stopping(self) -> None:
-        """Called when a stop begins: systemd STOPPING=1 belongs here."""
+        """A stop begins: no more watchdog pings, STOPPING=1 so systemd waits for us."""
+        self.watchdog.stop()
+        self.notifier.stopping("stopping: flushing the result buffer")
 
     def status_line(self) -> str:
         """One line a person can read (systemd STATUS=)."""

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import tarfile
 import time
@@ -233,3 +234,32 @@ def test_demo_prints_a_curl_line_that_works(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     assert list(tmp_path.iterdir()) == []  # the demo's temp state is gone, nothing left in cwd
+
+
+def test_run_notifies_systemd_ready_after_serving_and_stopping_on_sigterm(
+    start_agent: Any, tmp_path: Path, iris_package: Path
+) -> None:
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    try:
+        agent = start_agent(
+            {"models": {"allow_unsigned": True}},
+            packages=[iris_package],
+            env={"NOTIFY_SOCKET": str(sock_path)},
+            wait=False,
+        )
+        ready = sock.recv(4096).decode()
+        assert "READY=1" in ready
+        assert "STATUS=serving iris 1.0.0; no broker; backlog 0" in ready
+        # READY comes only once HTTP serves: the model answers right away.
+        code, _ = agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4, 0.2]]})
+        assert code == 200
+        agent.proc.send_signal(signal.SIGTERM)
+        messages = []
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert agent.proc.wait(timeout=20) == 0
+    finally:
+        sock.close()
