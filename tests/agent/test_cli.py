@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +265,31 @@ def test_run_notifies_systemd_ready_after_serving_and_stopping_on_sigterm(
         assert agent.proc.wait(timeout=20) == 0
     finally:
         sock.close()
+
+
+def test_run_with_a_broker_announces_models_and_their_changes(
+    start_agent: Any, broker: Any, keypair: Any, iris_package: Path, iris_package_v2: Path
+) -> None:
+    creds = broker.add_device("test-device-0", "default")
+    statuses = broker.subscribe("edge/devices/test-device-0/status")
+    agent = start_agent(
+        {"mqtt": broker.mqtt_settings(creds), "models": {"trusted_keys": [str(keypair.pub)]}},
+        packages=[iris_package],
+    )
+
+    def announced(version: str) -> Callable[[list[Any]], bool]:
+        def check(messages: list[Any]) -> bool:
+            bodies = [json.loads(m.payload) for m in messages]
+            return any(
+                b.get("state") == "online"
+                and (b.get("models") or {}).get("iris", {}).get("version") == version
+                for b in bodies
+            )
+
+        return check
+
+    statuses.wait_for(announced("1.0.0"), timeout=15)
+    assert agent.wait_for(lambda s: s["broker"]["connected"])["broker"]["url"] == broker.url
+    assert agent.install(iris_package_v2).returncode == 0
+    statuses.wait_for(announced("1.1.0"), timeout=15)
+    assert agent.stop() == 0
