@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.errors import ConversionError, ManifestInvalid
 from agent.manifest import (
     DEFAULT_CHUNK_SIZE,
+    MANIFEST_FILE,
     MODEL_FILE,
     NAME_RE,
     Artifact,
@@ -171,6 +172,10 @@ def build(
         manifest = sign_manifest(manifest, private_key)
     parse_manifest(manifest)  # the device's own validation, before anything ships
     write_manifest(out_dir, manifest)
+    # atomic_write's temp files are 0600; a package is meant to be read by others
+    # (the agent's user, edge-fleet, a web server), and holds nothing secret.
+    for written in (out_dir / MODEL_FILE, out_dir / MANIFEST_FILE):
+        written.chmod(0o644)
     return BuildResult(out_dir, manifest, result, artifact.size)
 
 

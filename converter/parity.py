@@ -118,6 +118,11 @@ def _reshape_like(expected: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return expected
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as plain Python values, for messages."""
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
 def compare(
     expected: dict[str, np.ndarray],
     actual: dict[str, np.ndarray],
@@ -148,7 +153,7 @@ def compare(
             if diff.worst_rows:
                 r = diff.worst_rows[0]
                 diff.detail = (
-                    f"row {r}: scikit-learn {want[r].tolist()!r}, onnxruntime {got[r].tolist()!r}"
+                    f"row {r}: scikit-learn {_plain(want[r])!r}, onnxruntime {_plain(got[r])!r}"
                 )
         else:
             w = want.astype(np.float64).reshape(rows, -1)

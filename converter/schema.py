@@ -90,7 +90,11 @@ def infer_schema(estimator: Any, sample: Any = None, *, double: bool = False) ->
         columns = _names(ct.feature_names_in_) or []
         strings = _string_columns(ct)
         if sample is not None and hasattr(sample, "dtypes"):
-            strings = {c for c in columns if sample[c].dtype.kind not in "biuf"}
+            given = {str(c) for c in sample.columns}
+            # Columns the sample lacks keep their fitted type; sample_batch reports them.
+            strings = {c for c in columns if c in given and sample[c].dtype.kind not in "biuf"} | {
+                c for c in strings if c not in given
+            }
         specs = [TensorSpec(c, "BYTES" if c in strings else number, [-1, 1]) for c in columns]
         return InputSchema(specs, columns, len(columns), by_column=True)
     if ct is not None:

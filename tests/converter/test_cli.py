@@ -1,0 +1,388 @@
+"""edge-model as a user runs it: exit codes, one-line errors, reports, tamper detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pytest
+
+from converter.cli import main
+from tests.fixtures.models import Keypair
+
+EDGE_MODEL = Path(sys.executable).parent / "edge-model"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("edge-model: error: ")
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+
+
+@pytest.fixture(scope="module")
+def iris_joblib(tmp_path_factory: pytest.TempPathFactory, iris_estimator: Any) -> Path:
+    path = tmp_path_factory.mktemp("models") / "iris.joblib"
+    joblib.dump(iris_estimator, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(
+    tmp_path_factory: pytest.TempPathFactory, iris_joblib: Path, keypair: Keypair
+) -> Path:
+    """A signed iris package written by the CLI; tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("converted") / "iris"
+    assert main([
+        "convert", str(iris_joblib), "--name", "iris", "--version", "1.0.0",
+        "--key", str(keypair.key), "-o", str(out),
+    ]) == 0  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def package(converted: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(converted, tmp_path / "pkg"))
+
+
+# --- convert ------------------------------------------------------------------------
+
+
+def test_convert_reports_inputs_outputs_classes_and_parity(
+    capsys: pytest.CaptureFixture[str], iris_joblib: Path, keypair: Keypair, tmp_path: Path
+) -> None:
+    code, out, err = run(
+        capsys, "convert", iris_joblib, "--name", "iris", "--version", "2.0.0",
+        "--key", keypair.key, "-o", tmp_path / "out", "--serial", "7",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "inputs:  input FP32 [-1, 4]" in out
+    assert "outputs: label BYTES [-1], probabilities FP32 [-1, 3]" in out
+    assert "classes: setosa, versicolor, virginica" in out
+    assert "parity:  256 rows" in out and "label: 0 differ" in out
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["name"], manifest["version"], manifest["serial"]) == ("iris", "2.0.0", 7)
+    assert manifest["signature"]["alg"] == "ed25519"
+
+
+def test_convert_with_csv_sample_of_named_columns(
+    capsys: pytest.CaptureFixture[str], columns_estimator: Any, columns_frame: Any, tmp_path: Path
+) -> None:
+    model = tmp_path / "columns.joblib"
+    joblib.dump(columns_estimator, model)
+    sample = tmp_path / "sample.csv"
+    columns_frame[["age", "city"]].to_csv(sample, index=False)
+    code, out, err = run(
+        capsys, "convert", model, "--name", "columns", "--version", "1.0", "--sample", sample,
+        "-o", tmp_path / "pkg",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "inputs:  age FP32 [-1, 1], city BYTES [-1, 1]" in out
+    assert "200 rows" in out and "sample rows" in out
+    parity = json.loads((tmp_path / "pkg" / "manifest.json").read_text())["parity"]
+    assert all(isinstance(v[0], str) for v in parity["inputs"]["city"])
+
+
+def test_convert_with_npy_sample(
+    capsys: pytest.CaptureFixture[str], iris_joblib: Path, iris_data: Any, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "rows.npy", iris_data[0])
+    code, out, err = run(
+        capsys, "convert", iris_joblib, "--name", "iris", "--version", "1.0",
+        "--sample", tmp_path / "rows.npy", "-o", tmp_path / "pkg",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "150 rows" in out
+
+
+def test_convert_skops_file(
+    capsys: pytest.CaptureFixture[str], regressor_estimator: Any, tmp_path: Path
+) -> None:
+    import skops.io
+
+    skops.io.dump(regressor_estimator, tmp_path / "ridge.skops")
+    code, out, err = run(
+        capsys, "convert", tmp_path / "ridge.skops", "--name", "ridge", "--version", "1.0",
+        "-o", tmp_path / "pkg",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "outputs: variable FP32 [-1, 1]" in out
+
+
+# --- bad input: one line, exit 1 ---------------------------------------------------
+
+
+def test_missing_model_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(
+        capsys, "convert", tmp_path / "nope.joblib", "--name", "a", "--version", "1", "-o", tmp_path
+    )
+    assert code == 1
+    assert_one_line_error(err, "nope.joblib", "does not exist")
+
+
+def test_file_that_is_not_a_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pkl"
+    junk.write_text("this is not a pickle\n")
+    code, _, err = run(capsys, "convert", junk, "--name", "a", "--version", "1", "-o", tmp_path)
+    assert code == 1
+    assert_one_line_error(err, "junk.pkl", "not a joblib or pickle file")
+
+
+def test_pickle_of_something_else(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "dict.pkl"
+    path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    code, _, err = run(capsys, "convert", path, "--name", "a", "--version", "1", "-o", tmp_path)
+    assert code == 1
+    assert_one_line_error(err, "builtins.dict", "not a scikit-learn estimator")
+
+
+def test_unfitted_estimator(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from sklearn.ensemble import RandomForestClassifier
+
+    path = tmp_path / "unfitted.joblib"
+    joblib.dump(RandomForestClassifier(), path)
+    code, _, err = run(capsys, "convert", path, "--name", "a", "--version", "1", "-o", tmp_path)
+    assert code == 1
+    assert_one_line_error(err, "RandomForestClassifier is not fitted")
+
+
+def test_unsupported_estimator_is_named(
+    capsys: pytest.CaptureFixture[str], regression_data: Any, tmp_path: Path
+) -> None:
+    from sklearn.kernel_ridge import KernelRidge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    path = tmp_path / "kr.joblib"
+    joblib.dump(make_pipeline(StandardScaler(), KernelRidge()).fit(*regression_data), path)
+    out_dir = tmp_path / "out"
+    code, _, err = run(capsys, "convert", path, "--name", "a", "--version", "1", "-o", out_dir)
+    assert code == 1
+    assert_one_line_error(err, "cannot convert KernelRidge", "docs/converter.md")
+    assert not out_dir.exists()
+
+
+def test_sample_with_wrong_columns(
+    capsys: pytest.CaptureFixture[str], columns_estimator: Any, tmp_path: Path
+) -> None:
+    model = tmp_path / "columns.joblib"
+    joblib.dump(columns_estimator, model)
+    sample = tmp_path / "sample.csv"
+    sample.write_text("age,town\n30,Oslo\n")
+    code, _, err = run(
+        capsys, "convert", model, "--name", "c", "--version", "1", "--sample", sample,
+        "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1
+    assert_one_line_error(err, "sample: columns", "missing ['city']", "unexpected ['town']")
+
+
+def test_npy_sample_with_wrong_width(
+    capsys: pytest.CaptureFixture[str], iris_joblib: Path, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "rows.npy", np.zeros((5, 3)))
+    code, _, err = run(
+        capsys, "convert", iris_joblib, "--name", "i", "--version", "1",
+        "--sample", tmp_path / "rows.npy", "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1
+    assert_one_line_error(err, "sample: shape [5, 3]", "4 features")
+
+
+def test_missing_key(capsys: pytest.CaptureFixture[str], iris_joblib: Path, tmp_path: Path) -> None:
+    code, _, err = run(
+        capsys, "convert", iris_joblib, "--name", "i", "--version", "1",
+        "--key", tmp_path / "absent.key", "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1
+    assert_one_line_error(err, "private key", "absent.key")
+
+
+def test_bad_name_and_version(
+    capsys: pytest.CaptureFixture[str], iris_joblib: Path, tmp_path: Path
+) -> None:
+    code, _, err = run(
+        capsys, "convert", iris_joblib, "--name", "bad name", "--version", "1", "-o", tmp_path
+    )
+    assert code == 1
+    assert_one_line_error(err, "name: 'bad name'")
+    code, _, err = run(
+        capsys, "convert", iris_joblib, "--name", "ok", "--version", "v1", "-o", tmp_path
+    )
+    assert code == 1
+    assert_one_line_error(err, "version: 'v1'")
+
+
+def test_verbose_shows_the_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(
+        capsys, "convert", tmp_path / "x.joblib", "--name", "a", "--version", "1",
+        "-o", tmp_path, "--verbose",
+    )  # fmt: skip
+    assert code == 1
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("edge-model: error:")
+
+
+def test_bad_usage_exits_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "convert")[0] == 2
+    assert run(capsys, "frobnicate")[0] == 2
+    assert run(capsys)[0] == 2
+    code, out, _ = run(capsys, "convert", "--help")
+    assert code == 0 and "run code" in out
+
+
+# --- keygen, sign, verify, inspect ---------------------------------------------------
+
+
+def test_keygen_writes_a_private_key_only_the_owner_reads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = run(capsys, "keygen", "-o", tmp_path)
+    assert code == 0 and "key id" in out
+    assert (tmp_path / "publisher.key").stat().st_mode & 0o777 == 0o600
+    assert b"PUBLIC KEY" in (tmp_path / "publisher.pub").read_bytes()
+    code, _, err = run(capsys, "keygen", "-o", tmp_path)
+    assert code == 1
+    assert_one_line_error(err, "refusing to overwrite")
+
+
+def test_verify_accepts_an_untouched_package(
+    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
+) -> None:
+    code, out, err = run(capsys, "verify", package, "--pub", keypair.pub)
+    assert code == 0, err
+    assert "signature valid" in out and "parity rows reproduced" in out
+
+
+def test_verify_catches_one_changed_byte_of_the_model(
+    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
+) -> None:
+    model = package / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    code, _, err = run(capsys, "verify", package, "--pub", keypair.pub)
+    assert code == 1
+    assert_one_line_error(err, "model.onnx: sha256 is", "the manifest says")
+
+
+def test_verify_catches_one_changed_manifest_field(
+    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
+) -> None:
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["classes"] = ["setosa", "versicolor", "virginica-x"]
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", package, "--pub", keypair.pub)
+    assert code == 1
+    assert_one_line_error(err, "signature: does not match", "changed after signing")
+
+
+def test_verify_with_another_key_fails(
+    capsys: pytest.CaptureFixture[str], package: Path, tmp_path: Path
+) -> None:
+    assert run(capsys, "keygen", "-o", tmp_path / "other")[0] == 0
+    code, _, err = run(capsys, "verify", package, "--pub", tmp_path / "other" / "publisher.pub")
+    assert code == 1
+    assert_one_line_error(err, "signature.key_id", "not a trusted key")
+
+
+def test_verify_replays_parity_vectors(capsys: pytest.CaptureFixture[str], package: Path) -> None:
+    """An unsigned package whose stored expectations lie fails on the parity replay."""
+    manifest = json.loads((package / "manifest.json").read_text())
+    del manifest["signature"]
+    manifest["parity"]["expected"]["label"][0] = "nonsense"
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run(capsys, "verify", package)
+    assert code == 1
+    assert_one_line_error(err, "parity: onnxruntime", "label", "nonsense")
+
+
+def test_verify_a_tar_package(
+    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair, tmp_path: Path
+) -> None:
+    tar_path = tmp_path / "iris.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(package, arcname="iris")
+    code, out, err = run(capsys, "verify", tar_path, "--pub", keypair.pub)
+    assert code == 0, err
+    assert "ok: iris 1.0.0" in out
+
+
+def test_sign_an_unsigned_package_with_a_new_serial(
+    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
+) -> None:
+    manifest = json.loads((package / "manifest.json").read_text())
+    del manifest["signature"]
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    assert run(capsys, "verify", package, "--pub", keypair.pub)[0] == 1  # not signed
+    code, out, err = run(capsys, "sign", package, "--key", keypair.key, "--serial", "5")
+    assert code == 0, err
+    assert "serial 5" in out
+    assert run(capsys, "verify", package, "--pub", keypair.pub)[0] == 0
+
+
+def test_sign_refuses_a_package_whose_model_changed(
+    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
+) -> None:
+    with (package / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    code, _, err = run(capsys, "sign", package, "--key", keypair.key)
+    assert code == 1
+    assert_one_line_error(err, "model.onnx", "the manifest says")
+
+
+def test_inspect_shows_the_package(capsys: pytest.CaptureFixture[str], package: Path) -> None:
+    code, out, _ = run(capsys, "inspect", package)
+    assert code == 0
+    assert out.startswith("iris 1.0.0 (serial 1")
+    assert "task:    classifier, answers with 'label'" in out
+    assert "classes: setosa, versicolor, virginica" in out
+    code, out, _ = run(capsys, "inspect", package, "--json")
+    assert json.loads(out)["name"] == "iris"
+    code, _, err = run(capsys, "inspect", package / "nothing")
+    assert code == 1
+    assert_one_line_error(err, "no such package")
+
+
+# --- the installed console script --------------------------------------------------
+
+
+def test_console_script_converts_and_verifies(
+    iris_joblib: Path, keypair: Keypair, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning:converter"}
+    done = subprocess.run(
+        [str(EDGE_MODEL), "convert", str(iris_joblib), "--name", "iris", "--version", "3.0.0",
+         "--key", str(keypair.key), "-o", str(tmp_path / "pkg")],
+        capture_output=True, text=True, timeout=120, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "classes: setosa, versicolor, virginica" in done.stdout
+    done = subprocess.run(
+        [str(EDGE_MODEL), "verify", str(tmp_path / "pkg"), "--pub", str(keypair.pub)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [str(EDGE_MODEL), "convert", str(tmp_path / "missing.joblib"), "--name", "x",
+         "--version", "1", "-o", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
