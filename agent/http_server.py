@@ -13,11 +13,13 @@ single send.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hmac
 import logging
 import socket
 import threading
+import time
 import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 COMPRESS_MIN_BYTES = 1024  # below this, gzip costs more time than the bytes it saves
 IDLE_TIMEOUT_S = 60.0  # a keep-alive connection idle this long is closed
+STOP_GRACE_S = 2.0  # how long stop() waits for answers in flight
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # deflate = zlib stream (RFC 9110)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
@@ -96,6 +99,22 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.connections.discard(self.connection)
+        super().finish()
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it (curl asks above 1 MB)."""
+        raw = self.headers.get("Content-Length", "")
+        if raw.isdigit() and int(raw) > self.server.max_body:
+            self.close_connection = True
+            self.server.service.metrics.request("transport", "", "", 413)
+            error = PayloadTooLarge(int(raw), self.server.max_body)
+            self._write(error_reply(error.status, error.message))
+            return False
+        return super().handle_expect_100()
 
     def __getattr__(self, name: str) -> Any:
         # Every method reaches the service, so an unknown one is a 405, never a 501.
@@ -237,6 +256,7 @@ class _Server(ThreadingHTTPServer):
         self.service = service
         self.max_body = cfg.max_body_bytes
         self.token = read_secret(cfg.token_file).encode() if cfg.token_file else None
+        self.connections: set[socket.socket] = set()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -244,6 +264,9 @@ class _Server(ThreadingHTTPServer):
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall for seconds
         # on a device without DNS; the name is never used.
+        # SO_REUSEADDR as TCPServer.server_bind would set it: a restart after a crash
+        # must not fail on the old connections' TIME_WAIT.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
         self.server_address = self.socket.getsockname()
         self.server_name = str(self.server_address[0])
@@ -285,8 +308,18 @@ class HttpServer:
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        server = self._server
+        server.shutdown()  # no new connections
+        # Idle keep-alive connections would otherwise outlive the server (and the buffer
+        # the supervisor closes next): end their reading side; an answer in flight is
+        # still written, then the handler sees EOF and returns.
+        for conn in list(server.connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
         log.info("HTTP server stopped")

@@ -295,7 +295,7 @@ class Predictor:
         start = time.perf_counter()
         try:
             answer = self._predict(loaded, manifest, body)
-        except BadRequest:
+        except Exception:  # refused input or a model failure: both count as errors
             self.stats.observe(manifest.name, manifest.version, time.perf_counter() - start, False)
             raise
         latency = time.perf_counter() - start

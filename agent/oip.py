@@ -160,7 +160,7 @@ class OpenInference:
             inputs, given = self._inputs(model, request, tail)
             wanted = self._outputs(model, request)
             outputs = model.run(inputs, [o for o, _ in wanted])
-        except BadRequest:
+        except Exception:  # refused input or a model failure: both count as errors
             self.stats.observe(m.name, m.version, time.perf_counter() - start, False)
             raise
         latency = time.perf_counter() - start

@@ -243,3 +243,30 @@ def test_real_agent_serves_every_route(start_agent: Any, iris_package: Path) -> 
     assert status["models"]["iris"]["version"] == "1.0.0"
     assert status["buffer"]["rows"] == 2
     assert "edge_http_requests_total" in client.request("GET", "/metrics").body.decode()
+
+
+def test_expect_100_continue_over_the_limit_is_413_without_continue(served: Served) -> None:
+    answer = raw_exchange(
+        served,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\nExpect: 100-continue\r\n\r\n",
+        read_timeout=3,
+    )
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"100 Continue" not in answer
+    assert_still_serving(served)
+
+
+def test_stop_ends_idle_keep_alive_connections(tmp_path: Path, iris_package: Path) -> None:
+    with serve(tmp_path, iris_package) as served:
+        sock = socket.create_connection((served.host, served.port), timeout=5)
+        body = json.dumps(ROW).encode()
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        start = time.monotonic()
+        served.http.stop()
+        assert time.monotonic() - start < 2
+        assert not served.http.alive()
+        assert sock.recv(65536) == b""  # the server closed the idle connection
+        sock.close()
