@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Turn a fitted scikit-learn model into a signed ONNX model package.",
         parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser(
         "convert",

@@ -175,19 +175,18 @@ def compare(
 
 def float32_advice(schema: InputSchema, batch: Batch) -> str:
     """Why float32 may be the culprit, and what to do about it, when inputs are large."""
-    numeric = [
-        v for s, v in zip(schema.inputs, batch.values(), strict=True) if s.datatype != "BYTES"
-    ]
+    numeric = [batch[s.name] for s in schema.inputs if s.datatype == "FP32"]
     if not numeric:
         return ""
     peak = max(float(np.abs(v.astype(np.float64)).max(initial=0.0)) for v in numeric)
     if peak <= FLOAT32_EXACT_RANGE:
         return ""
     return (
-        f"; inputs reach {peak:.3g} in magnitude and the ONNX graph computes in float32 "
-        "(about 7 significant digits), so sums of large terms round differently: scale the "
-        "features (a StandardScaler first in the Pipeline) or convert with --double for a "
-        "float64 graph"
+        f"; inputs reach {peak:.3g} in magnitude and the ONNX graph takes and computes float32 "
+        "(about 7 significant digits), so the inputs themselves and the sums over them round: "
+        "convert with --double (FP64 inputs and graph), or centre and scale the features "
+        "before they reach the model (a scaler inside the Pipeline cannot undo the rounding "
+        "of its float32 input)"
     )
 
 

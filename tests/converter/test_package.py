@@ -128,7 +128,7 @@ def test_float32_label_flips_are_refused_with_advice(
         build_package(model, name="big", version="1.0", out_dir=tmp_path / "p", sample=sample)
     message = str(caught.value)
     assert "label differs on" in message and "of 20000 rows" in message
-    assert "float32" in message and "StandardScaler" in message and "--double" in message
+    assert "float32" in message and "--double" in message and "centre and scale" in message
     assert not (tmp_path / "p" / "manifest.json").exists()
 
 
