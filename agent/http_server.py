@@ -122,6 +122,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self._handle
         raise AttributeError(name)
 
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # Formatting an access line costs more than some inferences: only when asked.
+        if log.isEnabledFor(logging.DEBUG):
+            super().log_request(code, size)
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -144,8 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
             service.metrics.request("transport", "", "", e.status)
             self._write(reply)
             return
-        headers = {k.lower(): v for k, v in self.headers.items()}
-        reply = service.handle(method, path, query, headers, body)
+        reply = service.handle(method, path, query, self.headers, body)
         if reply.compressible and len(reply.body) >= COMPRESS_MIN_BYTES:
             encoding = choose_encoding(self.headers.get("Accept-Encoding"))
             if encoding is not None:

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,6 +33,13 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+
+
+class Headers(Protocol):
+    """Request headers, looked up case-insensitively (``http.client.HTTPMessage``, a dict of
+    lowercase names in tests)."""
+
+    def get(self, name: str, /) -> str | None: ...
 
 
 @dataclass
@@ -90,9 +97,7 @@ class Service:
 
     # --- dispatch --------------------------------------------------------------------
 
-    def handle(
-        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
-    ) -> Reply:
+    def handle(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Reply:
         """Answer one request; never raises."""
         try:
             reply = self._dispatch(method, path, query, headers, body)
@@ -112,9 +117,7 @@ class Service:
         self.metrics.request(reply.route, reply.model, reply.version, reply.status)
         return reply
 
-    def _dispatch(
-        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
-    ) -> Reply:
+    def _dispatch(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Reply:
         methods = _STATIC.get(path)
         if methods is not None:
             if method not in methods:
