@@ -71,6 +71,8 @@ class ModelsConfig:
     probation_min_requests: int = 20
     probation_max_error_rate: float = 0.05
     probation_max_latency_ratio: float = 3.0
+    delivery_chunk_timeout_s: float = 30.0  # no new chunk for this long: rejected, retried later
+    delivery_retry_s: float = 60.0  # wait before retrying a delivery that failed for now
 
 
 @dataclass
@@ -142,6 +144,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "models.inter_op_threads": (lambda v: 0 <= v <= 64, "0..64 (0: onnxruntime decides)"),
     "models.probation_max_error_rate": (lambda v: 0 <= v <= 1, "0..1"),
     "models.probation_max_latency_ratio": (lambda v: v >= 1, "at least 1"),
+    "models.delivery_chunk_timeout_s": (lambda v: v > 0, "a positive duration"),
+    "models.delivery_retry_s": (lambda v: v > 0, "a positive duration"),
     "buffer.max_rows": (lambda v: v >= 1, "at least 1"),
     "buffer.max_bytes": (lambda v: v >= 65536, "at least 64 KiB"),
     "buffer.max_age": (lambda v: v > 0, "a positive duration"),
@@ -153,7 +157,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "health.interval_s": (lambda v: v >= 1, "at least 1 second"),
 }  # fmt: skip
 
-_DURATION_KEYS = {"buffer.max_age", "health.interval_s", "models.probation_s"}
+_DURATION_KEYS = {
+    "buffer.max_age", "health.interval_s", "models.probation_s",
+    "models.delivery_chunk_timeout_s", "models.delivery_retry_s",
+}  # fmt: skip
 _SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
 
 

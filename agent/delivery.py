@@ -1,0 +1,412 @@
+"""Model delivery: retained desired state -> rollout decision -> chunk download -> installer.
+
+MQTT callbacks only record the latest desired payload per model (or hand a chunk to a
+queue); one worker thread does everything else, so paho's thread and the HTTP server
+never wait for a download, a hash or a model load. For each model the worker takes the
+device's own desired manifest if there is one, else the fleet's, and:
+
+1. parses it (``rejected`` if it is not a manifest) and checks its signature;
+2. decides rollout membership (``rollout.percent``/``rollout.salt``, inside the signed
+   manifest) and stays on the current version when outside it;
+3. ignores the manifest already accepted, refuses an older serial (replay);
+4. downloads the missing chunks (``downloading``), resumable across reconnects and
+   restarts (agent/download.py), after checking free disk;
+5. checks size and sha256 (``verified``), then ``Installer.install`` (serial, schema,
+   load, parity, atomic activation): ``activated``, else ``rejected`` with the reason;
+6. puts the new version on probation (agent/probation.py): ``rolled_back`` on regression.
+
+A refusal of the manifest itself is final for that payload (remembered across restarts);
+a missing chunk, a corrupt artifact or a full disk is retried after ``delivery_retry_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.download import PartialDownload, clean_downloads
+from agent.errors import EdgeError, ManifestInvalid, PackageError, ReplayedSerial, StorageFull
+from agent.manifest import Manifest, atomic_write, parse_manifest, verify_signature
+from agent.mqtt import Message, rfc3339
+from agent.probation import Probation
+from agent.registry import ACTIVE, FAILED, PROBATION, UPDATING
+from agent.topics import Topics, in_rollout
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.installer import Installer
+    from agent.metrics import Metrics
+    from agent.mqtt import MqttClient
+    from agent.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+# Tests set this to pause the worker at one step ("chunk:N", "verified", "install") and
+# SIGKILL the agent there: deterministic, where sleeping and hoping is not.
+PAUSE_ENV = "EDGE_DELIVERY_PAUSE_AT"
+PAUSED_FILE = "delivery-paused"
+STATE_FILE = "delivery.json"
+FLEET, DEVICE = "fleet", "device"
+
+
+class Retry(EdgeError):
+    """A delivery that failed for now (missing chunk, corrupt artifact, full disk)."""
+
+
+class _Superseded(Exception):
+    """A newer desired manifest arrived during the download."""
+
+
+class Delivery:
+    """Converges this device's models to the desired state retained on the broker."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        mqtt: MqttClient,
+        installer: Installer,
+        store: ModelStore,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.mqtt = mqtt
+        self.installer = installer
+        self.store = store
+        self.device, self.fleet = cfg.device.id, cfg.device.fleet
+        self.topics = Topics(cfg.mqtt.topic_prefix)
+        self.root = cfg.state_path / "downloads"
+        self.state_path = cfg.state_path / STATE_FILE
+        self._lock = threading.Lock()
+        self._desired: dict[str, dict[str, bytes]] = {}  # model -> source -> payload
+        self._handled: dict[str, str] = {}  # model -> fingerprint of the payload settled
+        self._retry_at: dict[str, float] = {}
+        self._chunks: queue.Queue[tuple[str, int, bytes]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pause_at = os.environ.get(PAUSE_ENV, "")
+        self.probation: Probation | None = None
+        if metrics is not None and cfg.models.probation_s > 0:
+            self.probation = Probation(
+                cfg.models, metrics.inference, self._probation_failed, self._probation_passed
+            )
+        self._rejected = self._load_state()
+        self._handled.update({m: r["fingerprint"] for m, r in self._rejected.items()})
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
+        self._thread.start()
+        if self.probation is not None:
+            self.probation.start()
+        self.mqtt.subscribe(self.topics.fleet_desired_all(self.fleet), 1, self._on_desired)
+        self.mqtt.subscribe(self.topics.device_desired_all(self.device), 1, self._on_desired)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.probation is not None:
+            self.probation.stop()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- MQTT side: record and wake, nothing more ----------------------------------------
+
+    def _on_desired(self, msg: Message) -> None:
+        parts = msg.topic.split("/")
+        model = parts[-2]
+        source = DEVICE if f"/devices/{self.device}/models/" in msg.topic else FLEET
+        with self._lock:
+            by_source = self._desired.setdefault(model, {})
+            if msg.payload:
+                by_source[source] = msg.payload
+            else:  # a cleared retained message: this source no longer wants anything
+                by_source.pop(source, None)
+            self._retry_at.pop(model, None)
+        self._wake.set()
+
+    def _on_chunk(self, msg: Message) -> None:
+        parts = msg.topic.rsplit("/", 2)
+        if len(parts) == 3 and parts[2].isdigit():
+            self._chunks.put((parts[1], int(parts[2]), msg.payload))
+
+    def _effective(self, model: str) -> tuple[bytes, str] | None:
+        """The device's own desired payload wins over the fleet's."""
+        with self._lock:
+            by_source = self._desired.get(model, {})
+            for source in (DEVICE, FLEET):
+                if source in by_source:
+                    return by_source[source], source
+        return None
+
+    # --- the worker --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            with self._lock:
+                models = sorted(self._desired)
+            for model in models:
+                if self._stop.is_set():
+                    break
+                try:
+                    self._reconcile(model)
+                except Exception:
+                    log.exception("delivery: %s failed unexpectedly", model)
+                    self._retry_at[model] = time.monotonic() + self.cfg.models.delivery_retry_s
+        log.info("delivery: stopped")
+
+    def _reconcile(self, model: str) -> None:
+        current = self._effective(model)
+        if current is None:
+            return
+        payload, source = current
+        fingerprint = hashlib.sha256(source.encode() + b"\0" + payload).hexdigest()
+        if self._handled.get(model) == fingerprint:
+            return
+        if time.monotonic() < self._retry_at.get(model, 0.0):
+            return
+        manifest: Manifest | None = None
+        try:
+            manifest = parse_manifest(payload)
+            if manifest.name != model:
+                raise ManifestInvalid(
+                    f"name: {manifest.name!r}, but it was published as the desired state of "
+                    f"model {model!r}"
+                )
+            self._deliver(model, manifest, source)
+        except _Superseded:
+            return  # the loop picks the newer manifest up at once
+        except Retry as e:
+            self._retry_at[model] = time.monotonic() + self.cfg.models.delivery_retry_s
+            self._refused(model, manifest, str(e), final=False)
+            return
+        except PackageError as e:
+            self._refused(model, manifest, str(e), final=True)
+            self._remember_rejected(model, fingerprint, str(e))
+        self._handled[model] = fingerprint
+
+    def _deliver(self, model: str, manifest: Manifest, source: str) -> None:
+        verify_signature(manifest, self.installer.trusted, require=self.installer.require_signature)
+        if source == FLEET and not self._in_rollout(manifest):
+            log.info("delivery: %s %s: this device is not in the rollout", model, manifest.version)
+            return
+        pointer = self.store.active(model)
+        if pointer is not None and (pointer.version, pointer.serial) == (
+            manifest.version,
+            manifest.serial,
+        ):
+            return  # already serving exactly this
+        last = self.store.last_serial(model)
+        if manifest.serial == last:
+            # Accepted before; a probation rollback since then keeps the older version.
+            return
+        if manifest.serial < last:
+            raise ReplayedSerial(model, manifest.serial, last)
+        package = self._local_package(manifest) or self._download(manifest)
+        self._event("verified", manifest)
+        self._pause("install")
+        loaded = self.installer.registry.loaded(model)
+        previous = loaded.version if loaded is not None else None
+        self.installer.install(package, source=f"mqtt ({source} desired state)")
+        self._event("activated", manifest, previous=previous)
+        self._rejected.pop(model, None)
+        clean_downloads(self.root, keep=set())
+        if self.probation is not None and previous not in (None, manifest.version):
+            assert previous is not None
+            self.probation.begin(model, manifest.version, previous)
+            self.installer.registry.set_state(
+                model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s"
+            )
+            self._publish_status()
+
+    def _in_rollout(self, manifest: Manifest) -> bool:
+        rollout = manifest.raw.get("rollout")
+        if rollout is None:
+            return True
+        if not isinstance(rollout, dict):
+            raise ManifestInvalid(f"rollout: expected an object, got {rollout!r:.60}")
+        percent, salt = rollout.get("percent", 100), rollout.get("salt", "")
+        if (
+            not isinstance(percent, int | float)
+            or isinstance(percent, bool)
+            or not (0 <= percent <= 100)
+        ):
+            raise ManifestInvalid(f"rollout.percent: expected 0..100, got {percent!r}")
+        if not isinstance(salt, str):
+            raise ManifestInvalid(f"rollout.salt: expected a string, got {salt!r}")
+        return in_rollout(salt, self.device, percent)
+
+    # --- artifact --------------------------------------------------------------------
+
+    def _local_package(self, manifest: Manifest) -> Path | None:
+        """A version already in the store with this artifact (a rollback, a re-signed
+        rollout) is installed from there: nothing to download."""
+        if manifest.version not in self.store.versions(manifest.name):
+            return None
+        try:
+            stored = self.store.manifest(manifest.name, manifest.version)
+        except EdgeError:
+            return None
+        if stored.artifact.sha256 != manifest.artifact.sha256:
+            return None
+        src = self.store.version_dir(manifest.name, manifest.version) / manifest.artifact.file
+        dl = PartialDownload(self.root, manifest.artifact)
+        pkg = dl.dir / "package"
+        pkg.mkdir(exist_ok=True)
+        target = pkg / manifest.artifact.file
+        target.unlink(missing_ok=True)
+        os.link(src, target)
+        atomic_write(pkg / "manifest.json", json.dumps(manifest.to_dict()).encode())
+        return pkg
+
+    def _download(self, manifest: Manifest) -> Path:
+        art = manifest.artifact
+        dl = PartialDownload(self.root, art)
+        if not dl.complete:
+            try:
+                dl.check_disk()
+            except StorageFull as e:
+                raise Retry(str(e)) from None
+            self._event(
+                "downloading", manifest, chunks=art.chunks, have=len(dl.have), size=art.size
+            )
+            self._set_state(manifest.name, UPDATING, f"downloading {manifest.version}")
+            self._fetch(manifest, dl)
+        self._pause("verify")
+        try:
+            dl.verify()
+        except PackageError as e:
+            raise Retry(f"downloaded artifact: {e}") from None
+        self._pause("verified")
+        return dl.package(manifest.to_dict())
+
+    def _fetch(self, manifest: Manifest, dl: PartialDownload) -> None:
+        art, model = manifest.artifact, manifest.name
+        while not self._chunks.empty():  # leftovers of an earlier subscription
+            self._chunks.get_nowait()
+        topic = self.topics.artifact_all(art.sha256)
+        self.mqtt.subscribe(topic, 1, self._on_chunk)
+        timeout = self.cfg.models.delivery_chunk_timeout_s
+        last_progress = time.monotonic()
+        want = self._effective(model)
+        try:
+            while not dl.complete:
+                if self._stop.is_set():
+                    raise _Superseded()
+                if self._effective(model) != want:
+                    raise _Superseded()
+                try:
+                    sha, index, data = self._chunks.get(timeout=0.5)
+                except queue.Empty:
+                    if time.monotonic() - last_progress > timeout:
+                        missing = dl.missing()
+                        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                        raise Retry(
+                            f"missing chunk {missing[0]}{more} of artifact {art.sha256}: "
+                            f"nothing new for {timeout:g} s; retrying in "
+                            f"{self.cfg.models.delivery_retry_s:g} s"
+                        ) from None
+                    continue
+                if sha != art.sha256:
+                    continue
+                try:
+                    new = dl.write(index, data)
+                except PackageError as e:
+                    raise Retry(f"artifact {art.sha256[:12]}: {e}") from None
+                if new:
+                    last_progress = time.monotonic()
+                    self._pause(f"chunk:{len(dl.have)}")
+        finally:
+            self.mqtt.unsubscribe(topic)
+
+    # --- outcomes ----------------------------------------------------------------------
+
+    def _refused(self, model: str, manifest: Manifest | None, reason: str, *, final: bool) -> None:
+        log.warning("delivery: %s %s refused: %s", model,
+                    manifest.version if manifest else "?", reason)  # fmt: skip
+        self._event("rejected", manifest, model=model, reason=reason, retry=not final)
+        loaded = self.installer.registry.loaded(model)
+        what = manifest.version if manifest else "the desired manifest"
+        self._set_state(
+            model, ACTIVE if loaded else FAILED, f"delivery of {what} refused: {reason}"
+        )
+
+    def _probation_failed(self, model: str, version: str, reason: str) -> None:
+        try:
+            back = self.installer.rollback(model, reason=f"probation of {version}: {reason}")
+        except EdgeError as e:
+            log.error("probation: rolling %s back failed: %s", model, e)
+            return
+        self._event_raw({"event": "rolled_back", "model": model, "version": back.version,
+                         "serial": back.serial, "from_version": version,
+                         "reason": f"probation of {version}: {reason}"})  # fmt: skip
+
+    def _probation_passed(self, model: str, version: str) -> None:
+        loaded = self.installer.registry.loaded(model)
+        if loaded is not None and loaded.version == version:
+            self._set_state(model, ACTIVE, f"{version} passed probation")
+
+    def _set_state(self, model: str, state: str, reason: str) -> None:
+        self.installer.registry.set_state(model, state, reason)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        publish_status = getattr(self.mqtt, "publish_status", None)
+        if callable(publish_status):
+            publish_status()
+
+    def _event(self, event: str, manifest: Manifest | None, **extra: Any) -> None:
+        body: dict[str, Any] = {"event": event}
+        if manifest is not None:
+            body.update(model=manifest.name, version=manifest.version, serial=manifest.serial,
+                        sha256=manifest.artifact.sha256)  # fmt: skip
+        body.update(extra)
+        self._event_raw(body)
+
+    def _event_raw(self, body: dict[str, Any]) -> None:
+        body = {"device": self.device, "time": rfc3339(), **body}
+        self.mqtt.publish(self.topics.events(self.device), json.dumps(body), qos=1)
+
+    def _pause(self, step: str) -> None:
+        if self._pause_at and self._pause_at == step:
+            atomic_write(self.cfg.state_path / PAUSED_FILE, step.encode())
+            log.warning("delivery: paused at %s (%s)", step, PAUSE_ENV)
+            self._stop.wait()
+            raise _Superseded()
+
+    # --- what survives a restart ----------------------------------------------------
+
+    def _load_state(self) -> dict[str, dict[str, str]]:
+        try:
+            data = json.loads(self.state_path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        rejected = data.get("rejected") if isinstance(data, dict) else None
+        if not isinstance(rejected, dict):
+            return {}
+        return {
+            m: r
+            for m, r in rejected.items()
+            if isinstance(r, dict) and isinstance(r.get("fingerprint"), str)
+        }
+
+    def _remember_rejected(self, model: str, fingerprint: str, reason: str) -> None:
+        self._rejected[model] = {"fingerprint": fingerprint, "reason": reason}
+        try:
+            atomic_write(self.state_path, json.dumps({"rejected": self._rejected}).encode())
+        except OSError as e:
+            log.warning("delivery: cannot record the refusal in %s: %s", self.state_path, e)
