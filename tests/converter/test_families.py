@@ -12,6 +12,7 @@ import onnxruntime
 import pytest
 
 from agent.manifest import load_private_key
+from agent.runtime import check_parity, load_model
 from converter.package import build
 from converter.verify import verify
 from tests.converter.families import FAMILIES, Family, fitted
@@ -59,6 +60,8 @@ def test_family_converts_verifies_and_predicts_like_sklearn(
     verified = verify(tmp_path, [keypair.pub])
     assert verified.key_id is not None
     assert 8 <= verified.parity_rows <= 16
+    # The device's own loader and parity check accept it (the seam with agent/runtime.py).
+    check_parity(load_model(tmp_path, verified.manifest))
 
     # Independently of the converter's own check: the package on the training rows.
     m = verified.manifest

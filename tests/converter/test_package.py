@@ -18,6 +18,7 @@ from agent.manifest import (
     parse_manifest,
     verify_package,
 )
+from agent.runtime import check_parity, load_model
 from converter.convert import target_opset
 from converter.package import build, build_package
 from converter.parity import compare
@@ -139,7 +140,9 @@ def test_double_graph_keeps_large_features_exact(
     result = build(model, name="big", version="1.0", out_dir=tmp_path, sample=sample, double=True)
     assert result.parity.ok
     assert result.manifest["inputs"][0]["datatype"] == "FP64"
-    assert verify(tmp_path).parity_rows >= 8
+    verified = verify(tmp_path)
+    assert verified.parity_rows >= 8
+    check_parity(load_model(tmp_path, verified.manifest))  # the device runs FP64 too
 
 
 def test_compare_names_the_worst_row() -> None:
