@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import socket
 import sys
 import threading
@@ -215,3 +217,41 @@ def test_journald_is_recognised_by_the_stream_identity(tmp_path):
         assert not under_journald(stream, {})
     # Outside journald, lines keep a UTC timestamp for whoever reads the terminal.
     assert "%(asctime)s" in (log_formatter(sys.__stderr__)._fmt or "")
+
+
+def test_a_real_agent_pings_reports_backlog_and_logs_for_journald(
+    start_agent, systemd, iris_package, tmp_path
+):
+    """`edge-agent run` as systemd runs it: notify socket, 1 s watchdog, journal stream."""
+    receiver, env = systemd
+    agent = start_agent({"models": {"allow_unsigned": True}}, packages=[iris_package], start=False)
+    agent.log_path.touch()
+    st = agent.log_path.stat()
+    agent.env.update(env, WATCHDOG_USEC="1000000", JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+    agent.start(wait=False)
+
+    ready = receiver.wait_for("READY=1", timeout_s=30)
+    assert "STATUS=serving iris 1.0.0; no broker; backlog 0" in ready
+    receiver.wait_for("WATCHDOG=1", timeout_s=5)
+    code, body = agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4, 0.2]]})
+    assert code == 200, body
+    # Without a broker the result stays buffered, and `systemctl status` says so.
+    receiver.wait_for("STATUS=serving iris 1.0.0; no broker; backlog 1", timeout_s=5)
+
+    agent.proc.send_signal(signal.SIGTERM)
+    stopping = receiver.wait_for("STOPPING=1", timeout_s=10)
+    assert agent.proc.wait(timeout=20) == 0
+    after = receiver.drain(0.2)
+    assert "WATCHDOG=1" not in after[after.index(stopping) + 1 :], "pinged after STOPPING=1"
+    assert receiver.messages.count("WATCHDOG=1") >= 2
+
+    lines = agent.logs().splitlines()
+    assert lines, "the agent wrote no log"
+    # journald style: a priority prefix, no timestamp (the journal adds its own).
+    assert all(re.match(r"<[0-7]>", line) for line in lines), lines
+    assert any(line.startswith("<6>agent.supervisor: ") for line in lines), lines
+    # The clean shutdown kept the buffered result.
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "JOURNAL_STREAM"):
+        del agent.env[key]
+    agent.start()
+    assert agent.status()["buffer"]["rows"] == 1
