@@ -1,0 +1,262 @@
+"""The desired state as the broker keeps it: retained reads, acknowledged publishes,
+signed desired manifests with their history, and chunked artifact uploads.
+
+Used by ``fleet/publish.py`` (publish, rollout, rollback, gc). The layout of the
+topics and payloads is described there and in docs/delivery.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.errors import BrokerUnavailable, EdgeError
+from agent.manifest import load_private_key, sign_manifest, utc_now_rfc3339
+from agent.topics import Topics
+from fleet.connection import BrokerOptions, connect, disconnect
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1024 * 1024  # 50 chunks for a 50 MB forest; 4 MiB broker limit
+MAX_CHUNK_SIZE = 4 * 1024 * 1024 - 4096  # under broker-config's max_packet_size
+HISTORY_KEEP = 10
+WINDOW = 16  # chunks in flight: enough to fill loopback, bounded memory
+PUBACK_TIMEOUT_S = 60.0
+
+
+class PublishRefused(EdgeError):
+    """The broker refused (or never acknowledged) a publish."""
+
+
+# --- reading retained state -------------------------------------------------------
+
+
+class Session:
+    """A connected operator client with retained reads and acknowledged publishes."""
+
+    def __init__(self, options: BrokerOptions, purpose: str) -> None:
+        self.options = options
+        self.topics = options.topics
+        self._lock = threading.Lock()
+        self._acks: dict[int, Any] = {}
+        self._acked = threading.Condition(self._lock)
+        self._inbox: dict[str, bytes] = {}
+        self._barrier = f"{self.topics.prefix}/fleet-tools/{secrets.token_hex(6)}/barrier"
+        self._barrier_seen = threading.Event()
+        self.client = connect(
+            options, purpose=purpose, subscriptions=[(self._barrier, 1)], on_message=self._on_msg
+        )
+        self.client.on_publish = self._on_publish
+
+    def close(self) -> None:
+        disconnect(self.client)
+
+    def _on_msg(self, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self._barrier:
+            self._barrier_seen.set()
+        elif msg.retain:
+            with self._lock:
+                self._inbox[msg.topic] = bytes(msg.payload)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        with self._acked:
+            self._acks[mid] = rc
+            self._acked.notify_all()
+
+    def read_retained(self, filters: Sequence[str], timeout: float = 10.0) -> dict[str, bytes]:
+        """Every retained message on ``filters`` (wildcards allowed), empty ones left out.
+
+        mosquitto sends a subscription's retained messages before it handles our next
+        packet, so once our own barrier message comes back, all of them are here.
+        """
+        with self._lock:
+            self._inbox = {}
+        self._barrier_seen.clear()
+        self.client.subscribe([(f, 1) for f in filters])
+        self.client.publish(self._barrier, b"x", qos=1)
+        if not self._barrier_seen.wait(timeout):
+            raise BrokerUnavailable(f"broker {self.options.url}: no answer within {timeout:g} s")
+        self.client.unsubscribe(list(filters))
+        with self._lock:
+            return {t: p for t, p in self._inbox.items() if p}
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> int:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise PublishRefused(f"publish to {topic}: {mqtt.error_string(info.rc)}")
+        return int(info.mid)
+
+    def wait(self, mids: Iterable[int], what: str, timeout: float = PUBACK_TIMEOUT_S) -> None:
+        """Wait for each PUBACK; an MQTT 5 refusal (e.g. not authorized) names the topic."""
+        deadline = time.monotonic() + timeout
+        with self._acked:
+            for mid in mids:
+                while mid not in self._acks:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or (not self.client.is_connected() and timeout - left > 5):
+                        raise PublishRefused(
+                            f"{what}: broker {self.options.url} did not acknowledge within "
+                            f"{timeout:g} s (is the chunk size over its packet limit?)"
+                        )
+                    self._acked.wait(min(left, 0.5))
+                rc = self._acks.pop(mid)
+                if getattr(rc, "is_failure", False):
+                    raise PublishRefused(
+                        f"{what}: broker {self.options.url} refused it: {rc} "
+                        f"(reason {int(rc.value)}; check the account's ACL)"
+                    )
+
+
+# --- topics and state ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where desired state goes: a fleet, or one device."""
+
+    fleet: str | None = None
+    device: str | None = None
+
+    def desired(self, t: Topics, model: str) -> str:
+        if self.device:
+            return t.device_desired(self.device, model)
+        assert self.fleet
+        return t.fleet_desired(self.fleet, model)
+
+    def history(self, t: Topics, model: str) -> str:
+        return self.desired(t, model).rsplit("/", 1)[0] + "/history"
+
+    def __str__(self) -> str:
+        return f"device {self.device}" if self.device else f"fleet {self.fleet}"
+
+
+@dataclass
+class ModelState:
+    """What the broker holds for one model: every desired manifest and history."""
+
+    desired: dict[str, dict[str, Any]] = field(default_factory=dict)  # topic -> manifest
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # topic -> entries
+
+    def max_serial(self) -> int:
+        serials = [int(m.get("serial", 0)) for m in self.desired.values()]
+        serials += [int(e.get("serial", 0)) for h in self.history.values() for e in h]
+        return max(serials, default=0)
+
+
+def read_model_state(session: Session, model: str) -> ModelState:
+    t = session.topics
+    filters = [
+        t.fleet_desired("+", model),
+        t.device_desired("+", model),
+        t.fleet_desired("+", model).rsplit("/", 1)[0] + "/history",
+        t.device_desired("+", model).rsplit("/", 1)[0] + "/history",
+    ]
+    state = ModelState()
+    for topic, payload in session.read_retained(filters).items():
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            log.warning("ignoring %s: not JSON", topic)
+            continue
+        if topic.endswith("/desired") and isinstance(data, dict):
+            state.desired[topic] = data
+        elif topic.endswith("/history") and isinstance(data, dict):
+            entries = data.get("entries")
+            if isinstance(entries, list):
+                state.history[topic] = [e for e in entries if isinstance(e, dict)]
+    return state
+
+
+def salt_for(target: Target, model: str) -> str:
+    return f"{target.fleet or target.device}/{model}"
+
+
+def sign_desired(
+    body: dict[str, Any], *, serial: int, chunk_size: int, target: Target, percent: float, key: Path
+) -> dict[str, Any]:
+    """The manifest a device gets: fresh serial and time, chunking and rollout, signed."""
+    manifest = {k: v for k, v in body.items() if k not in {"signature", "rollout"}}
+    manifest["serial"] = serial
+    manifest["issued_at"] = utc_now_rfc3339()
+    art = dict(manifest["artifact"])
+    art["chunk_size"] = chunk_size
+    art["chunks"] = max(1, -(-int(art["size"]) // chunk_size))
+    manifest["artifact"] = art
+    if target.fleet and not target.device:
+        manifest["rollout"] = {"percent": percent, "salt": salt_for(target, body["name"])}
+    return sign_manifest(manifest, load_private_key(key))
+
+
+def publish_desired(
+    session: Session, target: Target, signed: dict[str, Any], state: ModelState
+) -> None:
+    """Retain the signed manifest, then append it to the target's history."""
+    t, model = session.topics, signed["name"]
+    mid = session.publish(target.desired(t, model), json.dumps(signed).encode())
+    session.wait([mid], f"desired state of {model} for {target}")
+    history = list(state.history.get(target.history(t, model), []))
+    entry = {k: v for k, v in signed.items() if k not in {"signature", "rollout"}}
+    history = [e for e in history if e.get("serial") != entry["serial"]] + [entry]
+    payload = json.dumps({"entries": history[-HISTORY_KEEP:]}).encode()
+    session.wait([session.publish(target.history(t, model), payload)], f"history of {model}")
+
+
+# --- artifact upload --------------------------------------------------------------
+
+
+def artifact_retained(session: Session, sha256: str, size: int, chunk_size: int) -> bool:
+    """True when the artifact's last chunk is retained with the length this chunking gives."""
+    chunks = max(1, -(-size // chunk_size))
+    topic = session.topics.artifact_chunk(sha256, chunks - 1)
+    got = session.read_retained([topic]).get(topic)
+    return got is not None and len(got) == size - (chunks - 1) * chunk_size
+
+
+def upload_artifact(session: Session, path: Path, sha256: str, chunk_size: int) -> int:
+    """Publish every chunk retained (QoS 1, a bounded window in flight); returns chunk count."""
+    size = path.stat().st_size
+    chunks = max(1, -(-size // chunk_size))
+    bar = Progress(f"uploading {sha256[:12]}", size)
+    in_flight: list[int] = []
+    with path.open("rb") as f:
+        for index in range(chunks):
+            data = f.read(chunk_size)
+            in_flight.append(session.publish(session.topics.artifact_chunk(sha256, index), data))
+            if len(in_flight) >= WINDOW:
+                session.wait(in_flight[:1], f"chunk {index - WINDOW + 1} of {sha256[:12]}")
+                in_flight.pop(0)
+            bar.update(min(size, (index + 1) * chunk_size))
+    session.wait(in_flight, f"chunks of {sha256[:12]}")
+    bar.done()
+    return chunks
+
+
+class Progress:
+    """A one-line progress bar on stderr (redrawn on a terminal, one line otherwise)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.start = label, total, time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, done: int) -> None:
+        if self.tty:
+            width = 30
+            filled = int(width * done / max(1, self.total))
+            bar = "#" * filled + "-" * (width - filled)
+            sys.stderr.write(f"\r{self.label} [{bar}] {done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        took = time.monotonic() - self.start
+        end = "\n" if self.tty else ""
+        sys.stderr.write(f"{end}{self.label}: {self.total / 1e6:.1f} MB in {took:.1f} s\n")
