@@ -37,26 +37,45 @@ _IDLE_POLL_S = 0.25  # how soon a new result goes out when the backlog was empty
 _RETRY_MIN_S = 1.0  # after a refused batch, back off before resending
 _RETRY_MAX_S = 60.0
 _ALIVE_WINDOW_S = 30.0
+# Share of one core the forwarding thread may use while it drains a backlog. Serving
+# comes first: a device that was offline for hours must not answer /predict slower
+# while it catches up. The drain rate follows from the hardware: results/s = share /
+# (CPU seconds per result), about 25,000/s on a desktop core (bench/forward.py).
+CPU_SHARE = 0.08
+_MIN_PAUSE_S = 0.005
 _RATE_WINDOW_S = 10.0
 
 
 @dataclass
 class _Flight:
+    """One batch awaiting its PUBACK: the rows ``first``..``last`` read after ``after``."""
+
     handle: PublishHandle
-    seqs: list[int]
+    after: int
+    first: int
+    last: int
+    count: int
 
 
 class Forwarder:
     """The buffer -> MQTT pump; one named thread."""
 
     def __init__(
-        self, cfg: Config, buffer: ResultBuffer, mqtt: MqttClient, metrics: Metrics | None = None
+        self,
+        cfg: Config,
+        buffer: ResultBuffer,
+        mqtt: MqttClient,
+        metrics: Metrics | None = None,
+        *,
+        cpu_share: float = CPU_SHARE,
     ) -> None:
         self.buffer = buffer
         self.mqtt = mqtt
         self.batch_size = cfg.buffer.batch_size
         self.max_inflight = cfg.mqtt.max_inflight
         self.topic = mqtt.topics.results(cfg.device.id)
+        self.cpu_share = cpu_share
+        self._debt = 0.0  # seconds to pause so the thread stays within its CPU share
         self._head = f'{{"device":{json.dumps(cfg.device.id)},"results":['.encode()
         self._stop = threading.Event()
         self._wake = threading.Event()  # a PUBACK or a (re)connect: look again at once
@@ -127,6 +146,7 @@ class Forwarder:
             self._tick = time.monotonic()
             # Clear before looking: a PUBACK landing after this wakes the wait below.
             self._wake.clear()
+            cpu = time.thread_time()
             try:
                 wait = self._step()
             except Exception:
@@ -134,7 +154,16 @@ class Forwarder:
                 log.exception("forwarder: step failed; retrying")
                 wait = _RETRY_MIN_S
             if wait > 0:
+                self._debt = 0.0
                 self._wake.wait(wait)
+                continue
+            # Duty cycle: pause (cost / share - cost) after each batch sent.
+            if self.cpu_share < 1:
+                cost = time.thread_time() - cpu
+                self._debt += cost * (1 / self.cpu_share - 1)
+                if self._debt >= _MIN_PAUSE_S:
+                    self._stop.wait(self._debt)
+                    self._debt = 0.0
         self._drain_on_stop()
         log.info("forwarder: stopped (%d results forwarded)", self.forwarded)
 
@@ -148,14 +177,18 @@ class Forwarder:
             return 1.0
         if len(self._inflight) >= self.max_inflight:
             return 1.0  # woken by the next PUBACK
-        rows = self.buffer.take_batch(self.batch_size, after=self._after)
-        if not rows:
+        batch = self.buffer.take_batch_json(self.batch_size, after=self._after)
+        if batch is None:
             return _IDLE_POLL_S
-        self._send(rows)
+        payload = self._head + batch.json.encode() + b"]}"
+        if len(payload) <= MAX_MESSAGE_BYTES:
+            self._publish(payload, batch.first, batch.last, batch.count)
+        else:
+            self._send_rows(self.buffer.take_batch(self.batch_size, after=self._after))
         return 0.0
 
-    def _send(self, rows: list[BufferedRow]) -> None:
-        # Serialised without parsing: each row already holds its JSON text.
+    def _send_rows(self, rows: list[BufferedRow]) -> None:
+        """Large rows: as many as fit in one message, the rest in the next."""
         parts: list[bytes] = []
         size = len(self._head) + 2
         for row in rows:
@@ -165,29 +198,28 @@ class Forwarder:
             parts.append(part)
             size += len(part) + 1
         payload = self._head + b",".join(parts) + b"]}"
-        seqs = [row.seq for row in rows[: len(parts)]]
+        self._publish(payload, rows[0].seq, rows[len(parts) - 1].seq, len(parts))
+
+    def _publish(self, payload: bytes, first: int, last: int, count: int) -> None:
         handle = self.mqtt.publish(self.topic, payload, qos=1)
         handle.add_done_callback(lambda h: self._wake.set())
-        self._inflight.append(_Flight(handle, seqs))
-        self._after = seqs[-1]
+        self._inflight.append(_Flight(handle, self._after, first, last, count))
+        self._after = last
 
     def _settle(self) -> None:
         """Delete acknowledged rows; on a refusal, rewind to resend from the oldest row."""
-        acked: list[int] = []
+        acked: list[_Flight] = []
         failed: _Flight | None = None
         for flight in list(self._inflight):
             if not flight.handle.done():
                 continue
             self._inflight.remove(flight)
             if flight.handle.ok:
-                acked.extend(flight.seqs)
+                acked.append(flight)
             elif failed is None:
                 failed = flight
         if acked:
-            self.buffer.mark_sent(acked)
-            self.forwarded += len(acked)
-            if self._m_forwarded is not None:
-                self._m_forwarded.inc(len(acked))
+            self._delete(acked)
         now = time.monotonic()
         self._rate.append((now, self.forwarded))
         while len(self._rate) > 2 and now - self._rate[0][0] > _RATE_WINDOW_S:
@@ -198,7 +230,7 @@ class Forwarder:
                 self._m_failed.inc()
             log.warning(
                 "forwarder: batch seq %d..%d not accepted (%s); will resend",
-                failed.seqs[0], failed.seqs[-1], failed.handle.error,
+                failed.first, failed.last, failed.handle.error,
             )  # fmt: skip
             # Rows of later batches may be acknowledged or not: rewind to the start of
             # the backlog; whatever is already deleted is not read again.
@@ -208,6 +240,26 @@ class Forwarder:
             self._retry_at = now + self._backoff
         elif acked:
             self._backoff = 0.0
+
+    def _delete(self, acked: list[_Flight]) -> None:
+        """Delete acknowledged batches, one range per run of consecutive batches.
+
+        A batch holds every row between its first and last seq: rows are committed in
+        seq order, so none can appear inside that range after it was read.
+        """
+        acked.sort(key=lambda f: f.first)
+        first, last = acked[0].first, acked[0].last
+        for flight in acked[1:]:
+            if flight.after == last:
+                last = flight.last
+            else:
+                self.buffer.mark_sent_range(first, last)
+                first, last = flight.first, flight.last
+        self.buffer.mark_sent_range(first, last)
+        count = sum(f.count for f in acked)
+        self.forwarded += count
+        if self._m_forwarded is not None:
+            self._m_forwarded.inc(count)
 
     def _drain_on_stop(self, timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout
