@@ -172,19 +172,22 @@ def _explain(estimator: Any, name: str, error: Exception) -> str:
 
 
 def _unsupported_step(estimator: Any) -> str | None:
-    from skl2onnx import supported_converters
+    """The first step, depth first in pipeline order, that skl2onnx has no converter for."""
+    # skl2onnx keeps its registry of converted classes here (private, stable since 1.7).
+    from skl2onnx._supported_operators import sklearn_operator_name_map
 
-    known = {c.replace("Sklearn", "") for c in supported_converters(from_sklearn=True)}
     stack = [estimator]
     while stack:
-        est = stack.pop()
-        for attr in ("steps", "transformers_"):
-            for item in getattr(est, attr, None) or []:
-                if not isinstance(item[1], str):
-                    stack.append(item[1])
-        cls = type(est).__name__
-        if cls not in known and cls not in {"Pipeline", "ColumnTransformer"}:
-            return cls
+        est = stack.pop(0)
+        if type(est) not in sklearn_operator_name_map:
+            return type(est).__name__
+        children = [
+            item[1]
+            for attr in ("steps", "transformers_")
+            for item in getattr(est, attr, None) or []
+            if not isinstance(item[1], str)
+        ]
+        stack[:0] = children
     return None
 
 

@@ -112,6 +112,9 @@ def build(
         raise ConversionError("sample: no rows")
     task = task_of(estimator)
     converted = convert(estimator, schema, opset)
+    # skl2onnx names the graph with a random uuid; the package name makes builds
+    # reproducible, so an unchanged model keeps its sha256 (and its retained chunks).
+    converted.model.graph.name = name
     session = _session(converted.model)
     names = [o.name for o in converted.outputs]
     exact = ["label"] if task in _LABEL_TASKS and "label" in names else []

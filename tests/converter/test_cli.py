@@ -15,6 +15,7 @@ from typing import Any
 import joblib
 import numpy as np
 import pytest
+from sklearn.preprocessing import StandardScaler
 
 from converter.cli import main
 from tests.fixtures.models import Keypair
@@ -124,6 +125,33 @@ def test_convert_skops_file(
     )  # fmt: skip
     assert code == 0, err
     assert "outputs: variable FP32 [-1, 1]" in out
+
+
+class CustomScaler(StandardScaler):
+    """A user's own class: skops must not load it unless told to trust it."""
+
+
+def test_skops_file_with_an_untrusted_type(
+    capsys: pytest.CaptureFixture[str], regression_data: Any, tmp_path: Path
+) -> None:
+    import skops.io
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(CustomScaler(), Ridge()).fit(*regression_data)
+    path = tmp_path / "custom.skops"
+    skops.io.dump(model, path)
+    code, _, err = run(capsys, "convert", path, "--name", "c", "--version", "1", "-o", tmp_path)
+    assert code == 1
+    type_name = f"{__name__}.CustomScaler"
+    assert_one_line_error(err, "not trusted", type_name, "--trust")
+    # Trusted, it loads; skl2onnx has no converter for the custom class, and says so.
+    code, _, err = run(
+        capsys, "convert", path, "--trust", type_name, "--name", "c", "--version", "1",
+        "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1
+    assert_one_line_error(err, "cannot convert CustomScaler")
 
 
 # --- bad input: one line, exit 1 ---------------------------------------------------

@@ -167,3 +167,10 @@ def test_sample_rows_with_text_in_a_numeric_model(iris_estimator: Any, tmp_path:
 def test_not_an_estimator_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="not a scikit-learn estimator"):
         build_package(object(), name="i", version="1", out_dir=tmp_path)
+
+
+def test_same_model_gives_the_same_artifact(iris_estimator: Any, tmp_path: Path) -> None:
+    """Reproducible builds: republishing an unchanged model reuses its chunks by sha256."""
+    first = build(iris_estimator, name="iris", version="1.0", out_dir=tmp_path / "a")
+    second = build(iris_estimator, name="iris", version="1.1", out_dir=tmp_path / "b")
+    assert first.manifest["artifact"]["sha256"] == second.manifest["artifact"]["sha256"]
