@@ -1,14 +1,12 @@
-"""edge-model as a user runs it: exit codes, one-line errors, reports, tamper detection."""
+"""edge-model convert as a user runs it: reports, samples, exit codes, one-line errors."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -17,50 +15,10 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
 
-from converter.cli import main
+from tests.converter.conftest import assert_one_line_error, run
 from tests.fixtures.models import Keypair
 
 EDGE_MODEL = Path(sys.executable).parent / "edge-model"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("edge-model: error: ")
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-
-
-@pytest.fixture(scope="module")
-def iris_joblib(tmp_path_factory: pytest.TempPathFactory, iris_estimator: Any) -> Path:
-    path = tmp_path_factory.mktemp("models") / "iris.joblib"
-    joblib.dump(iris_estimator, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def converted(
-    tmp_path_factory: pytest.TempPathFactory, iris_joblib: Path, keypair: Keypair
-) -> Path:
-    """A signed iris package written by the CLI; tests copy it before changing it."""
-    out = tmp_path_factory.mktemp("converted") / "iris"
-    assert main([
-        "convert", str(iris_joblib), "--name", "iris", "--version", "1.0.0",
-        "--key", str(keypair.key), "-o", str(out),
-    ]) == 0  # fmt: skip
-    return out
-
-
-@pytest.fixture
-def package(converted: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(converted, tmp_path / "pkg"))
 
 
 # --- convert ------------------------------------------------------------------------
@@ -273,119 +231,6 @@ def test_bad_usage_exits_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]) 
     assert run(capsys)[0] == 2
     code, out, _ = run(capsys, "convert", "--help")
     assert code == 0 and "run code" in out
-
-
-# --- keygen, sign, verify, inspect ---------------------------------------------------
-
-
-def test_keygen_writes_a_private_key_only_the_owner_reads(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    code, out, _ = run(capsys, "keygen", "-o", tmp_path)
-    assert code == 0 and "key id" in out
-    assert (tmp_path / "publisher.key").stat().st_mode & 0o777 == 0o600
-    assert b"PUBLIC KEY" in (tmp_path / "publisher.pub").read_bytes()
-    code, _, err = run(capsys, "keygen", "-o", tmp_path)
-    assert code == 1
-    assert_one_line_error(err, "refusing to overwrite")
-
-
-def test_verify_accepts_an_untouched_package(
-    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
-) -> None:
-    code, out, err = run(capsys, "verify", package, "--pub", keypair.pub)
-    assert code == 0, err
-    assert "signature valid" in out and "parity rows reproduced" in out
-
-
-def test_verify_catches_one_changed_byte_of_the_model(
-    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
-) -> None:
-    model = package / "model.onnx"
-    data = bytearray(model.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    model.write_bytes(bytes(data))
-    code, _, err = run(capsys, "verify", package, "--pub", keypair.pub)
-    assert code == 1
-    assert_one_line_error(err, "model.onnx: sha256 is", "the manifest says")
-
-
-def test_verify_catches_one_changed_manifest_field(
-    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
-) -> None:
-    manifest = json.loads((package / "manifest.json").read_text())
-    manifest["classes"] = ["setosa", "versicolor", "virginica-x"]
-    (package / "manifest.json").write_text(json.dumps(manifest))
-    code, _, err = run(capsys, "verify", package, "--pub", keypair.pub)
-    assert code == 1
-    assert_one_line_error(err, "signature: does not match", "changed after signing")
-
-
-def test_verify_with_another_key_fails(
-    capsys: pytest.CaptureFixture[str], package: Path, tmp_path: Path
-) -> None:
-    assert run(capsys, "keygen", "-o", tmp_path / "other")[0] == 0
-    code, _, err = run(capsys, "verify", package, "--pub", tmp_path / "other" / "publisher.pub")
-    assert code == 1
-    assert_one_line_error(err, "signature.key_id", "not a trusted key")
-
-
-def test_verify_replays_parity_vectors(capsys: pytest.CaptureFixture[str], package: Path) -> None:
-    """An unsigned package whose stored expectations lie fails on the parity replay."""
-    manifest = json.loads((package / "manifest.json").read_text())
-    del manifest["signature"]
-    manifest["parity"]["expected"]["label"][0] = "nonsense"
-    (package / "manifest.json").write_text(json.dumps(manifest))
-    code, _, err = run(capsys, "verify", package)
-    assert code == 1
-    assert_one_line_error(err, "parity: onnxruntime", "label", "nonsense")
-
-
-def test_verify_a_tar_package(
-    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair, tmp_path: Path
-) -> None:
-    tar_path = tmp_path / "iris.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        tar.add(package, arcname="iris")
-    code, out, err = run(capsys, "verify", tar_path, "--pub", keypair.pub)
-    assert code == 0, err
-    assert "ok: iris 1.0.0" in out
-
-
-def test_sign_an_unsigned_package_with_a_new_serial(
-    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
-) -> None:
-    manifest = json.loads((package / "manifest.json").read_text())
-    del manifest["signature"]
-    (package / "manifest.json").write_text(json.dumps(manifest))
-    assert run(capsys, "verify", package, "--pub", keypair.pub)[0] == 1  # not signed
-    code, out, err = run(capsys, "sign", package, "--key", keypair.key, "--serial", "5")
-    assert code == 0, err
-    assert "serial 5" in out
-    assert run(capsys, "verify", package, "--pub", keypair.pub)[0] == 0
-
-
-def test_sign_refuses_a_package_whose_model_changed(
-    capsys: pytest.CaptureFixture[str], package: Path, keypair: Keypair
-) -> None:
-    with (package / "model.onnx").open("ab") as f:
-        f.write(b"\0")
-    code, _, err = run(capsys, "sign", package, "--key", keypair.key)
-    assert code == 1
-    assert_one_line_error(err, "model.onnx", "the manifest says")
-
-
-def test_inspect_shows_the_package(capsys: pytest.CaptureFixture[str], package: Path) -> None:
-    code, out, _ = run(capsys, "inspect", package)
-    assert code == 0
-    assert out.startswith("iris 1.0.0 (serial 1")
-    assert "task:    classifier, answers with 'label'" in out
-    assert "classes: setosa, versicolor, virginica" in out
-    code, out, _ = run(capsys, "inspect", package, "--json")
-    assert json.loads(out)["name"] == "iris"
-    code, _, err = run(capsys, "inspect", package / "nothing")
-    assert code == 1
-    assert_one_line_error(err, "no such package")
 
 
 # --- the installed console script --------------------------------------------------
