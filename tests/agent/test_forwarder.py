@@ -187,3 +187,53 @@ def test_refused_batches_stay_buffered_and_are_counted(
     assert agent.mqtt.failures.get("not_authorized", 0) >= 1
     text = generate_latest(agent.metrics.registry).decode()
     assert 'edge_mqtt_publish_failures_total{reason="not_authorized"}' in text
+
+
+def test_large_results_are_split_below_the_message_limit(
+    broker: Broker, tmp_path: Path, agents: list[Agent]
+) -> None:
+    from agent.forwarder import MAX_MESSAGE_BYTES
+
+    cfg = make_config(broker, "dev-1")
+    consumer = broker.subscribe("edge/devices/dev-1/results")
+    agent = Agent(cfg, tmp_path / "buffer.db")
+    agents.append(agent)
+    big = "é" * 150_000  # 300 kB of UTF-8 per result: 100 rows would be 30 MB
+    for i in range(10):
+        agent.buffer.record(Result(time.time(), "text-model", "2.0", [big], [i], 1.0))
+    agent.buffer.flush()
+    agent.start()
+    consumer.wait_for(lambda m: len(seqs_of(consumer)) >= 10)
+    assert seqs_of(consumer) == list(range(1, 11))
+    assert all(len(m.payload) <= MAX_MESSAGE_BYTES for m in consumer.messages)
+    assert len(consumer.messages) >= 4
+    first = json.loads(consumer.messages[0].payload)["results"][0]
+    assert first["inputs"] == [big] and first["model"] == "text-model"
+
+
+def test_cpu_share_paces_the_drain(broker: Broker, tmp_path: Path) -> None:
+    cfg = make_config(broker, "dev-1")
+    metrics = Metrics()
+    buffer = ResultBuffer(tmp_path / "buffer.db", BufferConfig(durability="batched"), metrics)
+    fill(buffer, 20_000)
+    mqtt = MqttClient(cfg, metrics)
+    mqtt.start()
+    assert mqtt.wait_connected(10)
+    forwarder = Forwarder(cfg, buffer, mqtt, metrics, cpu_share=0.02)
+    t0 = time.monotonic()
+    forwarder.start()
+    try:
+        time.sleep(1.5)
+        assert forwarder._thread is not None
+        wall = time.monotonic() - t0
+        # The forwarder thread's own CPU time (utime + stime), from /proc.
+        stat = Path(f"/proc/self/task/{forwarder._thread.native_id}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        assert forwarder.forwarded > 0
+        # Unpaced it would use a whole core until the backlog is gone.
+        assert cpu / wall < 0.1, f"forwarder used {cpu:.2f} s CPU in {wall:.1f} s"
+    finally:
+        forwarder.stop()
+        mqtt.stop(timeout=1)
+        buffer.close()
