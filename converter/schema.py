@@ -97,11 +97,13 @@ def infer_schema(estimator: Any, sample: Any = None, *, double: bool = False) ->
             }
         specs = [TensorSpec(c, "BYTES" if c in strings else number, [-1, 1]) for c in columns]
         return InputSchema(specs, columns, len(columns), by_column=True)
-    if ct is not None:
+    if ct is not None and _string_columns(ct):
         raise ConversionError(
-            "model: the ColumnTransformer was fitted on an array without column names; "
-            "fit it on a pandas DataFrame so each input can be named after its column"
+            "model: the ColumnTransformer encodes strings but was fitted on an array without "
+            "column names; fit it on a pandas DataFrame so each input can be named after its "
+            "column"
         )
+    # A ColumnTransformer fitted on a numeric array selects columns by index: one input.
     n = getattr(estimator, "n_features_in_", None)
     if not isinstance(n, int | np.integer):
         raise ConversionError(

@@ -174,3 +174,43 @@ def test_same_model_gives_the_same_artifact(iris_estimator: Any, tmp_path: Path)
     first = build(iris_estimator, name="iris", version="1.0", out_dir=tmp_path / "a")
     second = build(iris_estimator, name="iris", version="1.1", out_dir=tmp_path / "b")
     assert first.manifest["artifact"]["sha256"] == second.manifest["artifact"]["sha256"]
+
+
+def test_dataframe_fitted_numeric_model_records_feature_names(
+    regression_data: Any, tmp_path: Path
+) -> None:
+    import pandas as pd
+    from sklearn.linear_model import Ridge
+
+    x, y = regression_data
+    frame = pd.DataFrame(x, columns=["a", "b", "c", "d", "e"])
+    model = Ridge().fit(frame, y)
+    result = build(model, name="r", version="1", out_dir=tmp_path / "gen")
+    assert result.manifest["feature_names"] == ["a", "b", "c", "d", "e"]
+    assert result.manifest["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 5]}]
+    csv = tmp_path / "rows.csv"
+    frame.to_csv(csv, index=False)
+    assert build(model, name="r", version="1", out_dir=tmp_path / "csv", sample=csv).parity.ok
+    with pytest.raises(ConversionError, match=r"missing \['e'\]"):
+        build(model, name="r", version="1", out_dir=tmp_path / "x", sample=frame.iloc[:, :4])
+
+
+def test_column_transformer_on_array_columns(regression_data: Any, tmp_path: Path) -> None:
+    """Index-selected numeric columns make one input; string ones need names to be inputs."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    x, y = regression_data
+    ct = ColumnTransformer([("s", StandardScaler(), [0, 1])], remainder="passthrough")
+    model = make_pipeline(ct, Ridge()).fit(x, y)
+    result = build(model, name="r", version="1", out_dir=tmp_path / "ok")
+    assert result.parity.ok
+    assert result.manifest["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 5]}]
+
+    words = np.array([["a"], ["b"], ["c"]] * 20, dtype=object)
+    strings = make_pipeline(ColumnTransformer([("o", OneHotEncoder(), [0])]), Ridge())
+    strings.fit(words, np.arange(60.0))
+    with pytest.raises(ConversionError, match="fit it on a pandas DataFrame"):
+        build(strings, name="r", version="1", out_dir=tmp_path / "no")
