@@ -9,8 +9,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -237,3 +238,27 @@ def test_cpu_share_paces_the_drain(broker: Broker, tmp_path: Path) -> None:
         forwarder.stop()
         mqtt.stop(timeout=1)
         buffer.close()
+
+
+def test_running_agent_forwards_results_made_while_the_broker_was_down(
+    broker: Broker, start_agent: Callable[..., Any], iris_package: Path
+) -> None:
+    creds = broker.add_device("pi-1", fleet="f1")
+    consumer = broker.subscribe("edge/devices/pi-1/results", persistent=True)
+    broker.stop()
+    agent = start_agent(
+        {"device": {"id": "pi-1", "fleet": "f1"},
+         "mqtt": {**broker.mqtt_settings(creds), "reconnect_min_s": 1, "reconnect_max_s": 1}},
+        packages=[iris_package],
+    )  # fmt: skip
+    for i in range(50):
+        code, _ = agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4, 0.1 * i]]})
+        assert code == 200
+    assert agent.status()["buffer"]["rows"] == 50
+    # kill -9 while offline: the buffered results outlive the process too.
+    agent.kill()
+    agent.start()
+    broker.start()
+    consumer.wait_for(lambda m: len(set(seqs_of(consumer))) >= 50, timeout=30)
+    assert sorted(set(seqs_of(consumer))) == list(range(1, 51))
+    agent.wait_for(lambda s: s["buffer"]["rows"] == 0)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import generate_latest
 
@@ -112,3 +114,36 @@ def test_health_arrives_on_schedule(broker: Broker, tmp_path: Path) -> None:
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(0 <= g <= 2 for g in gaps), gaps
     assert h.alive() is False  # stopped
+
+
+def test_running_agent_reports_health_and_metrics(
+    broker: Broker, start_agent: Callable[..., Any], iris_package: Path
+) -> None:
+    creds = broker.add_device("pi-1", fleet="f1")
+    seen = broker.subscribe("edge/devices/pi-1/health")
+    agent = start_agent(
+        {"device": {"id": "pi-1", "fleet": "f1"}, "mqtt": broker.mqtt_settings(creds),
+         "health": {"interval_s": 1}},
+        packages=[iris_package],
+    )  # fmt: skip
+    for _ in range(20):
+        code, _body = agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4, 0.2]]})
+        assert code == 200
+    msgs = seen.wait_for(
+        lambda m: any(json.loads(x.payload)["models"].get("iris", {}).get("inferences") for x in m),
+        timeout=15,
+    )
+    reports = [json.loads(m.payload) for m in msgs]
+    served = [r for r in reports if r["models"]["iris"]["inferences"]]
+    assert sum(r["models"]["iris"]["inferences"] for r in served) <= 20
+    iris = served[0]["models"]["iris"]
+    assert iris["version"] == "1.0.0" and iris["errors"] == 0
+    assert 0 < iris["p50_ms"] <= iris["p99_ms"] < 1000
+    assert reports[-1]["mqtt"]["connected"] is True
+    assert 10_000_000 < reports[-1]["memory"]["agent_rss"] < 1_000_000_000
+    code, text = agent.request("GET", "/metrics")
+    assert code == 200
+    assert "edge_mqtt_connected 1.0" in text
+    assert "edge_device_memory_available_bytes" in text
+    # Per model, from the last report (loaded models appear even without traffic).
+    assert 'edge_model_inferences_interval{model="iris",version="1.0.0"}' in text

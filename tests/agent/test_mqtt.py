@@ -10,7 +10,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -216,3 +218,27 @@ def test_tls_with_a_client_certificate(broker_factory: object, clients: list[Mqt
     assert c.publish("edge/devices/dev-1/health", b"{}", qos=1).wait(10)
     other = c.publish("edge/devices/dev-2/health", b"{}", qos=1)
     assert not other.wait(10) and other.reason_code == 135
+
+
+def test_agent_serves_at_once_while_its_broker_is_away(
+    broker: Broker, start_agent: Callable[..., Any], iris_package: Path
+) -> None:
+    creds = broker.add_device("pi-1", fleet="f1")
+    broker.stop()
+    t0 = time.monotonic()
+    agent = start_agent(
+        {"device": {"id": "pi-1", "fleet": "f1"},
+         "mqtt": {**broker.mqtt_settings(creds), "reconnect_min_s": 1, "reconnect_max_s": 1}},
+        packages=[iris_package],
+    )  # fmt: skip
+    code, body = agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4, 0.2]]})
+    assert code == 200, body
+    started = time.monotonic() - t0
+    assert agent.status()["broker"]["connected"] is False
+    # The broker comes back: the agent connects and announces itself.
+    broker.start()
+    seen = broker.subscribe("edge/devices/pi-1/status")
+    msgs = seen.wait_for(lambda m: any(json.loads(x.payload)["state"] == "online" for x in m))
+    status = json.loads(msgs[-1].payload)
+    assert status["models"]["iris"]["version"] == "1.0.0"
+    assert started < 20  # install + start-up; no wait for the broker in it
