@@ -200,7 +200,7 @@ class OpenInference:
             )
             offset += used
             arrays[spec.name] = arr
-            given[spec.name] = item["data"] if used == 0 else arr.tolist()
+            given[spec.name] = item["data"] if "data" in item else arr.tolist()
         missing = [n for n in specs if n not in arrays]
         if missing:
             raise BadRequest(

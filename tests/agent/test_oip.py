@@ -301,6 +301,24 @@ def test_binary_size_mismatches_are_400(client: Client) -> None:
     )
 
 
+def test_empty_batches_answer_empty_outputs(client: Client) -> None:
+    for tensor in (
+        {"name": "input", "shape": [0, 4], "datatype": "FP32", "data": []},
+        {
+            "name": "input",
+            "shape": [0, 4],
+            "datatype": "FP32",
+            "parameters": {"binary_data_size": 0},
+        },
+    ):
+        r = client.request("POST", "/v2/models/iris/infer", {"inputs": [tensor]})
+        assert r.status == 200, r.body
+        assert {o["name"]: o["shape"] for o in r.json["outputs"]} == {
+            "label": [0],
+            "probabilities": [0, 3],
+        }
+
+
 def test_bad_binary_bytes_tensor(client: Client) -> None:
     age = np.array([30], dtype="<f4").tobytes()
     city = struct.pack("<I", 50) + b"Oslo"
