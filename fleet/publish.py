@@ -91,8 +91,8 @@ def publish(
     the signed manifests published, one per target."""
     targets = _targets(fleet, devices)
     _check_percent(percent)
-    if not 1024 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise UsageError(f"--chunk-size: {chunk_size} is not 1024..{MAX_CHUNK_SIZE}")
+    if not 64 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size: {chunk_size} is not 64..{MAX_CHUNK_SIZE}")
     manifest = verify_local(package, key)
     art = manifest.artifact
     session = Session(options, "publish")
