@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 # A results message stays below this even when rows are large (the broker's limit is
 # 4 MiB, see broker-config/mosquitto.conf); a batch is split where it would pass it.
 MAX_MESSAGE_BYTES = 1024 * 1024
-_IDLE_POLL_S = 0.25  # how soon a new result goes out when the backlog was empty
+# How soon a new result goes out once the backlog is drained. Also the linger after a
+# short batch: under steady traffic results go out a few times a second in full-ish
+# batches, not one transaction and one message per handful of requests.
+_IDLE_POLL_S = 0.25
 _RETRY_MIN_S = 1.0  # after a refused batch, back off before resending
 _RETRY_MAX_S = 60.0
 _ALIVE_WINDOW_S = 30.0
@@ -84,6 +87,7 @@ class Forwarder:
         self._after = 0  # highest seq sent and not known lost
         self._backoff = 0.0  # grows while batches keep failing, reset by a success
         self._retry_at = 0.0
+        self._linger_until = 0.0
         self._tick = time.monotonic()
         self.forwarded = 0
         self.failed_batches = 0
@@ -177,15 +181,22 @@ class Forwarder:
             return 1.0
         if len(self._inflight) >= self.max_inflight:
             return 1.0  # woken by the next PUBACK
+        # After a short batch, let results gather (PUBACKs wake the loop only to settle).
+        linger = self._linger_until - time.monotonic()
+        if linger > 0:
+            return linger
         batch = self.buffer.take_batch_json(self.batch_size, after=self._after)
         if batch is None:
             return _IDLE_POLL_S
         payload = self._head + batch.json.encode() + b"]}"
-        if len(payload) <= MAX_MESSAGE_BYTES:
-            self._publish(payload, batch.first, batch.last, batch.count)
-        else:
+        if len(payload) > MAX_MESSAGE_BYTES:
             self._send_rows(self.buffer.take_batch(self.batch_size, after=self._after))
-        return 0.0
+            return 0.0
+        self._publish(payload, batch.first, batch.last, batch.count)
+        if batch.count >= self.batch_size:
+            return 0.0
+        self._linger_until = time.monotonic() + _IDLE_POLL_S
+        return _IDLE_POLL_S
 
     def _send_rows(self, rows: list[BufferedRow]) -> None:
         """Large rows: as many as fit in one message, the rest in the next."""

@@ -1,6 +1,6 @@
 """Forwarding benchmark: drain a 100,000-result backlog to a local mosquitto under load.
 
-    .venv/bin/python bench/forward.py [--rows 100000] [--window 2] [--concurrency 8]
+    .venv/bin/python bench/forward.py [--rows 100000] [--window 1] [--concurrency 8]
 
 Builds a small classifier package, starts a real mosquitto from broker-config/ (the
 test fixture's Broker) and measures, with wrk driving 1-row POST /predict:
@@ -49,31 +49,6 @@ GOAL_RATE = 20_000.0
 GOAL_SLOWDOWN = 0.10
 FEATURES = 20
 
-# The agent as `edge-agent run` builds it. Until agent/delivery.py exists the
-# supervisor cannot build its MQTT side, so the launcher wires the same MqttClient,
-# Forwarder and HealthReporter itself (delivery plays no part in forwarding).
-LAUNCHER = """
-import sys
-from agent.config import load_config
-from agent.supervisor import Supervisor
-cfg = load_config(sys.argv[1])
-url, cfg.mqtt.url = cfg.mqtt.url, ""
-sup = Supervisor(cfg)
-cfg.mqtt.url = url
-if url:
-    try:
-        import agent.delivery  # noqa: F401
-        sup._build_mqtt()
-    except ImportError:
-        from agent.forwarder import Forwarder
-        from agent.health import HealthReporter
-        from agent.mqtt import MqttClient
-        sup.mqtt = MqttClient(cfg, sup.metrics, status=sup.status)
-        sup.components += [sup.mqtt, Forwarder(cfg, sup.buffer, sup.mqtt, sup.metrics),
-                           HealthReporter(cfg, sup.registry, sup.buffer, sup.mqtt, sup.metrics)]
-sup.run()
-"""
-
 
 def build_package(work: Path) -> tuple[Path, list[float]]:
     from sklearn.datasets import make_classification
@@ -119,7 +94,7 @@ def write_config(work: Path, port: int, mqtt: dict[str, str] | None) -> Path:
 
 def start_agent(config: Path, port: int, body: bytes) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        ["taskset", "-c", AGENT_CORE, PY, "-c", LAUNCHER, str(config)],
+        ["taskset", "-c", AGENT_CORE, PY, "-m", "agent", "run", "--config", str(config)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -171,8 +146,8 @@ def metric(port: int, name: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=100_000, help="backlog size")
-    p.add_argument("--window", type=int, default=2, help="seconds per wrk window")
-    p.add_argument("--windows", type=int, default=3, help="baseline wrk windows")
+    p.add_argument("--window", type=int, default=1, help="seconds per wrk window")
+    p.add_argument("--windows", type=int, default=4, help="baseline wrk windows")
     p.add_argument("--concurrency", type=int, default=8, help="wrk connections")
     args = p.parse_args(argv)
 
