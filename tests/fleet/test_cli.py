@@ -169,7 +169,7 @@ def test_other_modules_register_commands_through_add_parser(
         "from fleet.connection import add_broker_arguments\n"
         "def add_parser(sub):\n"
         "    parsers = []\n"
-        "    for name in ('publish', 'rollout'):\n"
+        "    for name in ('hello', 'wave'):\n"
         "        p = sub.add_parser(name, help=name + ' things')\n"
         "        add_broker_arguments(p)\n"
         "        p.set_defaults(func=lambda args, name=name: print(name, args.verbose) or 0)\n"
@@ -178,6 +178,6 @@ def test_other_modules_register_commands_through_add_parser(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(cli, "COMMAND_MODULES", ("extra_cmds", *cli.COMMAND_MODULES))
-    assert "rollout things" in build_parser().format_help()
-    assert main(["rollout", "--verbose"]) == 0
-    assert capsys.readouterr().out == "rollout True\n"
+    assert "wave things" in build_parser().format_help()
+    assert main(["wave", "--verbose"]) == 0
+    assert capsys.readouterr().out == "wave True\n"
