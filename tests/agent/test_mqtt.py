@@ -90,7 +90,7 @@ def test_absent_broker_does_not_delay_start(broker: Broker, clients: list[MqttCl
 
 
 def test_denied_publish_is_reported_with_reason_135(
-    broker: Broker, clients: list[MqttClient]
+    broker: Broker, clients: list[MqttClient], caplog: pytest.LogCaptureFixture
 ) -> None:
     creds = broker.add_device("dev-1", fleet="f1")
     metrics = Metrics()
@@ -104,6 +104,11 @@ def test_denied_publish_is_reported_with_reason_135(
     assert not desired.wait(10) and desired.reason_code == 135
     assert "Not authorized" in (denied.error or "")
     assert c.failures == {"not_authorized": 2}
+    # Logged once per reason and interval, naming the topic and the reason.
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == [
+        "mqtt: publish to edge/devices/dev-2/results refused: Not authorized (reason 135)"
+    ]
     text = generate_latest(metrics.registry).decode()
     assert 'edge_mqtt_publish_failures_total{reason="not_authorized"} 2.0' in text
     assert "edge_mqtt_connected 1.0" in text
