@@ -222,16 +222,13 @@ class Delivery:
         loaded = self.installer.registry.loaded(model)
         previous = loaded.version if loaded is not None else None
         self.installer.install(package, source=f"mqtt ({source} desired state)")
-        self._event("activated", manifest, previous=previous)
-        self._rejected.pop(model, None)
-        clean_downloads(self.root, keep=set())
         if self.probation is not None and previous not in (None, manifest.version):
             assert previous is not None
             self.probation.begin(model, manifest.version, previous)
-            self.installer.registry.set_state(
-                model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s"
-            )
-            self._publish_status()
+            self._set_state(model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s")
+        self._event("activated", manifest, previous=previous)
+        self._rejected.pop(model, None)
+        clean_downloads(self.root, keep=set())
 
     def _in_rollout(self, manifest: Manifest) -> bool:
         rollout = manifest.raw.get("rollout")

@@ -178,7 +178,8 @@ def test_version_failing_real_requests_is_rolled_back_by_itself(
     iris_package_v2: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     log = broker.subscribe("edge/devices/+/events")
-    cfg = device_config(broker, keypair, "prob-0", probation_s=60, probation_min_requests=10,
+    # min_requests = the failing requests sent: no verdict before the last one is answered
+    cfg = device_config(broker, keypair, "prob-0", probation_s=60, probation_min_requests=12,
                         probation_max_error_rate=0.2)  # fmt: skip
     agent = start_agent(cfg, packages=[iris_package])
     rows = [[12.0, 3.0, 4.0, 1.2]]  # a valid row, outside iris's range of sepal length
