@@ -54,9 +54,16 @@ from fleet.retained import (
 # --- commands ---------------------------------------------------------------------
 
 
+def _name(flag: str, value: str) -> str:
+    try:
+        return check_name(flag, value)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _targets(fleet: str, devices: Sequence[str]) -> list[Target]:
-    check_name("--fleet", fleet)
-    return [Target(device=check_name("--device", d)) for d in devices] or [Target(fleet=fleet)]
+    _name("--fleet", fleet)
+    return [Target(device=_name("--device", d)) for d in devices] or [Target(fleet=fleet)]
 
 
 def _check_percent(percent: float) -> float:
@@ -128,10 +135,10 @@ def rollout(
 ) -> dict[str, Any]:
     """Re-sign the fleet's desired manifest with a new percent (and a new serial)."""
     _check_percent(percent)
-    target = Target(fleet=check_name("--fleet", fleet))
+    target = Target(fleet=_name("--fleet", fleet))
     session = Session(options, "rollout")
     try:
-        state = read_model_state(session, check_name("MODEL", model))
+        state = read_model_state(session, _name("MODEL", model))
         current = state.desired.get(target.desired(session.topics, model))
         if current is None:
             raise PackageError(f"{model}: nothing is published for fleet {fleet}; publish first")
@@ -162,14 +169,16 @@ def rollback(
     device: str | None = None,
 ) -> dict[str, Any]:
     """A new manifest (higher serial, 100%) naming an older artifact from the history."""
-    target = Target(device=check_name("--device", device)) if device else Target(fleet=fleet)
-    check_name("--fleet", fleet)
+    target = Target(device=_name("--device", device)) if device else Target(fleet=fleet)
+    _name("--fleet", fleet)
     session = Session(options, "rollback")
     try:
-        state = read_model_state(session, check_name("MODEL", model))
+        state = read_model_state(session, _name("MODEL", model))
         current = state.desired.get(target.desired(session.topics, model))
         history = state.history.get(target.history(session.topics, model), [])
-        now = current["version"] if current else None
+        if current is None:
+            raise PackageError(f"{model}: nothing is published for {target}; nothing to roll back")
+        now = current["version"]
         picks = [e for e in history if (e.get("version") == to if to else e.get("version") != now)]
         if not picks:
             known = sorted({str(e.get("version")) for e in history}) or ["none"]
@@ -195,7 +204,7 @@ def rollback(
         )
         publish_desired(session, target, signed, state)
         print(f"{model}: rolled back to {old.version} for {target} (serial {signed['serial']}"
-              f"{', from ' + now if now else ''})")  # fmt: skip
+              f", from {now})")  # fmt: skip
         return signed
     finally:
         session.close()

@@ -83,7 +83,9 @@ class Session:
             self._inbox = {}
         self._barrier_seen.clear()
         self.client.subscribe([(f, 1) for f in filters])
-        self.client.publish(self._barrier, b"x", qos=1)
+        mid = self.publish(self._barrier, b"x", retain=False)
+        # An account that may not publish hears "not authorized" here, not a timeout.
+        self.wait([mid], f"reading the retained state (publish to {self._barrier})", timeout)
         if not self._barrier_seen.wait(timeout):
             raise BrokerUnavailable(f"broker {self.options.url}: no answer within {timeout:g} s")
         self.client.unsubscribe(list(filters))

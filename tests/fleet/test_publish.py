@@ -1,0 +1,156 @@
+"""``edge-fleet publish``/``rollout``/``rollback``/``gc`` against a real mosquitto.
+
+What the operator sees (exit code, stdout, stderr) and what the broker retains
+afterwards (the signed desired manifest, the chunks, the history), read back with a
+plain MQTT client.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.manifest import key_id, load_public_key, parse_manifest, verify_signature
+from fleet.cli import main
+from fleet.retained import Session
+from tests.delivery_helpers import operator
+from tests.fixtures.broker import Broker
+from tests.fixtures.models import Keypair
+
+
+def cli(broker: Broker, keypair: Keypair, *args: str, creds: Any = None) -> list[str]:
+    creds = creds or broker.operator
+    return [*args, "--broker", broker.url, "--username", creds.username,
+            "--password-file", str(creds.password_file),
+            *(["--signing-key", str(keypair.key)] if args[0] != "gc" else [])]  # fmt: skip
+
+
+def retained(broker: Broker, *filters: str) -> dict[str, bytes]:
+    s = Session(operator(broker), "test")
+    try:
+        return s.read_retained(list(filters))
+    finally:
+        s.close()
+
+
+def desired(broker: Broker, fleet: str = "f1", model: str = "iris") -> dict[str, Any]:
+    topic = f"edge/fleets/{fleet}/models/{model}/desired"
+    return dict(json.loads(retained(broker, topic)[topic]))
+
+
+def test_publish_uploads_chunks_and_retains_a_signed_desired_manifest(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1",
+               "--rollout", "25", "--chunk-size", "256")  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "iris 1.0.0: desired for fleet f1 (serial 1, rollout 25%)" in out
+    assert "uploading" in err
+    body = desired(broker)
+    manifest = parse_manifest(body)
+    pub = load_public_key(keypair.pub)
+    assert verify_signature(manifest, {key_id(pub): pub}) == key_id(pub)
+    assert body["rollout"] == {"percent": 25, "salt": "f1/iris"}  # inside the signature
+    assert manifest.artifact.chunk_size == 256 and manifest.artifact.chunks == 3
+    chunks = retained(broker, f"edge/artifacts/{manifest.artifact.sha256}/+")
+    data = b"".join(chunks[f"edge/artifacts/{manifest.artifact.sha256}/{i}"] for i in range(3))
+    assert data == (iris_package / "model.onnx").read_bytes()
+
+
+def test_republishing_skips_the_upload_and_raises_the_serial(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1")) == 0
+    capsys.readouterr()
+    assert main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1")) == 0
+    _out, err = capsys.readouterr()
+    assert "is already on the broker" in err and "uploading" not in err
+    assert desired(broker)["serial"] == 2
+    # A device-specific publish must also outrank every serial a device may have seen.
+    args = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1", "--device", "d9")
+    assert main(args) == 0
+    topic = "edge/devices/d9/models/iris/desired"
+    body = json.loads(retained(broker, topic)[topic])
+    assert body["serial"] == 3 and "rollout" not in body
+
+
+def test_rollout_re_signs_with_a_new_percent_and_serial(
+    broker: Broker, keypair: Keypair, iris_package: Path
+) -> None:
+    main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1", "--rollout", "10"))
+    assert main(cli(broker, keypair, "rollout", "iris", "--fleet", "f1", "--percent", "50")) == 0
+    body = desired(broker)
+    assert (body["rollout"]["percent"], body["serial"], body["version"]) == (50, 2, "1.0.0")
+
+
+def test_rollback_and_its_refusals(
+    broker: Broker, keypair: Keypair, iris_package: Path, iris_package_v2: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    assert main(cli(broker, keypair, "rollback", "iris", "--fleet", "f1")) == 1
+    assert (
+        "iris: nothing is published for fleet f1; nothing to roll back" in capsys.readouterr().err
+    )
+    main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1"))
+    main(cli(broker, keypair, "publish", str(iris_package_v2), "--fleet", "f1"))
+    capsys.readouterr()
+    assert main(cli(broker, keypair, "rollback", "iris", "--fleet", "f1", "--to", "7.0")) == 1
+    err = capsys.readouterr().err
+    assert "no version 7.0 in the history of fleet f1 (published: 1.0.0, 1.1.0)" in err
+    assert main(cli(broker, keypair, "rollback", "iris", "--fleet", "f1")) == 0
+    body = desired(broker)
+    assert (body["version"], body["serial"]) == ("1.0.0", 3)
+
+
+def test_gc_clears_artifacts_nothing_names_and_keeps_the_rest(
+    broker: Broker, keypair: Keypair, iris_package: Path, iris_package_v2: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1"))
+    main(cli(broker, keypair, "publish", str(iris_package_v2), "--fleet", "f1"))
+    s = Session(operator(broker), "test")
+    s.wait([s.publish("edge/artifacts/" + "ab" * 32 + "/0", b"orphan")], "orphan")
+    s.close()
+    capsys.readouterr()
+    assert main(cli(broker, keypair, "gc", "--dry-run")) == 0
+    assert "would clear 1 artifacts (1 chunks); kept 2" in capsys.readouterr().out
+    assert main(cli(broker, keypair, "gc")) == 0
+    left = {t.split("/")[2] for t in retained(broker, "edge/artifacts/#")}
+    assert "ab" * 32 not in left and len(left) == 2
+
+
+def test_a_device_account_is_refused_with_the_brokers_reason(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    device = broker.add_device("d1", "f1")
+    args = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1", creds=device)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "refused it: Not authorized (reason 135" in err
+
+
+def test_a_spoiled_package_is_refused_before_anything_is_sent(
+    broker: Broker, keypair: Keypair, iris_package: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(iris_package, pkg)
+    (pkg / "model.onnx").write_bytes(b"x" + (pkg / "model.onnx").read_bytes()[1:])
+    assert main(cli(broker, keypair, "publish", str(pkg), "--fleet", "f1")) == 1
+    assert "model.onnx: sha256 is" in capsys.readouterr().err
+    assert retained(broker, "edge/#") == {}
+
+
+def test_usage_errors_exit_2(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1", "--rollout", "150")
+    assert main(args) == 2
+    assert "--rollout/--percent: 150 is not 0..100" in capsys.readouterr().err
+    assert main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "a/b")) == 2
