@@ -30,6 +30,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_agent(agent)
     finally:
         broker.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
     if not drained_at:
         print("backlog did not drain within 300 s")
