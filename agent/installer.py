@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 from agent.config import Config, resolve_secret_path
 from agent.errors import EdgeError, PackageError, ReplayedSerial, StorageFull
 from agent.manifest import Manifest, check_artifact, load_trusted_keys, verify_package
-from agent.registry import ACTIVE, FAILED, ROLLED_BACK, UPDATING, Registry
+from agent.registry import ACTIVE, FAILED, ROLLED_BACK, UPDATING, ModelState, Registry
 from agent.runtime import LoadedModel, check_parity, load_model
 from agent.store import ModelStore
 
@@ -92,7 +92,12 @@ class Installer:
                     self._count(name, UNCHANGED)
                     return manifest
                 self._check_serial(manifest)
-                model = self._load_checked(package_dir, manifest)
+                updating = self._mark_updating(name)
+                try:
+                    model = self._load_checked(package_dir, manifest)
+                except EdgeError:
+                    self._restore_state(name, updating)
+                    raise
                 with self.store.locked():
                     self._check_serial(manifest)  # another process may have installed meanwhile
                     model.path = self._store_write(
@@ -112,6 +117,18 @@ class Installer:
             self._count(name, ACTIVATED)
             self._notify(Change(name, ACTIVATED, manifest))
             return manifest
+
+    def _mark_updating(self, name: str) -> ModelState | None:
+        """Show ``updating`` in /status while a new version of a serving model loads."""
+        if self.registry.loaded(name) is None:
+            return None
+        before = self.registry.state(name)
+        self.registry.set_state(name, UPDATING)
+        return before
+
+    def _restore_state(self, name: str, before: ModelState | None) -> None:
+        if before is not None:
+            self.registry.set_state(name, before.state, before.reason)
 
     def _already_active(self, manifest: Manifest) -> bool:
         pointer = self.store.active(manifest.name)

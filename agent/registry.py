@@ -108,7 +108,11 @@ class Registry:
             self._states[name] = ModelState(state, reason)
 
     def state(self, name: str) -> ModelState:
-        return self._states.get(name) or ModelState(FAILED if name not in self._models else ACTIVE)
+        """The deployment state of ``name`` (``failed`` when nothing of it is loaded)."""
+        state = self._states.get(name)
+        if state is not None:
+            return state
+        return ModelState(ACTIVE if name in self._models else FAILED)
 
     def status(self) -> dict[str, dict[str, Any]]:
         """Per model: version, state and the reason for it (for /status)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from agent.errors import BadRequest, ModelLoadFailed, ParityFailed, SchemaUnsupported
 from agent.manifest import Manifest, TensorSpec
@@ -77,11 +78,9 @@ class LoadedModel:
         names = self._output_names if outputs is None else outputs
         try:
             results = self.session.run(names, inputs)
-        except Exception as e:
-            # onnxruntime's InvalidArgument: the caller's tensor does not fit the graph.
-            if type(e).__name__ in {"InvalidArgument", "InvalidGraph"}:
-                raise BadRequest(f"inputs: {_one_line(e)}") from None
-            raise
+        except InvalidArgument as e:
+            # Shape, rank or dtype that does not fit the graph: the caller's tensor is wrong.
+            raise BadRequest(f"inputs: {_one_line(e)}") from None
         return dict(zip(names, results, strict=True))
 
 

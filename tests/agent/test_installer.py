@@ -113,6 +113,7 @@ def test_failing_parity_leaves_the_old_model_active(
     with pytest.raises(ParityFailed, match=r"iris 2\.0\.0: parity: output 'label' row 2"):
         installer.install(bad)
     assert serving(installer) == "1.0.0"
+    assert installer.registry.status()["iris"]["state"] == "active"
     assert installer.store.versions("iris") == ["1.0.0"]
     assert installer.store.last_serial("iris") == 1
 
