@@ -7,7 +7,6 @@ exists only when ``mqtt.url`` is set: without a broker the agent serves and buff
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import signal
 import threading
@@ -108,6 +107,7 @@ class Supervisor:
 
     def _build_mqtt(self) -> None:
         # Imported here so an agent without a broker never loads paho.
+        from agent.delivery import Delivery
         from agent.forwarder import Forwarder
         from agent.health import HealthReporter
         from agent.mqtt import MqttClient
@@ -116,20 +116,12 @@ class Supervisor:
         self.mqtt = MqttClient(cfg, self.metrics, status=self.status)
         forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
         health = HealthReporter(cfg, self.registry, self.buffer, self.mqtt, self.metrics)
-        self.components += [self.mqtt, forwarder, health]
-        # TRANSITIONAL: agent/delivery.py is being written; until it lands the agent
-        # runs with MQTT but without deliveries. Remove the guard when it exists.
-        if importlib.util.find_spec("agent.delivery") is not None:
-            from agent.delivery import Delivery  # type: ignore[import-not-found, unused-ignore]
-
-            delivery = Delivery(cfg, self.mqtt, self.installer, self.store, self.metrics)
-            self.components.append(delivery)
-        else:
-            log.warning("agent/delivery.py is missing: models are not delivered over MQTT")
-        # A model change refreshes the retained status the fleet reads.
-        publish_status = getattr(self.mqtt, "publish_status", None)
-        if callable(publish_status):
-            self.installer.listeners.append(lambda _change: publish_status())
+        delivery = Delivery(cfg, self.mqtt, self.installer, self.store, self.metrics)
+        self.components += [self.mqtt, forwarder, health, delivery]
+        # Any model change (delivery, `edge-agent install` beside us, start-up fallback)
+        # refreshes the retained status the fleet reads.
+        mqtt = self.mqtt
+        self.installer.listeners.append(lambda _change: mqtt.publish_status())
 
     # --- lifecycle -----------------------------------------------------------------
 
