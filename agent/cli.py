@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -275,9 +276,27 @@ def cmd_install(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="edge-agent-install-") as scratch:
         package = open_package(args.package, Path(scratch))
         manifest = installer.install(package, source=f"edge-agent install {args.package}")
+    _give_to_state_owner(cfg)
     print(f"installed {manifest.name} {manifest.version} (serial {manifest.serial}): active")
     print(_running_agent_note(cfg, manifest.name, manifest.version))
     return 0
+
+
+def _give_to_state_owner(cfg: Config) -> None:
+    """After ``sudo edge-agent install``: files root wrote go to the state folder's owner.
+
+    The service runs as its own user (systemd ``DynamicUser=``); a root-owned model
+    folder would stop it from activating or pruning versions there later.
+    """
+    if os.geteuid() != 0 or not cfg.models_path.is_dir():
+        return
+    owner = cfg.state_path.stat()
+    if owner.st_uid == 0:
+        return
+    for path in [cfg.models_path, *cfg.models_path.rglob("*")]:
+        st = path.lstat()
+        if (st.st_uid, st.st_gid) != (owner.st_uid, owner.st_gid):
+            os.lchown(path, owner.st_uid, owner.st_gid)
 
 
 def _running_agent_note(cfg: Config, name: str, version: str, wait_s: float = 10.0) -> str:
@@ -333,6 +352,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     installer = _local_installer(cfg)
     before = installer.store.active(args.model)
     manifest = installer.rollback(args.model, reason="edge-agent rollback")
+    _give_to_state_owner(cfg)
     print(f"rolled back {args.model}: {before.version if before else '-'} -> {manifest.version}")
     print(_running_agent_note(cfg, manifest.name, manifest.version))
     return 0

@@ -293,3 +293,16 @@ def test_run_with_a_broker_announces_models_and_their_changes(
     assert agent.install(iris_package_v2).returncode == 0
     statuses.wait_for(announced("1.1.0"), timeout=15)
     assert agent.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_install_as_root_leaves_the_store_to_the_state_folder_owner(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path, iris_package: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # the service's own user (DynamicUser= under systemd)
+    code, _, err = run(capsys, "install", str(iris_package), "--config", str(config))
+    assert (code, err) == (0, "")
+    owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in (state / "models").rglob("*")}
+    assert owners == {(65534, 65534)}
