@@ -16,15 +16,14 @@ import sys
 import tempfile
 import time
 import traceback
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
-from agent.config import Config, load_config, read_secret
+from agent.config import Config, load_config
 from agent.errors import ConfigError, EdgeError
 from agent.manifest import Manifest, open_package
+from agent.status_client import fetch_status, format_status
 
 PROG = "edge-agent"
 DEMO_PACKAGE = Path(__file__).resolve().parent / "demo" / "iris"
@@ -177,35 +176,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # --- status -------------------------------------------------------------------------
 
 
-def _local_url(cfg: Config, path: str) -> str:
-    host = cfg.http.host
-    if host in {"0.0.0.0", ""}:
-        host = "127.0.0.1"
-    elif host == "::":
-        host = "::1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{cfg.http.port}{path}"
-
-
-def fetch_status(cfg: Config, timeout: float = 3.0) -> dict[str, Any]:
-    """GET /status of the local agent; EdgeError when none answers."""
-    url = _local_url(cfg, "/status")
-    request = urllib.request.Request(url)
-    if cfg.http.token_file:
-        request.add_header("Authorization", f"Bearer {read_secret(cfg.http.token_file)}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body: dict[str, Any] = json.loads(response.read())
-            return body
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")[:200]
-        raise EdgeError(f"{url}: HTTP {e.code} {detail}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise EdgeError(f"no agent answers at {url} ({reason}); is edge-agent running?") from None
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     status = fetch_status(_config(args))
     if args.json:
@@ -213,49 +183,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(format_status(status))
     return 0
-
-
-def format_status(s: dict[str, Any]) -> str:
-    broker = s.get("broker") or {}
-    buf = s.get("buffer") or {}
-    dropped = {k: v for k, v in (buf.get("dropped") or {}).items() if v}
-    oldest = buf.get("oldest_age_s")
-    lines = [
-        f"device   {s.get('device')} (fleet {s.get('fleet')}), agent {s.get('agent_version')}",
-        f"uptime   {_duration(float(s.get('uptime_s') or 0))}",
-        f"broker   {broker.get('url') or '-'}: {broker.get('state', '?')}",
-        f"buffer   {buf.get('rows', 0)} results, {_size(int(buf.get('bytes') or 0))}"
-        + (f", oldest {_duration(float(oldest))}" if oldest is not None else "")
-        + (f"; dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else ""),
-        "models" if s.get("models") else "models   none installed",
-    ]
-    for name, m in sorted((s.get("models") or {}).items()):
-        line = f"  {name:<16} {m.get('version') or '-':<10} {m.get('state')}"
-        if m.get("previous"):
-            line += f" (previous {m['previous']})"
-        if m.get("reason"):
-            line += f": {m['reason']}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m {seconds % 60}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
-    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f} GiB"
 
 
 # --- install / models / rollback ----------------------------------------------------
