@@ -256,3 +256,24 @@ def test_updates_are_counted_by_outcome(
         )
 
     assert (count("activated"), count("rejected")) == (1.0, 1.0)
+
+
+def test_a_new_manifest_for_an_older_artifact_moves_back_to_it(
+    tmp_path: Path,
+    make_installer: Callable[..., Installer],
+    iris_package: Path,
+    iris_package_v2: Path,
+    keypair: Any,
+) -> None:
+    """A fleet rollback: the publisher re-signs 1.0.0 with a new serial."""
+    installer = make_installer()
+    installer.install(iris_package)
+    installer.install(iris_package_v2)
+    back = repackage(iris_package, tmp_path, keypair.key, serial=3)
+    assert installer.install(back, source="mqtt").serial == 3
+    assert serving(installer) == "1.0.0"
+    pointer = installer.store.active("iris")
+    assert pointer is not None
+    assert (pointer.version, pointer.previous, pointer.serial) == ("1.0.0", "1.1.0", 3)
+    assert installer.store.manifest("iris", "1.0.0").serial == 3
+    assert installer.store.versions("iris") == ["1.0.0", "1.1.0"]
