@@ -306,3 +306,17 @@ def test_install_as_root_leaves_the_store_to_the_state_folder_owner(
     assert (code, err) == (0, "")
     owners = {(p.lstat().st_uid, p.lstat().st_gid) for p in (state / "models").rglob("*")}
     assert owners == {(65534, 65534)}
+
+
+def test_run_on_a_taken_port_fails_in_one_line_and_the_fixture_picks_another(
+    start_agent: Any, iris_package: Path
+) -> None:
+    agent = start_agent({"models": {"allow_unsigned": True}}, packages=[iris_package], start=False)
+    taken = agent.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        agent.start()
+        assert "edge-agent: error: http.host/http.port: cannot listen on 127.0.0.1:" in agent.logs()
+        assert agent.port != taken
+        assert agent.status()["models"]["iris"]["version"] == "1.0.0"
