@@ -38,6 +38,17 @@ def test_loads_runs_and_passes_its_own_parity(iris_package: Path) -> None:
     assert list(only) == ["label"]
 
 
+@pytest.mark.parametrize(
+    "package",
+    ["iris_package", "iris_package_v2", "regressor_package", "columns_package", "rf_package"],
+)
+def test_every_converter_package_passes_its_parity_on_this_device(
+    package: str, request: pytest.FixtureRequest
+) -> None:
+    folder: Path = request.getfixturevalue(package)
+    check_parity(load_model(folder, read_manifest(folder)))
+
+
 def test_named_columns_model_takes_bytes_and_fp32(columns_package: Path) -> None:
     manifest = read_manifest(columns_package)
     model = load_model(columns_package, manifest)
