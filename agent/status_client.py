@@ -32,7 +32,14 @@ def fetch_status(cfg: Config, timeout: float = 3.0) -> dict[str, Any]:
     url = local_url(cfg, "/status")
     request = urllib.request.Request(url)
     if cfg.http.token_file:
-        request.add_header("Authorization", f"Bearer {read_secret(cfg.http.token_file)}")
+        try:
+            token = read_secret(cfg.http.token_file)
+        except OSError as e:
+            raise EdgeError(
+                f"http.token_file: cannot read {cfg.http.token_file!r} ({e.strerror}); "
+                "run as root or as the agent's user"
+            ) from None
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body: dict[str, Any] = json.loads(response.read())
