@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# make container-e2e: build Dockerfile.arm64 for linux/arm64 and run it, on an x86
+# machine with no Docker engine and no registry (buildah + podman + qemu-user-static).
+#
+#   1. host tools from apt, binfmt_misc for arm64, the base image debian:bookworm-slim
+#      built from an arm64 debootstrap (scripts/e2e/container-base.sh, cached);
+#   2. buildah bud --platform linux/arm64 -f Dockerfile.arm64 (layers cached);
+#   3. podman run it with a state volume, a mounted agent.toml and an env override, then:
+#      the image's HEALTHCHECK passes, /status names the device, the bundled demo package
+#      installed with `podman exec ... edge-agent install` is served and /predict answers
+#      what scikit-learn answered, SIGTERM stops it with exit 0 and the answered
+#      requests are in the SQLite buffer on the volume;
+#   4. prints build time, image size and the container's RSS.
+#
+# Only this script knows about the sandbox: the host's CA bundle and a pip.conf reach pip
+# in a bind-mounted /root at build time, and the host's CPU cache folders are hidden
+# (onnxruntime >= 1.28 crashes on import under qemu when it reads x86 cache data). Users
+# of Dockerfile.arm64 get neither. Needs root. Env: E2E_CACHE, E2E_PORT, E2E_KEEP=1
+# (keep the container and volume for a look after a failure), E2E_PRUNE=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/e2e/container-base.sh
+. scripts/e2e/container-base.sh
+
+VERSION=$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
+IMAGE=localhost/edge-agent:$VERSION
+NAME=edge-agent-e2e-$$
+VOLUME=edge-agent-e2e-state-$$
+DEVICE=e2e-pi-$$
+PORT=${E2E_PORT:-$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
+URL=http://127.0.0.1:$PORT
+DEMO_MANIFEST=agent/demo/iris/manifest.json
+WORK=$(mktemp -d /tmp/container-e2e.XXXXXX)
+T0=$(date +%s)
+
+podman_() { podman "${CSTORE_OPTS[@]}" --runtime runc --cgroup-manager cgroupfs --events-backend file "$@"; }
+buildah_() { buildah "${CSTORE_OPTS[@]}" "$@"; }
+# podman's default rlimits are above what this sandbox allows a container to set.
+run_() { podman_ run --arch arm64 --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "$@"; }
+
+cleanup() {
+    local rc=$?
+    if [[ ${E2E_KEEP:-0} == 1 && $rc != 0 ]]; then
+        clog "E2E_KEEP=1: left container $NAME and volume $VOLUME (podman --root $CSTORE_ROOT --storage-driver vfs ...)"
+    else
+        podman_ rm -f -t 5 "$NAME" >/dev/null 2>&1 || true
+        podman_ volume rm -f "$VOLUME" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$WORK"
+    ((rc == 0)) && clog "container e2e passed in $(($(date +%s) - T0))s" || clog "container e2e FAILED (exit $rc)"
+}
+trap cleanup EXIT
+
+[[ $(id -u) == 0 ]] || {
+    clog "needs root (debootstrap, binfmt_misc, rootful podman)"
+    exit 1
+}
+
+# ---- 1. tools and base image ----------------------------------------------------------
+cbase_host_tools
+cbase_binfmt
+cbase_image_ensure
+
+# ---- sandbox-only mounts ----------------------------------------------------------------
+mkdir -p "$WORK/empty"
+HIDE_CPU_CACHE=()
+for cache in /sys/devices/system/cpu/cpu[0-9]*/cache; do
+    [[ -d $cache ]] && HIDE_CPU_CACHE+=(--volume "$WORK/empty:$cache:ro")
+done
+# pip inside RUN steps reaches PyPI the way this host does: same CA bundle (this sandbox
+# intercepts TLS), same index, no local wheel folders (x86 paths). It is handed over as
+# root's home folder, mounted over the /root that the base image already has: buildah
+# leaves an empty file behind for every mount point it has to create, and none is
+# created here, so nothing of this sandbox ends up in the image.
+mkdir -p "$WORK/root/.config/pip"
+cp -L "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$WORK/root/e2e-ca.crt"
+{
+    echo "[global]"
+    echo "cert = /root/e2e-ca.crt"
+    echo "timeout = ${PIP_DEFAULT_TIMEOUT:-180}"
+    index=$(pip3 config get global.index-url 2>/dev/null || true)
+    [[ -n $index ]] && echo "index-url = $index"
+} >"$WORK/root/.config/pip/pip.conf"
+
+# ---- 2. build ----------------------------------------------------------------------------
+clog "building $IMAGE for linux/arm64 (RUN steps under qemu)"
+B0=$(date +%s)
+buildah_ bud --isolation chroot --platform linux/arm64 --pull=never --layers --format docker \
+    --file Dockerfile.arm64 --tag "$IMAGE" \
+    --build-arg "VERSION=$VERSION" \
+    --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+    --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    --volume "$WORK/root:/root" \
+    "${HIDE_CPU_CACHE[@]}" \
+    . >"$WORK/build.log" 2>&1 || {
+    tail -n 40 "$WORK/build.log" >&2
+    exit 1
+}
+BUILD_S=$(($(date +%s) - B0))
+SIZE=$(podman_ image inspect --format '{{.Size}}' "$IMAGE")
+ARCH=$(podman_ image inspect --format '{{.Architecture}}' "$IMAGE")
+clog "built in ${BUILD_S}s: $IMAGE, $ARCH, $((SIZE / 1000000)) MB"
+[[ $ARCH == arm64 ]] || {
+    clog "image architecture is $ARCH, expected arm64"
+    exit 1
+}
+# As root: /root is not readable by the agent's user, and `test ! -e` would pass blindly.
+run_ --rm --no-healthcheck --user 0 --entrypoint /bin/sh "$IMAGE" -c \
+    'for t in gcc cc g++ make; do command -v $t && exit 1; done
+     for f in /root/e2e-ca.crt /root/.config/pip /etc/pip.conf; do test -e $f && echo $f && exit 1; done
+     test "$(id -u edge-agent)" = 10001' ||
+    {
+        clog "the final image holds a compiler or the sandbox's pip settings"
+        exit 1
+    }
+
+# ---- 3. run ------------------------------------------------------------------------------
+[[ -f $DEMO_MANIFEST ]] || {
+    clog "$DEMO_MANIFEST is missing: the image would have no demo model to serve"
+    exit 1
+}
+cat >"$WORK/agent.toml" <<'EOF'
+# Mounted read-only at /etc/edge-agent/agent.toml; the environment overrides device.id.
+[device]
+id = "from-the-file"
+fleet = "e2e"
+
+[health]
+interval_s = 10
+EOF
+chmod 0644 "$WORK/agent.toml"
+podman_ volume create "$VOLUME" >/dev/null
+clog "starting $NAME on $URL"
+run_ --detach --name "$NAME" \
+    --publish "127.0.0.1:$PORT:8080" \
+    --volume "$VOLUME:/var/lib/edge-agent" \
+    --volume "$WORK/agent.toml:/etc/edge-agent/agent.toml:ro" \
+    --env "EDGE_AGENT_DEVICE_ID=$DEVICE" \
+    "${HIDE_CPU_CACHE[@]}" \
+    "$IMAGE" >/dev/null
+python3 scripts/e2e/container-check.py live "$URL" --timeout 300 || {
+    podman_ logs "$NAME" 2>&1 | tail -n 30 >&2
+    exit 1
+}
+# The image's own HEALTHCHECK command, run the way the engine runs it.
+podman_ healthcheck run "$NAME" && clog "ok   podman healthcheck run: healthy" || {
+    clog "podman healthcheck run failed; the same command through podman exec:"
+    podman_ exec "$NAME" python3 -c "$(podman_ image inspect --format '{{index .Config.Healthcheck.Test 1}}' "$IMAGE")"
+}
+python3 scripts/e2e/container-check.py status "$URL" --device "$DEVICE"
+clog "edge-agent install /opt/edge-agent/demo/iris inside the running container"
+podman_ exec "$NAME" edge-agent install /opt/edge-agent/demo/iris
+python3 scripts/e2e/container-check.py predict "$URL" "$DEMO_MANIFEST" --timeout 300 || {
+    podman_ logs "$NAME" 2>&1 | tail -n 30 >&2
+    exit 1
+}
+for _ in 1 2 3 4 5; do python3 scripts/e2e/container-check.py predict "$URL" "$DEMO_MANIFEST" >/dev/null; done
+
+PID=$(podman_ inspect --format '{{.State.Pid}}' "$NAME")
+RSS_KB=$(awk '/^VmRSS:/ {print $2}' "/proc/$PID/status")
+STATS=$(podman_ stats --no-stream --format '{{.MemUsage}}' "$NAME" 2>/dev/null || echo "n/a")
+clog "container RSS: $((RSS_KB / 1024)) MiB (VmRSS of the agent, qemu included), podman stats: $STATS"
+
+clog "podman stop (SIGTERM)"
+S0=$(date +%s)
+podman_ stop -t 60 "$NAME" >/dev/null
+EXIT=$(podman_ inspect --format '{{.State.ExitCode}}' "$NAME")
+clog "stopped in $(($(date +%s) - S0))s with exit code $EXIT"
+podman_ logs "$NAME" 2>&1 | tail -n 5 >&2
+[[ $EXIT == 0 ]] || exit 1
+# What was answered is on the volume, committed: the buffer survives the container.
+ROWS=$(run_ --rm --no-healthcheck --volume "$VOLUME:/var/lib/edge-agent" --entrypoint python3 "$IMAGE" -c \
+    "import sqlite3; print(sqlite3.connect('/var/lib/edge-agent/buffer.db').execute('select count(*) from results').fetchone()[0])")
+clog "buffer on the volume after stop: $ROWS results"
+((ROWS >= 6)) || {
+    clog "expected at least 6 buffered results (one per /predict call), found $ROWS"
+    exit 1
+}
+
+# The layer cache is what makes the next run fast; with vfs every layer is a full copy,
+# so it grows by about a gigabyte per code change. E2E_PRUNE=1 drops what the last
+# build does not use (the builder's dependency layer too).
+[[ ${E2E_PRUNE:-0} == 1 ]] && podman_ image prune -f >/dev/null
+printf '\nbuild %ss | image %s MB (%s) | RSS %s MiB | total %ss\n' \
+    "$BUILD_S" "$((SIZE / 1000000))" "$ARCH" "$((RSS_KB / 1024))" "$(($(date +%s) - T0))"
