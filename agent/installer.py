@@ -81,6 +81,7 @@ class Installer:
         """Verify and activate the package in ``package_dir``; PackageError on refusal."""
         with self._lock:
             name = "?"
+            updating: ModelState | None = None
             try:
                 manifest = verify_package(
                     package_dir, self.trusted, require_signature=self.require_signature
@@ -93,11 +94,7 @@ class Installer:
                     return manifest
                 self._check_serial(manifest)
                 updating = self._mark_updating(name)
-                try:
-                    model = self._load_checked(package_dir, manifest)
-                except EdgeError:
-                    self._restore_state(name, updating)
-                    raise
+                model = self._load_checked(package_dir, manifest)
                 with self.store.locked():
                     self._check_serial(manifest)  # another process may have installed meanwhile
                     model.path = self._store_write(
@@ -109,6 +106,7 @@ class Installer:
                 self.registry.swap(model)
                 self._prune(name)
             except EdgeError as e:
+                self._restore_state(name, updating)  # the old version serves on, as it was
                 self._count(name, REJECTED)
                 log.warning("install from %s refused: %s", source, e)
                 raise

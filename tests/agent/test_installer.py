@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from agent.errors import (
     ReplayedSerial,
     SignatureInvalid,
     SignatureMissing,
+    StorageFull,
 )
 from agent.installer import Change, Installer
 from agent.manifest import (
@@ -277,3 +280,45 @@ def test_a_new_manifest_for_an_older_artifact_moves_back_to_it(
     assert (pointer.version, pointer.previous, pointer.serial) == ("1.0.0", "1.1.0", 3)
     assert installer.store.manifest("iris", "1.0.0").serial == 3
     assert installer.store.versions("iris") == ["1.0.0", "1.1.0"]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real full disk (needs root and mount rights, else skipped)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_refuses_the_install_and_the_old_model_serves_on(
+    small_disk: Path, keypair: Any, iris_package: Path, iris_package_v2: Path
+) -> None:
+    cfg = Config(state_dir=str(small_disk / "state"))
+    cfg.models.trusted_keys = [str(keypair.pub)]
+    installer = Installer(cfg, ModelStore(cfg.models_path), Registry())
+    installer.install(iris_package)
+    filler = small_disk / "filler"
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * 4096)
+    with pytest.raises(StorageFull, match="no space left"):
+        installer.install(iris_package_v2)
+    assert serving(installer) == "1.0.0"
+    assert installer.registry.status()["iris"]["state"] == "active"
+    pointer = installer.store.active("iris")
+    assert pointer is not None
+    assert (pointer.version, pointer.serial) == ("1.0.0", 1)
+    assert installer.store.versions("iris") == ["1.0.0"]
+    assert [p.name for p in (cfg.models_path / "iris").iterdir() if p.name.startswith(".")] == []
+    filler.unlink()
+    assert installer.install(iris_package_v2).version == "1.1.0"
