@@ -322,3 +322,36 @@ def test_full_disk_refuses_the_install_and_the_old_model_serves_on(
     assert [p.name for p in (cfg.models_path / "iris").iterdir() if p.name.startswith(".")] == []
     filler.unlink()
     assert installer.install(iris_package_v2).version == "1.1.0"
+
+
+def test_sync_keeps_serving_when_the_newly_activated_version_cannot_load(
+    make_installer: Callable[..., Installer], iris_package: Path, iris_package_v2: Path
+) -> None:
+    agent = make_installer()
+    agent.install(iris_package)
+    other = make_installer()
+    other.install(iris_package_v2)
+    onnx = other.store.version_dir("iris", "1.1.0") / "model.onnx"
+    onnx.write_bytes(b"broken")
+    assert agent.sync() == []
+    assert serving(agent) == "1.0.0"
+    state = agent.registry.status()["iris"]
+    assert state["state"] == "active"
+    assert state["reason"].startswith("1.1.0: model.onnx:")
+    assert agent.sync() == []  # tried once per activation, not every second
+
+
+def test_a_model_with_no_loadable_version_is_failed_and_others_serve(
+    make_installer: Callable[..., Installer], iris_package: Path, regressor_package: Path
+) -> None:
+    first = make_installer()
+    first.install(iris_package)
+    first.install(regressor_package)
+    (first.store.version_dir("iris", "1.0.0") / "model.onnx").write_bytes(b"broken")
+    restarted = make_installer()
+    assert restarted.load_all() == ["ridge"]
+    assert restarted.registry.get().name == "ridge"
+    state = restarted.registry.status()["iris"]
+    assert (state["version"], state["state"]) == (None, "failed")
+    assert "no previous version" not in state["reason"]
+    assert "1.0.0 cannot be loaded" in state["reason"]
