@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.errors import ManifestInvalid, PackageError
+from agent.errors import EdgeError, ManifestInvalid, PackageError
 from agent.manifest import (
     MANIFEST_FILE,
     NAME_RE,
@@ -68,8 +68,14 @@ class ModelStore:
     def __init__(self, root: Path, keep_versions: int = 3) -> None:
         self.root = Path(root)
         self.keep_versions = keep_versions
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._clean_leftovers()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._clean_leftovers()
+        except OSError as e:
+            raise EdgeError(
+                f"state_dir: the model store {self.root} cannot be used ({e.strerror or e}); "
+                "run as the agent's user or root"
+            ) from None
 
     # --- locking -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -87,12 +88,14 @@ class Supervisor:
         self._stopped = False
         self.mqtt: Any = None
 
-        cfg.state_path.mkdir(parents=True, exist_ok=True)
         self.metrics = Metrics()
         self.store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)
         self.registry = Registry(default=cfg.models.default or None)
         self.installer = Installer(cfg, self.store, self.registry, self.metrics)
-        self.buffer = ResultBuffer(cfg.buffer_path, cfg.buffer, self.metrics)
+        try:
+            self.buffer = ResultBuffer(cfg.buffer_path, cfg.buffer, self.metrics)
+        except (OSError, sqlite3.Error) as e:
+            raise EdgeError(f"buffer.path: {cfg.buffer_path} cannot be opened ({e})") from None
         self.service = Service(cfg, self.registry, self.buffer, self.metrics, status=self.status)
         self.http = HttpServer(cfg.http, self.service)
         self.watcher = StoreWatcher(self.installer)

@@ -320,3 +320,18 @@ def test_run_on_a_taken_port_fails_in_one_line_and_the_fixture_picks_another(
         assert "edge-agent: error: http.host/http.port: cannot listen on 127.0.0.1:" in agent.logs()
         assert agent.port != taken
         assert agent.status()["models"]["iris"]["version"] == "1.0.0"
+
+
+def test_an_unusable_state_folder_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, iris_package: Path
+) -> None:
+    not_a_folder = tmp_path / "state"
+    not_a_folder.write_text("a file where the state folder should be")
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'state_dir = "{not_a_folder}"\n')
+    code, _, err = run(capsys, "install", str(iris_package), "--config", str(cfg))
+    assert code == 1
+    assert err == (
+        f"edge-agent: error: state_dir: the model store {not_a_folder}/models cannot be used "
+        "(Not a directory); run as the agent's user or root\n"
+    )
