@@ -310,10 +310,10 @@ class Delivery:
                     sha, index, data = self._chunks.get(timeout=0.5)
                 except queue.Empty:
                     if time.monotonic() - last_progress > timeout:
-                        missing = dl.missing()
-                        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                        first, count = dl.missing(limit=1)[0], dl.missing_count
+                        more = f" (and {count - 1} more)" if count > 1 else ""
                         raise Retry(
-                            f"missing chunk {missing[0]}{more} of artifact {art.sha256}: "
+                            f"missing chunk {first}{more} of artifact {art.sha256}: "
                             f"nothing new for {timeout:g} s; retrying in "
                             f"{self.cfg.models.delivery_retry_s:g} s"
                         ) from None

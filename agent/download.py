@@ -78,8 +78,19 @@ class PartialDownload:
     def complete(self) -> bool:
         return len(self.have) == self.artifact.chunks
 
-    def missing(self) -> list[int]:
-        return [i for i in range(self.artifact.chunks) if i not in self.have]
+    def missing(self, limit: int | None = None) -> list[int]:
+        """Indices still missing, in order (the first ``limit`` of them)."""
+        out: list[int] = []
+        for i in range(self.artifact.chunks):
+            if i not in self.have:
+                out.append(i)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    @property
+    def missing_count(self) -> int:
+        return self.artifact.chunks - len(self.have)
 
     def expected_length(self, index: int) -> int:
         a = self.artifact
@@ -89,7 +100,8 @@ class PartialDownload:
 
     def bytes_needed(self) -> int:
         """Disk still needed: the missing chunks plus a store copy of the whole artifact."""
-        missing = sum(self.expected_length(i) for i in self.missing())
+        # From what is there, not what is missing: a manifest may claim absurd sizes.
+        missing = self.artifact.size - sum(self.expected_length(i) for i in self.have)
         return missing + self.artifact.size + DISK_MARGIN
 
     def check_disk(self) -> None:

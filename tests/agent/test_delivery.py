@@ -125,6 +125,13 @@ def _replayed(s: Session, v1: Path, v2: Path, kp: Keypair, tmp: Path) -> None:
     _desired(s, "bad-0", json.dumps(_signed(v2, kp, serial=0)).encode())
 
 
+def _disk_short(s: Session, v1: Path, v2: Path, kp: Keypair, tmp: Path) -> None:
+    # A signed manifest for an artifact larger than any disk here: refused before download.
+    m = read_manifest(v2)
+    body = _signed(v2, kp, artifact={**m.to_dict()["artifact"], "size": 10**15})
+    _desired(s, "bad-0", json.dumps(body).encode())
+
+
 def _will_not_load(s: Session, v1: Path, v2: Path, kp: Keypair, tmp: Path) -> None:
     pkg = _spoiled(v2, tmp / "noload", kp, onnx=b"this is not an onnx model" * 20)
     publish(s.options, pkg, fleet="f1", devices=["bad-0"], key=kp.key, chunk_size=256)
@@ -143,7 +150,8 @@ BAD: list[tuple[str, Deliver, str]] = [
     ("missing-chunk", _missing_chunk, "missing chunk 1"),
     ("wrong-hash", _wrong_hash, "the manifest says " ),
     ("replayed-serial", _replayed, "is not above the last accepted serial 1"),
-    ("onnx-will-not-load", _will_not_load, "1.1.0"),
+    ("disk-too-small", _disk_short, "bytes free, the artifact"),
+    ("onnx-will-not-load", _will_not_load, "onnxruntime cannot load"),
     ("parity-fails", _parity, "parity"),
 ]  # fmt: skip
 
@@ -184,15 +192,20 @@ def test_chunk_that_never_arrives_is_retried_once_it_does(
     _missing_chunk(session, iris_package, iris_package_v2, keypair, tmp_path)
     event = wait_event(log, "rejected", device="bad-0", timeout=30)
     assert event["retry"] is True
+    assert "missing chunk 1 of artifact" in event["reason"]
     _upload(session, iris_package_v2)  # the operator re-uploads: the retry completes
     agent.wait_for(lambda s: s["models"]["iris"]["version"] == "1.1.0", timeout=30)
+    # The retry asked only for what was missing: the other chunks were kept on disk.
+    downloading = [json.loads(m.payload) for m in log.messages]
+    chunks = read_manifest(iris_package_v2).artifact.size // 256 + 1
+    assert [e["have"] for e in downloading if e["event"] == "downloading"] == [0, chunks - 1]
 
 
 # --- kill -9 at each step ----------------------------------------------------------
 
 
 def _wait_paused(agent: Any, timeout: float = 30) -> str:
-    marker = agent.state_dir / PAUSED_FILE
+    marker: Path = agent.state_dir / PAUSED_FILE
     deadline = time.monotonic() + timeout
     while not marker.exists():
         assert time.monotonic() < deadline, f"never paused:\n{agent.logs()[-3000:]}"

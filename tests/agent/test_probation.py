@@ -75,7 +75,8 @@ class Clock:
 
 
 def watcher(**cfg: Any) -> tuple[Probation, InferenceStats, Clock, list[tuple[str, ...]]]:
-    stats, clock, calls = InferenceStats(), Clock(), []
+    stats, clock = InferenceStats(), Clock()
+    calls: list[tuple[str, ...]] = []
     settings = ModelsConfig(probation_s=60, probation_min_requests=10, **cfg)
     probation = Probation(
         settings, stats,
