@@ -293,13 +293,13 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
         state = ""
     cfg.state_dir = state or env.get("STATE_DIRECTORY", "").split(":")[0] or "./edge-agent-state"
 
-    problems.extend(validate(cfg))
+    problems.extend(validate(cfg, env))
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def validate(cfg: Config) -> list[str]:
+def validate(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
     problems: list[str] = []
     for full, (check, expected) in _CHECKS.items():
         section, key = full.split(".")
@@ -319,14 +319,14 @@ def validate(cfg: Config) -> list[str]:
         problems.append("mqtt.cert / mqtt.key: a client certificate needs both cert and key")
     for key in ("password_file", "ca", "cert", "key"):
         value = getattr(cfg.mqtt, key)
-        if value and not resolve_secret_path(value).is_file():
+        if value and not resolve_secret_path(value, env).is_file():
             problems.append(f"mqtt.{key}: {value!r} does not exist or is not a file")
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append("mqtt.password_file: set, but mqtt.username is empty")
-    if cfg.http.token_file and not resolve_secret_path(cfg.http.token_file).is_file():
+    if cfg.http.token_file and not resolve_secret_path(cfg.http.token_file, env).is_file():
         problems.append(f"http.token_file: {cfg.http.token_file!r} does not exist or is not a file")
     for i, key_path in enumerate(cfg.models.trusted_keys):
-        if not resolve_secret_path(key_path).is_file():
+        if not resolve_secret_path(key_path, env).is_file():
             problems.append(
                 f"models.trusted_keys[{i}]: {key_path!r} does not exist or is not a file"
             )
