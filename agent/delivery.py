@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Tests set this to pause the worker at one step ("chunk:N", "verified", "install") and
+# Tests set this to pause the worker at one step ("chunk:N", "verify", "verified",
+# "install", "activated") and
 # SIGKILL the agent there: deterministic, where sleeping and hoping is not.
 PAUSE_ENV = "EDGE_DELIVERY_PAUSE_AT"
 PAUSED_FILE = "delivery-paused"
@@ -209,7 +211,10 @@ class Delivery:
             manifest.version,
             manifest.serial,
         ):
-            return  # already serving exactly this
+            # Already serving exactly this; a crash after the activation may have left
+            # its download folder behind.
+            shutil.rmtree(self.root / manifest.artifact.sha256, ignore_errors=True)
+            return
         last = self.store.last_serial(model)
         if manifest.serial == last:
             # Accepted before; a probation rollback since then keeps the older version.
@@ -222,6 +227,7 @@ class Delivery:
         loaded = self.installer.registry.loaded(model)
         previous = loaded.version if loaded is not None else None
         self.installer.install(package, source=f"mqtt ({source} desired state)")
+        self._pause("activated")
         if self.probation is not None and previous not in (None, manifest.version):
             assert previous is not None
             self.probation.begin(model, manifest.version, previous)
@@ -266,7 +272,10 @@ class Delivery:
         pkg.mkdir(exist_ok=True)
         target = pkg / manifest.artifact.file
         target.unlink(missing_ok=True)
-        os.link(src, target)
+        try:
+            os.link(src, target)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copyfile(src, target)
         atomic_write(pkg / "manifest.json", json.dumps(manifest.to_dict()).encode())
         return pkg
 
