@@ -3,15 +3,18 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test check lint typecheck pytest bench clean container-e2e
+.PHONY: setup setup-test demo test check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet clean container-e2e
 
 setup:
 	@scripts/setup.sh
 
+setup-test:
+	@scripts/setup.sh --test
+
 demo: setup  ## start a working agent with the bundled demo model
 	$(VENV)/bin/edge-agent demo
 
-test: setup check pytest  ## the whole test suite, lint and types included
+test: setup-test check pytest  ## the whole test suite, lint and types included
 
 check: setup lint typecheck
 
@@ -25,8 +28,19 @@ typecheck:
 pytest:
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: setup
+bench: bench-http bench-forward bench-delivery bench-fleet  ## every benchmark; each prints its figures
+
+bench-http: setup
 	$(PY) bench/http.py
+
+bench-forward: setup
+	$(PY) bench/forward.py
+
+bench-delivery: setup
+	$(PY) bench/delivery.py
+
+bench-fleet: setup
+	$(PY) bench/fleet.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
