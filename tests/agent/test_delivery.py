@@ -265,3 +265,28 @@ def test_partial_download_keeps_only_logged_chunks(tmp_path: Path) -> None:
     again = PartialDownload(tmp_path, art)
     assert again.have == {1}
     assert again.missing() == [0, 2, 3]
+
+
+def test_broker_restart_mid_download_resumes_on_reconnect(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path,
+    iris_package_v2: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    log = broker.subscribe("edge/devices/+/events")
+    cfg = device_config(broker, keypair, "bad-0", delivery_chunk_timeout_s=60)
+    agent = start_agent(cfg, packages=[iris_package])
+    s = Session(operator(broker), "test")
+    _missing_chunk(s, iris_package, iris_package_v2, keypair, tmp_path)
+    s.close()
+    wait_event(log, "downloading", device="bad-0")
+    broker.stop()
+    assert predict_version(agent) == "1.0.0"  # serving does not wait for the broker
+    broker.start()
+    s = Session(operator(broker), "test")
+    m = read_manifest(iris_package_v2)
+    chunk = (iris_package_v2 / "model.onnx").read_bytes()[256:512]
+    s.wait([s.publish(s.topics.artifact_chunk(m.artifact.sha256, 1), chunk)], "chunk 1")
+    s.close()
+    agent.wait_for(lambda st: st["models"]["iris"]["version"] == "1.1.0", timeout=30)
+    kinds = [json.loads(x.payload)["event"] for x in log.messages]
+    assert "rejected" not in kinds
+    assert kinds.count("downloading") == 1  # one download, carried across the reconnect
