@@ -96,6 +96,10 @@ else
 # Secrets are file names: relative ones are read from the service's credentials,
 # i.e. /etc/edge-agent/credentials/<file> becomes "edge_<file>".
 
+# The service's StateDirectory: named here so that `sudo edge-agent install` and
+# `edge-agent models` work on the same store as the running service.
+state_dir = "/var/lib/edge-agent"
+
 [device]
 # id = "pi-kitchen-01"     # default: the host name
 fleet = "default"
