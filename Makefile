@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet clean container-e2e
+.PHONY: setup setup-test demo test check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet clean container-e2e pi-e2e install-pi
 
 setup:
 	@scripts/setup.sh
@@ -47,3 +47,9 @@ clean:
 
 container-e2e:  ## build Dockerfile.arm64 for arm64 (buildah + qemu) and run it with podman; needs root
 	scripts/container-e2e.sh
+
+pi-e2e: setup  ## the agent under a real arm64 systemd (debootstrap + qemu + nspawn); needs root
+	scripts/pi-e2e.sh
+
+install-pi:  ## on a Raspberry Pi (64-bit OS): venv in /opt/edge-agent, config, systemd unit; needs root
+	scripts/install-pi.sh
