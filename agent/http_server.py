@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 COMPRESS_MIN_BYTES = 1024  # below this, gzip costs more time than the bytes it saves
 IDLE_TIMEOUT_S = 60.0  # a keep-alive connection idle this long is closed
+MAX_HEADERS = 100
+MAX_HEADER_LINE = 65536
 STOP_GRACE_S = 2.0  # how long stop() waits for answers in flight
 _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # deflate = zlib stream (RFC 9110)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
@@ -91,6 +93,13 @@ def choose_encoding(accept: str | None) -> str | None:
     return None
 
 
+class _Headers(dict[str, str]):
+    """Request headers by lowercase name; ``get`` takes any case, as email.Message does."""
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_S
@@ -134,6 +143,61 @@ class _Handler(BaseHTTPRequestHandler):
         """Malformed HTTP (bad request line, huge headers): a JSON error, then close."""
         self.close_connection = True
         self._write(error_reply(code, f"request: {message or HTTPStatus(code).phrase}"))
+
+    def parse_request(self) -> bool:
+        """The request line and headers, without the email package.
+
+        The standard library parses headers with ``email.parser``: a third of the CPU
+        time of a small request. HTTP headers need far less: name, colon, value.
+        """
+        self.command = ""
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3 or not words[2].startswith("HTTP/1."):
+            self.send_error(400, f"bad request line {self.requestline[:100]!r}")
+            return False
+        self.command, self.path, self.request_version = words
+        if self.request_version != "HTTP/1.0":
+            self.close_connection = False  # HTTP/1.1: keep-alive unless told otherwise
+        headers = _Headers()
+        last = ""
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "header line too long")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            text = line.decode("iso-8859-1")
+            if text[0] in " \t" and last:  # obsolete line folding
+                headers[last] += " " + text.strip()
+                continue
+            name, sep, value = text.partition(":")
+            if not sep or not name or name != name.strip():
+                self.send_error(400, f"bad header line {text[:100].rstrip()!r}")
+                return False
+            last = name.lower()
+            value = value.strip()
+            headers[last] = f"{headers[last]}, {value}" if last in headers else value
+        else:
+            self.send_error(431, f"more than {MAX_HEADERS} headers")
+            return False
+        self.headers = headers  # type: ignore[assignment]
+        connection = headers.get("connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (
+            headers.get("expect", "").lower() == "100-continue"
+            and self.request_version != "HTTP/1.0"
+        ):
+            return self.handle_expect_100()
+        return True
 
     def _handle(self) -> None:
         service = self.server.service

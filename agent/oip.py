@@ -24,7 +24,7 @@ import numpy as np
 from agent import __version__
 from agent.buffer import Result, ResultBuffer
 from agent.errors import BadRequest, ModelNotFound, NotReady
-from agent.inference import allows_nan, expected_value, parse_json, value_ok
+from agent.inference import FLOATS, allows_nan, expected_value, parse_json, value_ok
 from agent.manifest import TensorSpec
 from agent.metrics import InferenceStats
 from agent.registry import Registry
@@ -40,6 +40,7 @@ WIRE_DTYPES: dict[str, str] = {
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
 }  # fmt: skip
 _LEN = struct.Struct("<I")
+_NUMBERS = frozenset((int, float))
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ class OpenInference:
                 raise BadRequest(
                     f"{where}: data has {len(flat)} values, shape {shape} needs {count}"
                 )
-            if not (spec.datatype == "FP32" and all(type(v) in (int, float) for v in flat)):
+            if not (spec.datatype in FLOATS and _NUMBERS.issuperset(map(type, flat))):
                 for j, v in enumerate(flat):
                     if not value_ok(v, spec.datatype):
                         raise BadRequest(

@@ -270,3 +270,49 @@ def test_stop_ends_idle_keep_alive_connections(tmp_path: Path, iris_package: Pat
         assert not served.http.alive()
         assert sock.recv(65536) == b""  # the server closed the idle connection
         sock.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /v2 HTTP/2.0\r\n\r\n", b"400"),
+        (b"GET /v2\r\n\r\n", b"400"),
+        (b"GET /v2 HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+        (
+            b"GET /v2 HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n",
+            b"431",
+        ),
+        (b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    ],
+)
+def test_malformed_request_lines_and_headers_are_4xx(
+    served: Served, request_bytes: bytes, status: bytes
+) -> None:
+    answer = raw_exchange(served, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:100]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"].startswith("request: ")
+    assert_still_serving(served)
+
+
+def test_connection_close_and_http_1_0_end_the_connection(served: Served) -> None:
+    for request in (
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /v2 HTTP/1.0\r\n\r\n",
+    ):
+        with socket.create_connection((served.host, served.port), timeout=5) as s:
+            s.sendall(request)
+            data = b""
+            while chunk := s.recv(65536):  # ends only when the server closes
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["name"] == "edge-agent"
+
+
+def test_header_names_are_case_insensitive(served: Served) -> None:
+    body = gzip.compress(json.dumps(ROW).encode())
+    request = (
+        b"POST /predict HTTP/1.1\r\ncontent-LENGTH: %d\r\nCONTENT-encoding: gzip\r\nConnection: close\r\n\r\n"
+        % len(body)
+    )
+    answer = raw_exchange(served, request + body)
+    assert answer.startswith(b"HTTP/1.1 200 ")
