@@ -208,7 +208,10 @@ def publish_desired(
     session.wait([mid], f"desired state of {model} for {target}")
     history = list(state.history.get(target.history(t, model), []))
     entry = {k: v for k, v in signed.items() if k not in {"signature", "rollout"}}
-    history = [e for e in history if e.get("serial") != entry["serial"]] + [entry]
+    # One entry per artifact: a rollout of the same version replaces its older entry,
+    # so re-signing never pushes other versions out of reach of a rollback.
+    sha = entry["artifact"]["sha256"]
+    history = [e for e in history if e.get("artifact", {}).get("sha256") != sha] + [entry]
     payload = json.dumps({"entries": history[-HISTORY_KEEP:]}).encode()
     session.wait([session.publish(target.history(t, model), payload)], f"history of {model}")
 

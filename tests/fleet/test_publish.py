@@ -85,6 +85,9 @@ def test_rollout_re_signs_with_a_new_percent_and_serial(
     assert main(cli(broker, keypair, "rollout", "iris", "--fleet", "f1", "--percent", "50")) == 0
     body = desired(broker)
     assert (body["rollout"]["percent"], body["serial"], body["version"]) == (50, 2, "1.0.0")
+    topic = "edge/fleets/f1/models/iris/history"
+    entries = json.loads(retained(broker, topic)[topic])["entries"]
+    assert [(e["version"], e["serial"]) for e in entries] == [("1.0.0", 2)]  # one per artifact
 
 
 def test_rollback_and_its_refusals(
