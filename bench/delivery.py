@@ -102,13 +102,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="1,50", help="model sizes in MB (default 1,50)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--autosave-changes", type=int, default=1,
+        help="mosquitto autosave_interval in changes (broker-config's default 1 saves the "
+        "whole retained store after every chunk: uploads slow down as artifacts accumulate)",
+    )  # fmt: skip
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as d:
         tmp = Path(d)
         key, pub = generate_keypair(tmp / "keys")
-        broker = Broker()
+        broker = Broker(autosave_changes=args.autosave_changes)
         agent = start_agent(broker, tmp, pub)
         try:
             for size in sizes:
