@@ -15,13 +15,12 @@ import os
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
 from agent import __version__
 from agent.config import Config, load_config
-from agent.errors import ConfigError, EdgeError
+from agent.errors import ConfigError, EdgeError, run_command
 from agent.manifest import Manifest, open_package
 from agent.status_client import fetch_status, format_status
 
@@ -85,26 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
     }[args.command]
     try:
-        return handler(args)
-    except ConfigError as e:
-        for problem in e.problems or [e.message]:
-            print(f"{PROG}: config: {problem}", file=sys.stderr)
-        return e.exit_code
-    except EdgeError as e:
-        if verbose:
-            traceback.print_exc()
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        if verbose:
-            traceback.print_exc()
-        print(
-            f"{PROG}: internal error: {type(e).__name__}: {e} (--verbose shows the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        return run_command(PROG, lambda: handler(args), verbose=verbose)
     finally:
         if log_handler is not None:
             logging.getLogger().removeHandler(log_handler)

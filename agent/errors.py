@@ -7,6 +7,10 @@ one-line message on stderr; nothing below them formats errors for a user.
 
 from __future__ import annotations
 
+import sys
+import traceback
+from collections.abc import Callable
+
 
 class EdgeError(Exception):
     """Base of every error the project raises on purpose."""
@@ -147,3 +151,39 @@ class UsageError(EdgeError):
 
 class BrokerUnavailable(EdgeError):
     """The MQTT broker cannot be reached, or refuses the connection or the credentials."""
+
+
+# --- the command-line edge --------------------------------------------------------
+
+
+def run_command(prog: str, command: Callable[[], int], *, verbose: bool) -> int:
+    """Run one CLI command and turn what it raises into a one-line message and exit code.
+
+    The one place the three commands (edge-model, edge-agent, edge-fleet) format errors:
+    an ``EdgeError`` prints its message (a ``ConfigError`` every problem, one per line);
+    anything else is a bug, reported in one line, with the traceback only on ``--verbose``.
+    """
+    try:
+        return int(command())
+    except ConfigError as e:
+        if verbose:
+            traceback.print_exc()
+        for problem in e.problems or [e.message]:
+            print(f"{prog}: config: {problem}", file=sys.stderr)
+        return e.exit_code
+    except EdgeError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if verbose:
+            traceback.print_exc()
+        print(
+            f"{prog}: internal error: {type(e).__name__}: {e} (--verbose shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EdgeError, KeyFileError, ManifestInvalid
+from agent.errors import KeyFileError, ManifestInvalid, run_command
 from agent.manifest import (
     MODEL_FILE,
     check_artifact,
@@ -108,27 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) and usage errors (2)
         return int(e.code or 0)
     verbose = bool(getattr(args, "verbose", False))
-    try:
-        with warnings.catch_warnings():
-            # scikit-learn and skl2onnx warnings are noise here; failures are errors.
-            warnings.simplefilter("ignore")
-            return int(_COMMANDS[args.command](args))
-    except EdgeError as e:
-        if verbose:
-            traceback.print_exc()
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if verbose:
-            traceback.print_exc()
-        print(
-            f"{PROG}: internal error: {type(e).__name__}: {e} (--verbose shows the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+    with warnings.catch_warnings():
+        # scikit-learn and skl2onnx warnings are noise here; failures are errors.
+        warnings.simplefilter("ignore")
+        return run_command(PROG, lambda: _COMMANDS[args.command](args), verbose=verbose)
 
 
 # --- commands ---------------------------------------------------------------------

@@ -15,11 +15,10 @@ import importlib
 import importlib.util
 import logging
 import sys
-import traceback
 from collections.abc import Sequence
 
 from agent import __version__
-from agent.errors import EdgeError
+from agent.errors import run_command
 
 PROG = "edge-fleet"
 # Modules holding subcommands, in the order `--help` lists them.
@@ -69,21 +68,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not verbose:
         logging.getLogger("paho").setLevel(logging.WARNING)
-    try:
-        return int(args.func(args))
-    except EdgeError as e:
-        if verbose:
-            traceback.print_exc()
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if verbose:
-            traceback.print_exc()
-        print(
-            f"{PROG}: error: {type(e).__name__}: {e} (run with --verbose for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+    return run_command(PROG, lambda: args.func(args), verbose=verbose)
