@@ -27,15 +27,24 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
-
 from agent.config import BufferConfig
+from agent.results import (
+    DISK_FULL,
+    IO_ERROR,
+    MAX_AGE,
+    MAX_BYTES,
+    MAX_ROWS,
+    BufferCollector,
+    BufferedRow,
+    BufferStats,
+    JsonBatch,
+    Result,
+    dumps,
+)
 
 # sqlite-utils imports pandas whenever it is installed, for DataFrame support the buffer
 # never uses: 44 MiB of RSS on a 1 GB device. Hide it for that one import only.
@@ -53,13 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Drop reasons, as they appear in health reports and /metrics.
-MAX_ROWS = "max_rows"
-MAX_BYTES = "max_bytes"
-MAX_AGE = "max_age"
-DISK_FULL = "disk_full"
-IO_ERROR = "io_error"
-DROP_REASONS = (MAX_ROWS, MAX_BYTES, MAX_AGE, DISK_FULL, IO_ERROR)
+__all__ = ["BufferStats", "BufferedRow", "JsonBatch", "Result", "ResultBuffer"]
 
 _AGE_CHECK_INTERVAL_S = 1.0
 _EXPIRE_BATCH = 10_000
@@ -67,72 +70,6 @@ _DROP_LOG_INTERVAL_S = 60.0
 # Fixed per-row cost added to the payload size so max_bytes tracks the file, not just JSON.
 _ROW_OVERHEAD = 64
 _RESERVE_BYTES = 256 * 1024
-
-
-def _json_default(obj: Any) -> Any:
-    # numpy scalars and arrays, without importing numpy here.
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, bytes):
-        return obj.decode("utf-8", "replace")
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), default=_json_default)
-
-
-@dataclass
-class Result:
-    """One answered prediction, as the serving side hands it over."""
-
-    time: float
-    model: str
-    version: str
-    inputs: Any
-    outputs: Any
-    latency_ms: float
-
-
-@dataclass(frozen=True)
-class BufferedRow:
-    """A row read back for forwarding; ``inputs``/``outputs`` stay JSON text."""
-
-    seq: int
-    time: float
-    model: str
-    version: str
-    inputs: str
-    outputs: str
-    latency_ms: float
-
-    def to_json(self) -> str:
-        """The result object of the ``results`` payload, built without re-parsing."""
-        return (
-            f'{{"seq":{self.seq},"time":{self.time!r},"model":{json.dumps(self.model)},'
-            f'"version":{json.dumps(self.version)},"inputs":{self.inputs},'
-            f'"outputs":{self.outputs},"latency_ms":{self.latency_ms!r}}}'
-        )
-
-
-@dataclass(frozen=True)
-class JsonBatch:
-    """Rows ``first``..``last`` (``count`` of them, gaps allowed) as joined JSON objects."""
-
-    first: int
-    last: int
-    count: int
-    json: str
-
-
-@dataclass
-class BufferStats:
-    rows: int
-    bytes: int
-    oldest_age_s: float | None
-    dropped: dict[str, int] = field(default_factory=dict)
-    recorded: int = 0
-    last_seq: int = 0
 
 
 # --- schema migrations: append only; PRAGMA user_version counts the applied ones ---
@@ -251,7 +188,7 @@ class ResultBuffer:
         """
         if not self.wants():
             return None
-        inputs, outputs = _dumps(result.inputs), _dumps(result.outputs)
+        inputs, outputs = dumps(result.inputs), dumps(result.outputs)
         size = len(inputs) + len(outputs) + len(result.model) + len(result.version) + _ROW_OVERHEAD
         with self._lock:
             seq = self._next_seq
@@ -574,31 +511,3 @@ class ResultBuffer:
 def _is_disk_full(e: sqlite3.Error) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
     return code == sqlite3.SQLITE_FULL or "disk is full" in str(e) or "No space" in str(e)
-
-
-class BufferCollector(Collector):
-    """Buffer backlog and drops on /metrics, read from the buffer at scrape time."""
-
-    def __init__(self, buffer: ResultBuffer) -> None:
-        self.buffer = buffer
-
-    def collect(self) -> Iterable[Any]:
-        s = self.buffer.stats()
-        yield GaugeMetricFamily("edge_buffer_rows", "Results waiting to be forwarded", s.rows)
-        yield GaugeMetricFamily(
-            "edge_buffer_bytes", "Approximate size of the buffered results", s.bytes
-        )
-        yield GaugeMetricFamily(
-            "edge_buffer_oldest_age_seconds",
-            "Age of the oldest buffered result",
-            s.oldest_age_s or 0.0,
-        )
-        yield CounterMetricFamily(
-            "edge_buffer_recorded", "Results recorded since start", value=s.recorded
-        )
-        drops = CounterMetricFamily(
-            "edge_buffer_dropped", "Results dropped, by reason", labels=["reason"]
-        )
-        for reason in DROP_REASONS:
-            drops.add_metric([reason], s.dropped.get(reason, 0))
-        yield drops

@@ -1,0 +1,122 @@
+"""What the result buffer holds and reports: results, rows read back, stats, metrics.
+
+Kept apart from ``agent/buffer.py`` (which owns the SQLite file) so the forwarder,
+health and serving can use these shapes without the database behind them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Drop reasons, as they appear in health reports and /metrics.
+MAX_ROWS = "max_rows"
+MAX_BYTES = "max_bytes"
+MAX_AGE = "max_age"
+DISK_FULL = "disk_full"
+IO_ERROR = "io_error"
+DROP_REASONS = (MAX_ROWS, MAX_BYTES, MAX_AGE, DISK_FULL, IO_ERROR)
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays, without importing numpy here.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON for the buffer; numpy values become lists and numbers."""
+    return json.dumps(obj, separators=(",", ":"), default=_json_default)
+
+
+@dataclass
+class Result:
+    """One answered prediction, as the serving side hands it over."""
+
+    time: float
+    model: str
+    version: str
+    inputs: Any
+    outputs: Any
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class BufferedRow:
+    """A row read back for forwarding; ``inputs``/``outputs`` stay JSON text."""
+
+    seq: int
+    time: float
+    model: str
+    version: str
+    inputs: str
+    outputs: str
+    latency_ms: float
+
+    def to_json(self) -> str:
+        """The result object of the ``results`` payload, built without re-parsing."""
+        return (
+            f'{{"seq":{self.seq},"time":{self.time!r},"model":{json.dumps(self.model)},'
+            f'"version":{json.dumps(self.version)},"inputs":{self.inputs},'
+            f'"outputs":{self.outputs},"latency_ms":{self.latency_ms!r}}}'
+        )
+
+
+@dataclass(frozen=True)
+class JsonBatch:
+    """Rows ``first``..``last`` (``count`` of them, gaps allowed) as joined JSON objects."""
+
+    first: int
+    last: int
+    count: int
+    json: str
+
+
+@dataclass
+class BufferStats:
+    rows: int
+    bytes: int
+    oldest_age_s: float | None
+    dropped: dict[str, int] = field(default_factory=dict)
+    recorded: int = 0
+    last_seq: int = 0
+
+
+class _HasStats(Protocol):
+    def stats(self) -> BufferStats: ...
+
+
+class BufferCollector(Collector):
+    """Buffer backlog and drops on /metrics, read from the buffer at scrape time."""
+
+    def __init__(self, buffer: _HasStats) -> None:
+        self.buffer = buffer
+
+    def collect(self) -> Iterable[Any]:
+        s = self.buffer.stats()
+        yield GaugeMetricFamily("edge_buffer_rows", "Results waiting to be forwarded", s.rows)
+        yield GaugeMetricFamily(
+            "edge_buffer_bytes", "Approximate size of the buffered results", s.bytes
+        )
+        yield GaugeMetricFamily(
+            "edge_buffer_oldest_age_seconds",
+            "Age of the oldest buffered result",
+            s.oldest_age_s or 0.0,
+        )
+        yield CounterMetricFamily(
+            "edge_buffer_recorded", "Results recorded since start", value=s.recorded
+        )
+        drops = CounterMetricFamily(
+            "edge_buffer_dropped", "Results dropped, by reason", labels=["reason"]
+        )
+        for reason in DROP_REASONS:
+            drops.add_metric([reason], s.dropped.get(reason, 0))
+        yield drops
