@@ -57,6 +57,8 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
+    cpu_us: float = 0.0  # server CPU time (user + system) per answered request
 
 
 @dataclass
@@ -134,7 +136,14 @@ def run_wrk(url: str, script: Path, concurrency: int, duration: float) -> Run:
     socket_errors = re.search(r"Socket errors: (.*)", out)
     if socket_errors:
         print(f"    wrk: socket errors {socket_errors.group(1)}")
-    return Run(rps, _ms(pct["50"]), _ms(pct["99"]), int(errors.group(1)) if errors else 0)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return Run(rps, _ms(pct["50"]), _ms(pct["99"]), int(errors.group(1)) if errors else 0, total)
+
+
+def cpu_seconds(pid: int) -> float:
+    proc = psutil.Process(pid)
+    t = proc.cpu_times()
+    return t.user + t.system + sum(sum(c.cpu_times()[:2]) for c in proc.children(recursive=True))
 
 
 def rss_mib(pid: int) -> float:
@@ -154,10 +163,12 @@ def measure(
         server.ready_s = wait_ready(base + server.ready_path, probe, proc)
         run_wrk(base + "/predict", script, 16, min(2.0, duration))  # warm-up, not reported
         for c in CONCURRENCY:
-            server.runs[c] = run_wrk(base + "/predict", script, c, duration)
-            r = server.runs[c]
+            cpu = cpu_seconds(proc.pid)
+            r = server.runs[c] = run_wrk(base + "/predict", script, c, duration)
+            r.cpu_us = (cpu_seconds(proc.pid) - cpu) / max(1, r.requests) * 1e6
             print(f"  {server.name:<10} c={c:<2} {r.rps:>9.0f} req/s  p50 {r.p50_ms:.3f} ms  "
-                  f"p99 {r.p99_ms:.3f} ms  non-2xx {r.errors}", flush=True)  # fmt: skip
+                  f"p99 {r.p99_ms:.3f} ms  CPU {r.cpu_us:.0f} us/req  non-2xx {r.errors}",
+                  flush=True)  # fmt: skip
         server.rss_mib = rss_mib(proc.pid)
     finally:
         proc.terminate()
@@ -194,14 +205,15 @@ def buffered_rows(work: Path) -> int:
 
 def report(servers: dict[str, Server]) -> int:
     print(
-        "\nserver       c=1 req/s  p50 ms  p99 ms | c=16 req/s  p50 ms  p99 ms |  RSS MiB  ready s"
+        "\nserver       c=1 req/s  p50 ms  p99 ms | c=16 req/s  p50 ms  p99 ms  CPU us/req"
+        " |  RSS MiB  ready s"
     )
     for s in servers.values():
         one, many = s.runs.get(1), s.runs.get(16)
         if one is None or many is None:
             continue
         print(f"{s.name:<12} {one.rps:>9.0f} {one.p50_ms:>7.3f} {one.p99_ms:>7.3f} | "
-              f"{many.rps:>10.0f} {many.p50_ms:>7.3f} {many.p99_ms:>7.3f} | "
+              f"{many.rps:>10.0f} {many.p50_ms:>7.3f} {many.p99_ms:>7.3f} {many.cpu_us:>11.0f} | "
               f"{s.rss_mib:>8.1f} {s.ready_s:>8.3f}")  # fmt: skip
     agent = servers.get("agent")
     if agent is None or 16 not in agent.runs:
@@ -218,6 +230,10 @@ def report(servers: dict[str, Server]) -> int:
             failed += [] if ok else [f"{key} ratio"]
             print(f"edge-agent / {other.name:<10} at c=16: {ratio:6.2f}x  (goal >= {goal}x) "
                   f"{'ok' if ok else 'MISSED'}")  # fmt: skip
+            # CPU per request does not depend on what else the machine is doing: the
+            # ratio a dedicated core would show.
+            cpu_ratio = other.runs[16].cpu_us / max(agent.runs[16].cpu_us, 1e-9)
+            print(f"{'':>12} by server CPU per request: {cpu_ratio:6.2f}x")
     checks = [
         ("p50 at c=1", agent.runs[1].p50_ms, GOALS["p50_c1_ms"], "ms"),
         ("RSS with RF loaded", agent.rss_mib, GOALS["rss_mib"], "MiB"),
