@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from agent.buffer import ResultBuffer
+from agent.config import BufferConfig
 from agent.http_server import choose_encoding
 from tests.agent.serving import Client, Served, serve
 
@@ -316,3 +318,18 @@ def test_header_names_are_case_insensitive(served: Served) -> None:
     )
     answer = raw_exchange(served, request + body)
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_answered_predictions_survive_kill_9(start_agent: Any, iris_package: Path) -> None:
+    agent = start_agent(packages=[iris_package])
+    client = Client(agent.host, agent.port)
+    sent = [[5.0 + i / 100, 3.5, 1.4, 0.2] for i in range(50)]
+    for row in sent:
+        assert client.predict({"features": [row]}).status == 200
+    agent.kill()  # SIGKILL right after the last answer: no flush, no clean-up
+    buffer = ResultBuffer(agent.state_dir / "buffer.db", BufferConfig())
+    try:
+        stored = [json.loads(r.inputs)[0] for r in buffer.iter_all()]
+    finally:
+        buffer.close()
+    assert stored == sent
