@@ -363,7 +363,13 @@ class HttpServer:
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> None:
-        self._server = _Server((self.cfg.host, self.cfg.port), self.service, self.cfg)
+        try:
+            self._server = _Server((self.cfg.host, self.cfg.port), self.service, self.cfg)
+        except OSError as e:
+            raise EdgeError(
+                f"http.host/http.port: cannot listen on {self.cfg.host}:{self.cfg.port} "
+                f"({e.strerror or e})"
+            ) from None
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.5},

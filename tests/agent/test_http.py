@@ -337,3 +337,15 @@ def test_answered_predictions_survive_kill_9(start_agent: Any, iris_package: Pat
     finally:
         buffer.close()
     assert stored == sent
+
+
+def test_port_in_use_is_a_one_line_error(served: Served) -> None:
+    from agent.errors import EdgeError
+    from agent.http_server import HttpServer
+
+    cfg = served.cfg.http.__class__(host=served.host, port=served.port)
+    with pytest.raises(EdgeError) as taken:
+        HttpServer(cfg, served.service).start()
+    assert str(taken.value) == (
+        f"http.host/http.port: cannot listen on {served.host}:{served.port} (Address already in use)"
+    )
