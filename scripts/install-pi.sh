@@ -54,6 +54,10 @@ armv6l | armv7l | armhf)
     die "this is a 32-bit ARM system ($(uname -m)): onnxruntime and numpy publish no 32-bit ARM wheels; install the 64-bit Raspberry Pi OS (bookworm, arm64)" ;;
 *) die "unsupported machine $(uname -m): expected aarch64 (or x86_64)" ;;
 esac
+# A Pi 4 running the 32-bit OS reports an aarch64 kernel over a 32-bit userland.
+if command -v dpkg >/dev/null && [[ $(dpkg --print-architecture) == armhf ]]; then
+    die "this is the 32-bit (armhf) OS on a 64-bit kernel: onnxruntime and numpy publish no 32-bit ARM wheels; install the 64-bit Raspberry Pi OS (arm64)"
+fi
 [[ -z $WHEEL || -f $WHEEL ]] || die "--wheel: $WHEEL does not exist"
 [[ -f $ROOT/systemd/edge-agent.service ]] || die "$ROOT/systemd/edge-agent.service not found: run from a checkout or release folder"
 

@@ -145,6 +145,7 @@ if [[ ! -f $R/.edge-e2e-base ]]; then
     cp -a "$E2E_ROOTFS" "$R.partial"
     mv "$R.partial" "$R"
 fi
+e2e_rootfs_network "$R"
 # A container left over from an interrupted run would hold the rootfs.
 if pgrep -f "systemd-nspawn .*--machine=$MACHINE" >/dev/null; then
     fail "another pi-e2e container is running (pgrep -af $MACHINE)"

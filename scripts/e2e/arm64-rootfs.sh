@@ -89,12 +89,20 @@ e2e_rootfs_build() {
 
 # Host CA certificates (this sandbox intercepts TLS) and DNS into the rootfs, so pip
 # inside reaches the same index as pip on the host.
+# Cheap when nothing changed: update-ca-certificates under qemu takes ~10 s.
 e2e_rootfs_network() {
-    local root=${1:-$E2E_ROOTFS}
+    local root=${1:-$E2E_ROOTFS} crt changed=0
     if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
         mkdir -p "$root/usr/local/share/ca-certificates"
-        cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
-        chroot "$root" /usr/sbin/update-ca-certificates >/dev/null
+        for crt in /usr/local/share/ca-certificates/*.crt; do
+            if ! cmp -s "$crt" "$root/usr/local/share/ca-certificates/${crt##*/}"; then
+                cp "$crt" "$root/usr/local/share/ca-certificates/"
+                changed=1
+            fi
+        done
+        if ((changed)); then
+            chroot "$root" /usr/sbin/update-ca-certificates >/dev/null
+        fi
     fi
     rm -f "$root/etc/resolv.conf"
     cp -L /etc/resolv.conf "$root/etc/resolv.conf"
@@ -114,6 +122,7 @@ e2e_rootfs_ensure() {
         e2e_rootfs_build
     fi
     e2e_rootfs_network "$E2E_ROOTFS"
+    flock -u "$E2E_LOCK_FD"
 }
 
 # Run a command inside the rootfs (not booted) with a clean environment: the host's
