@@ -18,6 +18,7 @@ import gzip
 import hmac
 import logging
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -328,6 +329,14 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-answer is routine; anything else is a bug to log."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            log.debug("%s: connection ended: %s", client_address, error)
+        else:
+            log.exception("HTTP connection from %s failed", client_address)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall for seconds

@@ -349,3 +349,20 @@ def test_port_in_use_is_a_one_line_error(served: Served) -> None:
     assert str(taken.value) == (
         f"http.host/http.port: cannot listen on {served.host}:{served.port} (Address already in use)"
     )
+
+
+def test_client_leaving_mid_answer_is_not_an_error(
+    served: Served, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    rows = [[5.1, 3.5, 1.4, 0.2]] * 5000
+    body = json.dumps({"features": rows}).encode()
+    for _ in range(5):
+        s = socket.create_connection((served.host, served.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        s.close()  # reset: the answer has nowhere to go
+    assert_still_serving(served)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert "Traceback" not in capfd.readouterr().err
