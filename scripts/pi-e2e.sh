@@ -115,8 +115,12 @@ teardown() {
         e2e_log "WARNING: mounts left below $R"
         rc=1
     fi
-    [[ ${E2E_KEEP:-0} == 1 ]] && e2e_log "work folder kept: $WORK" || rm -rf "$WORK"
-    step done
+    if [[ ${E2E_KEEP:-0} == 1 ]]; then
+        e2e_log "work folder kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    step "done"
     echo "pi-e2e timings:"
     printf '  %s\n' "${TIMINGS[@]}"
     printf '  %5ds  total\n' $((SECONDS - T_START))
@@ -135,7 +139,7 @@ MQTT_PORT=$(free_port)
 BROKER=mqtt://127.0.0.1:$MQTT_PORT
 
 # --- 1. rootfs -------------------------------------------------------------------------
-step "1. arm64 bookworm rootfs (debootstrap + qemu; cached)"
+step "1. arm64 bookworm rootfs (debootstrap + qemu, or the cache)"
 e2e_rootfs_ensure
 # The device gets its own copy of the shared base rootfs (other e2e targets reuse the
 # base), made once and kept: its venv and pip cache make the next run quick.
@@ -174,7 +178,7 @@ install -d -m 0755 "$R/etc/edge-agent"
 install -m 0644 "$WORK/pkgs/keys/publisher.pub" "$R/etc/edge-agent/publisher.pub"
 cat >"$R/etc/edge-agent/agent.toml" <<EOF
 # Written by scripts/pi-e2e.sh before install-pi.sh, which must leave it alone.
-# The unit's StateDirectory, named here too so `edge-agent install` run by hand
+# The unit's StateDirectory, named here too so that edge-agent install run by hand
 # writes the same store the service reads.
 state_dir = "/var/lib/edge-agent"
 
