@@ -188,3 +188,59 @@ def test_onnxruntime_and_signatures_work_without_writable_executable_memory(tmp_
     assert "linear [0, 1, 2]" in proc.stdout
     assert "forest [0, 1, 2]" in proc.stdout
     assert "signature ok" in proc.stdout
+
+
+# --- scripts/install-pi.sh: the refusals a user meets before anything is installed ---
+
+INSTALL_PI = ROOT / "scripts" / "install-pi.sh"
+
+
+def fake_bin(tmp_path: Path, **commands: str) -> dict[str, str]:
+    """PATH with stand-ins for `uname -m`, `id -u` and `dpkg --print-architecture`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, output in commands.items():
+        script = bin_dir / name
+        script.write_text(f"#!/bin/sh\necho {output}\n")
+        script.chmod(0o755)
+    return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+
+
+def run_install_pi(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(INSTALL_PI), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("machine", "arch"),
+    [("armv7l", "armhf"), ("aarch64", "armhf")],
+    ids=["32-bit", "pi4-32-bit-os"],
+)
+def test_install_pi_refuses_a_32_bit_arm_os_and_says_why(tmp_path, machine, arch):
+    env = fake_bin(tmp_path, uname=machine, id="0", dpkg=arch)
+    proc = run_install_pi("--no-apt", env=env)
+    assert proc.returncode == 1
+    assert "no 32-bit ARM wheels" in proc.stderr
+    assert "64-bit Raspberry Pi OS" in proc.stderr
+    assert not (tmp_path / "opt").exists()
+
+
+def test_install_pi_needs_root_and_knows_its_options(tmp_path):
+    env = fake_bin(tmp_path, uname="aarch64", id="1000", dpkg="arm64")
+    proc = run_install_pi(env=env)
+    assert proc.returncode == 1 and "run as root" in proc.stderr
+    assert run_install_pi("--help", env=env).returncode == 0
+    bad = run_install_pi("--prefx", "/opt/x", env=env)
+    assert bad.returncode == 2 and "unknown option --prefx" in bad.stderr
+    missing = run_install_pi(
+        "--wheel",
+        str(tmp_path / "nope.whl"),
+        env=fake_bin(tmp_path / "root", uname="aarch64", id="0", dpkg="arm64"),
+    )
+    assert missing.returncode == 1 and "nope.whl does not exist" in missing.stderr
