@@ -26,7 +26,6 @@ import sqlite3
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,7 +68,7 @@ _EXPIRE_BATCH = 10_000
 _DROP_LOG_INTERVAL_S = 60.0
 # Fixed per-row cost added to the payload size so max_bytes tracks the file, not just JSON.
 _ROW_OVERHEAD = 64
-_RESERVE_BYTES = 256 * 1024
+_WAL_PAGES = 256
 
 
 # --- schema migrations: append only; PRAGMA user_version counts the applied ones ---
@@ -104,6 +103,19 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db.table("meta").insert({"key": "last_seq", "value": 0})
 
 
+class _Batch:
+    """Rows committed together, and the waiters of that one commit."""
+
+    __slots__ = ("cond", "done", "failed", "lead", "rows")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.cond = threading.Condition(lock)
+        self.done = False
+        self.failed = False
+        self.lead = False  # handed the lead: one of its waiters commits it
+
+
 class ResultBuffer:
     """SQLite-backed, bounded, crash-safe queue of inference results."""
 
@@ -117,22 +129,29 @@ class ResultBuffer:
         self._db = sqlite_utils.Database(self._conn)
         self._db.enable_wal()
         self._conn.execute("PRAGMA synchronous=NORMAL")
+        # A smaller WAL than SQLite's default 4 MiB: checkpoints stay short on an SD card
+        # and a full disk needs less room to fold the WAL back into the database.
+        self._conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
+        self._conn.execute(f"PRAGMA journal_size_limit={_WAL_PAGES * 4096}")
         self._migrate()
 
         # _write_lock: one writer on the connection. _lock: the queue state.
         # Order when both are needed: _write_lock, then _lock.
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._pending: list[tuple[Any, ...]] = []
-        self._leader = False
-        self._failed: deque[tuple[int, int]] = deque(maxlen=64)  # seq ranges not written
+        self._flush_lock = threading.Lock()
+        self._open = _Batch(self._lock)  # rows queued for the next commit
+        self._leader = False  # a caller is committing (commit durability)
         self._last_age_check = 0.0
         self._drop_logged_at = -_DROP_LOG_INTERVAL_S
         self._drop_log_pending = 0
         self._recorded = 0
 
-        row = self._conn.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        # The high-water mark: the newest row, or what meta kept when rows were deleted.
+        row = self._conn.execute(
+            "SELECT max((SELECT value FROM meta WHERE key='last_seq'),"
+            " (SELECT coalesce(max(seq), 0) FROM results))"
+        ).fetchone()
         self._next_seq = int(row[0]) + 1
         self._committed_seq = self._next_seq - 1  # every seq <= this is settled
         self._rows, self._bytes = self._count()
@@ -140,7 +159,6 @@ class ResultBuffer:
             self._conn.execute("SELECT reason, count FROM drops").fetchall()
         )
         self._unsaved_drops: dict[str, int] = {}
-        self._ensure_reserve()
 
         self._stop = threading.Event()
         self._flusher: threading.Thread | None = None
@@ -193,50 +211,57 @@ class ResultBuffer:
         with self._lock:
             seq = self._next_seq
             self._next_seq += 1
-            self._pending.append(
+            batch = self._open
+            batch.rows.append(
                 (seq, result.time, result.model, result.version, inputs, outputs,
                  result.latency_ms, size)
             )  # fmt: skip
             if self.cfg.durability == "batched":
                 return seq
-            while True:
-                if self._committed_seq >= seq:
-                    return None if self._was_dropped(seq) else seq
-                if not self._leader:
-                    # Group commit: this caller writes everyone's pending rows.
-                    self._leader = True
-                    batch, self._pending = self._pending, []
-                    break
-                self._cond.wait()
-        self._commit_batch(batch)
-        with self._lock:
-            return None if self._was_dropped(seq) else seq
+            if self._leader:
+                # Someone is committing: wait for our batch to be written, or to be
+                # handed the lead for it. Only this batch's waiters wake.
+                while not (batch.done or batch.lead):
+                    batch.cond.wait()
+                if batch.done:
+                    return None if batch.failed else seq
+                batch.lead = False
+            self._leader = True
+            self._open = _Batch(self._lock)
+        self._commit(batch)
+        return None if batch.failed else seq
 
-    def _was_dropped(self, seq: int) -> bool:
-        return any(lo <= seq <= hi for lo, hi in self._failed)
-
-    def _commit_batch(self, batch: list[tuple[Any, ...]]) -> None:
-        """Write one batch in one transaction (as leader or flusher), then wake waiters."""
-        failed = False
+    def _commit(self, batch: _Batch) -> None:
+        """Write one batch in one transaction, wake its waiters, pass the lead on."""
         try:
-            if batch:
-                with self._write_lock:
-                    self._insert(batch)
+            self._write(batch)
+        finally:
+            self._finish(batch)
+
+    def _finish(self, batch: _Batch) -> None:
+        with self._lock:
+            batch.done = True
+            batch.cond.notify_all()
+            if self._open.rows and self.cfg.durability == "commit":
+                # Group commit: one waiter of the next batch writes it for everyone.
+                self._open.lead = True
+                self._open.cond.notify()
+            else:
+                self._leader = False
+
+    def _write(self, batch: _Batch) -> None:
+        try:
+            with self._write_lock:
+                self._insert(batch.rows)
         except sqlite3.Error as e:
             reason = DISK_FULL if _is_disk_full(e) else IO_ERROR
-            failed = True
+            batch.failed = True
             with self._lock:
-                self._dropped[reason] = self._dropped.get(reason, 0) + len(batch)
-                self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(batch)
-            self._log_drop(reason, len(batch), e)
-        finally:
-            with self._lock:
-                if batch:
-                    self._committed_seq = max(self._committed_seq, batch[-1][0])
-                    if failed:
-                        self._failed.append((batch[0][0], batch[-1][0]))
-                self._leader = False
-                self._cond.notify_all()
+                self._dropped[reason] = self._dropped.get(reason, 0) + len(batch.rows)
+                self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(batch.rows)
+            self._log_drop(reason, len(batch.rows), e)
+        with self._lock:
+            self._committed_seq = max(self._committed_seq, batch.rows[-1][0])
 
     def _log_drop(self, reason: str, count: int, error: Exception) -> None:
         # Once a minute at most: a full SD card must not also fill the journal.
@@ -255,7 +280,6 @@ class ResultBuffer:
                 " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 batch,
             )
-            self._conn.execute("UPDATE meta SET value=? WHERE key='last_seq'", (batch[-1][0],))
             self._rows += len(batch)
             self._bytes += sum(row[7] for row in batch)
             self._enforce_bounds()
@@ -263,47 +287,8 @@ class ResultBuffer:
         self._transaction(insert)
         self._recorded += len(batch)
 
-    def _transaction(self, work: Callable[[], None], *, frees_space: bool = False) -> None:
-        """Run ``work`` in one write transaction (the caller holds the write lock).
-
-        On a full disk, work that frees space (deleting forwarded or expired rows) may
-        use the reserve below and try once more; inserts never do, so the reserve is
-        there when the backlog must drain.
-        """
-        try:
-            self._transaction_once(work)
-        except sqlite3.OperationalError as e:
-            if not (frees_space and _is_disk_full(e) and self._release_reserve()):
-                raise
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._transaction_once(work)
-
-    # A small ballast file is kept beside the database while there is room. When the
-    # disk fills, deleting it leaves SQLite room to checkpoint and delete forwarded
-    # rows, so the backlog can still drain; it is put back once space returns.
-
-    @property
-    def _reserve_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".reserve")
-
-    def _ensure_reserve(self) -> None:
-        if self._reserve_path.exists():
-            return
-        try:
-            with self._reserve_path.open("wb") as f:
-                f.write(b"\0" * _RESERVE_BYTES)
-        except OSError:
-            self._reserve_path.unlink(missing_ok=True)
-
-    def _release_reserve(self) -> bool:
-        try:
-            self._reserve_path.unlink()
-        except FileNotFoundError:
-            return False
-        log.warning("buffer: disk full; released %d reserved bytes to drain", _RESERVE_BYTES)
-        return True
-
-    def _transaction_once(self, work: Callable[[], None]) -> None:
+    def _transaction(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in one write transaction (the caller holds the write lock)."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -317,6 +302,20 @@ class ResultBuffer:
             # Counters moved inside the failed transaction: read back what the file holds.
             self._rows, self._bytes = self._count()
             raise
+
+    def _delete(self, work: Callable[[], None]) -> bool:
+        """A deleting transaction; on a full disk the rows stay (nothing is lost).
+
+        The forwarder sends them again later and consumers drop the duplicates by seq.
+        """
+        try:
+            self._transaction(work)
+        except sqlite3.OperationalError as e:
+            if not _is_disk_full(e):
+                raise
+            log.warning("buffer: disk full, forwarded rows stay until there is room: %s", e)
+            return False
+        return True
 
     # --- bounds ------------------------------------------------------------------
 
@@ -339,10 +338,24 @@ class ResultBuffer:
         if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
             self._expire()
 
+    def _keep_high_water(self) -> None:
+        """Before deleting rows, remember the newest seq so it is never reused.
+
+        Done on deletes only, not on every insert: the newest row is the mark while it
+        exists, which saves a page write per commit on the hot path.
+        """
+        self._conn.execute(
+            "UPDATE meta SET value = max(value, (SELECT coalesce(max(seq), 0) FROM results))"
+            " WHERE key='last_seq'"
+        )
+
     def _expire(self) -> None:
         """Drop rows older than max_age, oldest first, a bounded number per call."""
         now = time.time()
         self._last_age_check = now
+        if not self._oldest_before(now - self.cfg.max_age):
+            return
+        self._keep_high_water()
         deleted = self._conn.execute(
             "DELETE FROM results WHERE seq IN (SELECT seq FROM results ORDER BY seq LIMIT ?)"
             " AND time < ? RETURNING size",
@@ -350,7 +363,21 @@ class ResultBuffer:
         ).fetchall()
         self._account_drop(deleted, MAX_AGE)
 
+    def _expire_idle(self) -> None:
+        """Expire from the forwarder's side too, so an idle device's backlog ages out."""
+        now = time.time()
+        if now - self._last_age_check < _AGE_CHECK_INTERVAL_S:
+            return
+        if self._oldest_before(now - self.cfg.max_age):
+            self._delete(self._expire)
+        self._last_age_check = now
+
+    def _oldest_before(self, cutoff: float) -> bool:
+        row = self._conn.execute("SELECT time FROM results ORDER BY seq LIMIT 1").fetchone()
+        return row is not None and row[0] < cutoff
+
     def _drop_oldest(self, count: int, reason: str) -> None:
+        self._keep_high_water()
         deleted = self._conn.execute(
             "DELETE FROM results WHERE seq IN (SELECT seq FROM results ORDER BY seq LIMIT ?)"
             " RETURNING size",
@@ -380,15 +407,16 @@ class ResultBuffer:
     # --- batched durability ------------------------------------------------------
 
     def flush(self) -> None:
-        """Commit whatever is pending now (batched mode; a no-op when nothing waits)."""
-        with self._lock:
-            while self._leader:
-                self._cond.wait()
-            if not self._pending:
-                return
-            self._leader = True
-            batch, self._pending = self._pending, []
-        self._commit_batch(batch)
+        """Commit what is queued now (the batched mode's writer; also used at close)."""
+        with self._flush_lock, self._lock:
+            if self._leader or not self._open.rows:
+                return  # in commit durability a leader is already on its way
+            batch, self._open = self._open, _Batch(self._lock)
+        with self._flush_lock:
+            try:
+                self._write(batch)
+            finally:
+                self._finish(batch)
 
     def _flush_loop(self) -> None:
         interval = self.cfg.flush_interval_ms / 1000
@@ -404,8 +432,7 @@ class ResultBuffer:
         Also expires rows past ``max_age``, so an idle device's backlog ages out too.
         """
         with self._write_lock:
-            if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
-                self._transaction(self._expire, frees_space=True)
+            self._expire_idle()
             rows = self._conn.execute(
                 "SELECT seq, time, model, version, inputs, outputs, latency_ms FROM results"
                 " WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -413,12 +440,13 @@ class ResultBuffer:
             ).fetchall()
         return [BufferedRow(*r) for r in rows]
 
-    def mark_sent(self, seqs: Sequence[int]) -> None:
-        """Delete rows the broker has acknowledged."""
+    def mark_sent(self, seqs: Sequence[int]) -> bool:
+        """Delete rows the broker has acknowledged; False when the disk is too full to."""
         if not seqs:
-            return
+            return True
 
         def delete() -> None:
+            self._keep_high_water()
             deleted = self._conn.execute(
                 "DELETE FROM results WHERE seq IN (SELECT value FROM json_each(?)) RETURNING size",
                 (json.dumps(list(seqs)),),
@@ -427,8 +455,7 @@ class ResultBuffer:
             self._bytes -= sum(size for (size,) in deleted)
 
         with self._write_lock:
-            self._transaction(delete, frees_space=True)
-            self._ensure_reserve()
+            return self._delete(delete)
 
     def stats(self) -> BufferStats:
         with self._write_lock:
@@ -462,17 +489,20 @@ class ResultBuffer:
     def take_batch_json(self, limit: int, after: int = 0) -> JsonBatch | None:
         """Like ``take_batch``, as one JSON text: the result objects joined by commas."""
         with self._write_lock:
-            if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
-                self._transaction(self._expire, frees_space=True)
+            self._expire_idle()
             count, first, last, text = self._conn.execute(
                 self._BATCH_JSON, (after, limit)
             ).fetchone()
         return JsonBatch(first, last, count, text) if count else None
 
-    def mark_sent_range(self, first: int, last: int) -> None:
-        """Delete every row with ``first <= seq <= last``: the broker acknowledged them."""
+    def mark_sent_range(self, first: int, last: int) -> bool:
+        """Delete every row with ``first <= seq <= last``: the broker acknowledged them.
+
+        False when the disk is too full to delete: the rows stay, to be sent again.
+        """
 
         def delete() -> None:
+            self._keep_high_water()
             rows, size = self._conn.execute(
                 "SELECT count(*), total(size) FROM results WHERE seq BETWEEN ? AND ?",
                 (first, last),
@@ -482,8 +512,7 @@ class ResultBuffer:
             self._bytes -= int(size)
 
         with self._write_lock:
-            self._transaction(delete, frees_space=True)
-            self._ensure_reserve()
+            return self._delete(delete)
 
     def iter_all(self) -> Iterator[BufferedRow]:
         """Every buffered row, oldest first."""

@@ -203,23 +203,47 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a small tmpfs to fill needs root")
     mount = tmp_path / "tiny"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_drops_and_counts_but_never_raises(tiny_disk: Path) -> None:
+def fill(path: Path) -> None:
+    """Fill the file system until a write fails, as another program on the device would."""
+    f = path.open("wb", buffering=0)
+    try:
+        while True:
+            f.write(b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        f.close()
+
+
+def test_full_disk_drops_and_counts_never_raises_and_loses_nothing_stored(
+    tiny_disk: Path,
+) -> None:
     b = ResultBuffer(tiny_disk / "b.db", BufferConfig())
-    outcomes = [b.record(result(i, payload=1000)) for i in range(6000)]
+    stored = [b.record(result(i, payload=1000)) for i in range(200)]
+    assert None not in stored
+    filler = tiny_disk / "someone-elses-log"
+    fill(filler)
+
+    outcomes = [b.record(result(i, payload=1000)) for i in range(300)]  # never raises
     stats = b.stats()
     assert stats.dropped.get("disk_full", 0) > 0
-    assert None in outcomes
-    assert stats.rows > 0
-    # The backlog still drains on a full disk (the reserve makes room for the deletes),
-    # and once rows are forwarded and deleted, recording works again.
-    b.mark_sent([r.seq for r in b.iter_all()])
+    assert outcomes.count(None) == stats.dropped["disk_full"]
+    # Forwarded rows may not be deletable now; they stay (sent again, dropped by seq).
+    sent = [r.seq for r in b.iter_all()]
+    deleted = b.mark_sent(sent[:50])
+    assert {r.seq for r in b.iter_all()} >= set(sent[50:])
+    if not deleted:
+        assert [r.seq for r in b.iter_all()][:50] == sent[:50]
+
+    filler.unlink()  # room again: deleting and recording work as before
+    assert b.mark_sent(sent)
     assert b.stats().rows == 0
     assert b.record(result(0)) is not None
     b.close()
