@@ -33,7 +33,8 @@ DEMO_MANIFEST=agent/demo/iris/manifest.json
 WORK=$(mktemp -d /tmp/container-e2e.XXXXXX)
 T0=$(date +%s)
 
-podman_() { podman "${CSTORE_OPTS[@]}" --runtime runc --cgroup-manager cgroupfs --events-backend file "$@"; }
+PODMAN=(podman "${CSTORE_OPTS[@]}" --runtime runc --cgroup-manager cgroupfs --events-backend file)
+podman_() { "${PODMAN[@]}" "$@"; }
 buildah_() { buildah "${CSTORE_OPTS[@]}" "$@"; }
 # podman's default rlimits are above what this sandbox allows a container to set.
 run_() { podman_ run --arch arm64 --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "$@"; }
@@ -50,6 +51,8 @@ cleanup() {
     ((rc == 0)) && clog "container e2e passed in $(($(date +%s) - T0))s" || clog "container e2e FAILED (exit $rc)"
 }
 trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 [[ $(id -u) == 0 ]] || {
     clog "needs root (debootstrap, binfmt_misc, rootful podman)"
@@ -149,7 +152,7 @@ podman_ healthcheck run "$NAME" && clog "ok   podman healthcheck run: healthy" |
 }
 python3 scripts/e2e/container-check.py status "$URL" --device "$DEVICE"
 clog "edge-agent install /opt/edge-agent/demo/iris inside the running container"
-podman_ exec "$NAME" edge-agent install /opt/edge-agent/demo/iris
+timeout 600 "${PODMAN[@]}" exec "$NAME" edge-agent install /opt/edge-agent/demo/iris
 python3 scripts/e2e/container-check.py predict "$URL" "$DEMO_MANIFEST" --timeout 300 || {
     podman_ logs "$NAME" 2>&1 | tail -n 30 >&2
     exit 1
