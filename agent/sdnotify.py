@@ -60,7 +60,9 @@ class Notifier:
                     self._sock = socket.socket(
                         socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                     )
-                self._sock.sendto(message, self.address)
+                # Never block: with systemd's queue full (it reads promptly, but a
+                # stalled manager must not stall the watchdog thread) drop the message.
+                self._sock.sendto(message, socket.MSG_DONTWAIT, self.address)
             except OSError as e:
                 # Never fatal: a lost notification costs a restart at worst, a raised
                 # one here would take the agent down with it.

@@ -106,6 +106,14 @@ def test_without_systemd_every_call_is_a_silent_no_op():
     loop.stop()
 
 
+def test_a_full_systemd_queue_drops_the_message_instead_of_blocking(systemd):
+    receiver, env = systemd
+    n = Notifier(env)
+    sent = [n.watchdog() for _ in range(500)]  # nobody reads: the queue fills up
+    assert sent[0] and not sent[-1]
+    assert receiver.drain(0.2).count("WATCHDOG=1") == sum(sent)
+
+
 def test_a_vanished_socket_is_logged_not_raised(tmp_path, caplog):
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
     with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
@@ -134,15 +142,15 @@ def test_watchdog_pings_only_while_every_loop_is_alive(systemd):
     loop.start()
     try:
         assert any(t.name == "sd-watchdog" for t in threading.enumerate())
-        time.sleep(0.3)
+        receiver.drain(0.3)  # read as systemd does, so its queue never fills
         alive.clear()  # a component loop hangs
-        time.sleep(0.1)  # let the tick in flight finish
+        receiver.drain(0.1)  # let the tick in flight finish
         pings_when_hung = loop.pings
         assert pings_when_hung >= 3
-        time.sleep(0.3)
+        receiver.drain(0.3)
         assert loop.pings == pings_when_hung, "pinged while a component was not alive"
         alive.set()
-        time.sleep(0.3)
+        receiver.drain(0.3)
         assert loop.pings > pings_when_hung, "pings did not resume after recovery"
     finally:
         loop.stop()
