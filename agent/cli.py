@@ -314,7 +314,8 @@ def _free_port(host: str, first: int, tries: int = 100) -> int:
 
 def _demo_banner(host: str, port: int, manifest: Manifest, state: Path) -> str:
     rows = manifest.parity.get("inputs", {}).get(manifest.inputs[0].name) or [[0.0]]
-    body = json.dumps({"features": rows[:2]})
+    # Parity rows are float32 values; a person reads 5.1, not 5.099999904632568.
+    body = json.dumps({"features": [[float(f"{v:.6g}") for v in row] for row in rows[:2]]})
     base = f"http://{host}:{port}"
     return (
         f"edge-agent demo: serving {manifest.name} {manifest.version} at {base} (state in {state})\n"
