@@ -20,6 +20,7 @@ from typing import Any
 from agent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+CREDENTIAL_ID = "edge"  # LoadCredential=edge:/etc/edge-agent/credentials in the unit
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|M|G)?\s*$")
@@ -334,12 +335,19 @@ def validate(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
 
 
 def resolve_secret_path(value: str, env: Mapping[str, str] | None = None) -> Path:
-    """A relative secret path is looked up in systemd's $CREDENTIALS_DIRECTORY first."""
+    """A relative secret path is looked up in systemd's $CREDENTIALS_DIRECTORY first.
+
+    The unit loads the whole /etc/edge-agent/credentials folder as credential ``edge``,
+    which systemd names ``edge_<file>``: both spellings are accepted, so the same
+    ``password_file = "mqtt.password"`` works under systemd and outside it.
+    """
     env = os.environ if env is None else env
     p = Path(value)
     creds = env.get("CREDENTIALS_DIRECTORY")
-    if not p.is_absolute() and creds and (Path(creds) / p).exists():
-        return Path(creds) / p
+    if not p.is_absolute() and creds:
+        for candidate in (Path(creds) / p, Path(creds) / f"{CREDENTIAL_ID}_{p}"):
+            if candidate.exists():
+                return candidate
     return p
 
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import DEFAULT_CONFIG_PATH, SECTIONS, load_config, read_secret
+from agent.config import (
+    DEFAULT_CONFIG_PATH,
+    SECTIONS,
+    load_config,
+    read_secret,
+    resolve_secret_path,
+)
 from agent.errors import ConfigError
 
 
@@ -137,3 +143,13 @@ def test_example_config_loads_and_shows_every_key() -> None:
         if not re.search(rf"^#?\s*{f.name} = ", sections.get(section, ""), re.M)
     ]
     assert not missing, f"examples/agent.toml does not show: {missing}"
+
+
+def test_secret_from_the_units_credential_folder_by_its_plain_name(tmp_path: Path) -> None:
+    # systemd loads the folder as credential "edge": files arrive as edge_<name>.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "edge_mqtt.password").write_text("s3cret\n")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert resolve_secret_path("mqtt.password", env) == creds / "edge_mqtt.password"
+    assert resolve_secret_path("/abs/mqtt.password", env) == Path("/abs/mqtt.password")
