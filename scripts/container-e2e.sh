@@ -21,12 +21,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/e2e/container-base.sh
 . scripts/e2e/container-base.sh
+# shellcheck source=scripts/e2e/container-broker.sh
+. scripts/e2e/container-broker.sh
 
 VERSION=$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
 IMAGE=localhost/edge-agent:$VERSION
 NAME=edge-agent-e2e-$$
 VOLUME=edge-agent-e2e-state-$$
 DEVICE=e2e-pi-$$
+FLEET=e2e
 PORT=${E2E_PORT:-$(python3 -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 URL=http://127.0.0.1:$PORT
 DEMO_MANIFEST=agent/demo/iris/manifest.json
@@ -47,6 +50,7 @@ cleanup() {
         podman_ rm -f -t 5 "$NAME" >/dev/null 2>&1 || true
         podman_ volume rm -f "$VOLUME" >/dev/null 2>&1 || true
     fi
+    cbroker_stop
     rm -rf "$WORK"
     ((rc == 0)) && clog "container e2e passed in $(($(date +%s) - T0))s" || clog "container e2e FAILED (exit $rc)"
 }
@@ -122,23 +126,34 @@ run_ --rm --no-healthcheck --user 0 --entrypoint /bin/sh "$IMAGE" -c \
     clog "$DEMO_MANIFEST is missing: the image would have no demo model to serve"
     exit 1
 }
-cat >"$WORK/agent.toml" <<'EOF'
+cat >"$WORK/agent.toml" <<EOF
 # Mounted read-only at /etc/edge-agent/agent.toml; the environment overrides device.id.
 [device]
 id = "from-the-file"
-fleet = "e2e"
+fleet = "$FLEET"
 
 [health]
 interval_s = 10
 EOF
 chmod 0644 "$WORK/agent.toml"
 podman_ volume create "$VOLUME" >/dev/null
+# A real broker with this device's account; the password reaches the agent as a
+# read-only file owned by the image's user, the way docs/container.md tells users.
+chmod 0755 "$WORK"
+cbroker_start "$WORK/broker" "$DEVICE" "$FLEET"
+install -m 0400 -o 10001 -g 10001 "$CBROKER_DEVICE_PW_FILE" "$WORK/mqtt-password"
+clog "mosquitto (broker-config/) on port $CBROKER_PORT, account $DEVICE in fleet $FLEET"
+cbroker_subscribe "edge/devices/$DEVICE/results" "$WORK/results.jsonl"
 clog "starting $NAME on $URL"
 run_ --detach --name "$NAME" \
     --publish "127.0.0.1:$PORT:8080" \
     --volume "$VOLUME:/var/lib/edge-agent" \
     --volume "$WORK/agent.toml:/etc/edge-agent/agent.toml:ro" \
     --env "EDGE_AGENT_DEVICE_ID=$DEVICE" \
+    --env "EDGE_AGENT_MQTT_URL=mqtt://host.containers.internal:$CBROKER_PORT" \
+    --env "EDGE_AGENT_MQTT_USERNAME=$DEVICE" \
+    --env "EDGE_AGENT_MQTT_PASSWORD_FILE=/run/secrets/mqtt-password" \
+    --volume "$WORK/mqtt-password:/run/secrets/mqtt-password:ro" \
     "${HIDE_CPU_CACHE[@]}" \
     "$IMAGE" >/dev/null
 python3 scripts/e2e/container-check.py live "$URL" --timeout 300 || {
@@ -151,6 +166,13 @@ podman_ healthcheck run "$NAME" && clog "ok   podman healthcheck run: healthy" |
     podman_ exec "$NAME" python3 -c "$(podman_ image inspect --format '{{index .Config.Healthcheck.Test 1}}' "$IMAGE")"
 }
 python3 scripts/e2e/container-check.py status "$URL" --device "$DEVICE"
+python3 scripts/e2e/container-check.py broker "$URL" --timeout 120
+ONLINE=$(cbroker_retained "edge/devices/$DEVICE/status")
+[[ $ONLINE == *'"online"'* ]] || {
+    clog "retained edge/devices/$DEVICE/status is ${ONLINE:-missing}, expected state online"
+    exit 1
+}
+clog "ok   retained edge/devices/$DEVICE/status on the broker: online"
 clog "edge-agent install /opt/edge-agent/demo/iris inside the running container"
 timeout 600 "${PODMAN[@]}" exec "$NAME" edge-agent install /opt/edge-agent/demo/iris
 python3 scripts/e2e/container-check.py predict "$URL" "$DEMO_MANIFEST" --timeout 300 || {
@@ -171,12 +193,22 @@ EXIT=$(podman_ inspect --format '{{.State.ExitCode}}' "$NAME")
 clog "stopped in $(($(date +%s) - S0))s with exit code $EXIT"
 podman_ logs "$NAME" 2>&1 | tail -n 5 >&2
 [[ $EXIT == 0 ]] || exit 1
-# What was answered is on the volume, committed: the buffer survives the container.
-ROWS=$(run_ --rm --no-healthcheck --volume "$VOLUME:/var/lib/edge-agent" --entrypoint python3 "$IMAGE" -c \
+OFFLINE=$(cbroker_retained "edge/devices/$DEVICE/status")
+[[ $OFFLINE == *'"offline"'* ]] || {
+    clog "after stop, retained edge/devices/$DEVICE/status is ${OFFLINE:-missing}, expected offline"
+    exit 1
+}
+clog "ok   retained edge/devices/$DEVICE/status after stop: offline"
+# Every answered request is accounted for after SIGTERM: delivered to the broker's
+# results topic, or committed to the SQLite buffer on the volume for the next start.
+sleep 1
+cbroker_stop
+DELIVERED=$(python3 -c 'import json, sys; print(sum(len(json.loads(l)["results"]) for l in open(sys.argv[1]) if l.strip()))' "$WORK/results.jsonl")
+BUFFERED=$(run_ --rm --no-healthcheck --volume "$VOLUME:/var/lib/edge-agent" --entrypoint python3 "$IMAGE" -c \
     "import sqlite3; print(sqlite3.connect('/var/lib/edge-agent/buffer.db').execute('select count(*) from results').fetchone()[0])")
-clog "buffer on the volume after stop: $ROWS results"
-((ROWS >= 6)) || {
-    clog "expected at least 6 buffered results (one per /predict call), found $ROWS"
+clog "results: $DELIVERED delivered on edge/devices/$DEVICE/results, $BUFFERED left in the buffer on the volume"
+((DELIVERED + BUFFERED >= 6)) || {
+    clog "expected at least 6 results (one per /predict call), found $((DELIVERED + BUFFERED))"
     exit 1
 }
 

@@ -5,6 +5,7 @@
     container-check.py predict URL MANIFEST [--timeout S] /predict the package's parity
                                                           rows, compare with its labels
     container-check.py status URL --device ID             /status names this device
+    container-check.py broker URL [--timeout S]           /status says the broker is connected
 
 Timeouts are generous: under qemu the agent imports onnxruntime about 70x slower than
 on a Pi. Each check prints one line; a failure exits 1 with what was expected.
@@ -105,6 +106,16 @@ def check_status(args: argparse.Namespace) -> None:
     print(f"ok   /status: device id {device} (from the environment override)")
 
 
+def check_broker(args: argparse.Namespace) -> None:
+    def attempt() -> tuple[bool, Any]:
+        status, body = request(f"{args.url}/status")
+        broker = body.get("broker") if isinstance(body, dict) else None
+        return isinstance(broker, dict) and broker.get("connected") is True, (status, broker)
+
+    broker = until(args.timeout, "GET /status broker.connected", attempt)[1]
+    print(f"ok   /status: connected to {broker.get('url')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="check", required=True)
@@ -121,6 +132,10 @@ def main() -> None:
     p.add_argument("url")
     p.add_argument("--device", required=True)
     p.set_defaults(run=check_status)
+    p = sub.add_parser("broker")
+    p.add_argument("url")
+    p.add_argument("--timeout", type=float, default=120)
+    p.set_defaults(run=check_broker)
     args = parser.parse_args()
     args.url = args.url.rstrip("/")
     args.run(args)
