@@ -56,8 +56,13 @@ class Reply:
     version: str = ""
 
 
+# json.dumps with options builds a new encoder per call; one shared encoder is stateless
+# (thread-safe) and gives the same text.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def json_reply(status: int, obj: Any, **kw: Any) -> Reply:
-    return Reply(status, json.dumps(obj, separators=(",", ":")).encode(), **kw)
+    return Reply(status, _encode(obj).encode(), **kw)
 
 
 def error_reply(status: int, message: str, **kw: Any) -> Reply:
