@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -101,6 +102,11 @@ class _Headers(dict[str, str]):
         return dict.get(self, name.lower(), default)
 
 
+# The transport's own look-ups use lowercase names: the plain dict's get, without the
+# Python-level case folding of _Headers.get (five look-ups on every request).
+_header: Callable[..., Any] = dict.get
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_S
@@ -117,7 +123,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Refuse an oversized body before the client sends it (curl asks above 1 MB)."""
-        raw = self.headers.get("Content-Length", "")
+        raw = _header(self.headers, "content-length", "")
         if raw.isdigit() and int(raw) > self.server.max_body:
             self.close_connection = True
             self.server.service.metrics.request("transport", "", "", 413)
@@ -166,8 +172,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = False  # HTTP/1.1: keep-alive unless told otherwise
         headers = _Headers()
         last = ""
+        readline = self.rfile.readline
         for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            line = readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
                 self.send_error(431, "header line too long")
                 return False
@@ -188,13 +195,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(431, f"more than {MAX_HEADERS} headers")
             return False
         self.headers = headers  # type: ignore[assignment]
-        connection = headers.get("connection", "").lower()
+        connection = _header(headers, "connection", "").lower()
         if connection == "close":
             self.close_connection = True
         elif connection == "keep-alive":
             self.close_connection = False
         if (
-            headers.get("expect", "").lower() == "100-continue"
+            _header(headers, "expect", "").lower() == "100-continue"
             and self.request_version != "HTTP/1.0"
         ):
             return self.handle_expect_100()
@@ -216,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         reply = service.handle(method, path, query, self.headers, body)
         if reply.compressible and len(reply.body) >= COMPRESS_MIN_BYTES:
-            encoding = choose_encoding(self.headers.get("Accept-Encoding"))
+            encoding = choose_encoding(_header(self.headers, "accept-encoding"))
             if encoding is not None:
                 reply.body = (
                     gzip.compress(reply.body, 5, mtime=0)
@@ -227,11 +234,15 @@ class _Handler(BaseHTTPRequestHandler):
                 reply.headers["Vary"] = "Accept-Encoding"
         self._write(reply)
 
+    # The usual methods found without __getattr__ (which handle_one_request would call
+    # twice, through hasattr and getattr, on every request).
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
     def _authorize(self, path: str) -> None:
         token = self.server.token
         if token is None or path in OPEN_PATHS:
             return
-        given = self.headers.get("Authorization", "")
+        given = _header(self.headers, "authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not value:
             self._discard_body()
@@ -244,15 +255,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _discard_body(self) -> None:
         # An unread body would be taken for the next request: close instead of reading it.
-        if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
+        headers = self.headers
+        if _header(headers, "content-length", "0") != "0" or _header(headers, "transfer-encoding"):
             self.close_connection = True
 
     def _body(self) -> bytes:
         limit = self.server.max_body
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        headers = self.headers
+        transfer = _header(headers, "transfer-encoding")
+        if transfer is not None and "chunked" in transfer.lower():
             data = self._read_chunked(limit)
         else:
-            raw = self.headers.get("Content-Length")
+            raw = _header(headers, "content-length")
             if raw is None:
                 data = b""
             else:
@@ -270,9 +284,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if len(data) != length:
                     self.close_connection = True
                     raise BadRequest(f"body: got {len(data)} bytes, Content-Length said {length}")
-        encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("identity", ""):
-            data = decompress(data, encoding, limit)
+        encoding = _header(headers, "content-encoding")
+        if encoding is not None:
+            encoding = encoding.strip().lower()
+            if encoding not in ("identity", ""):
+                data = decompress(data, encoding, limit)
         return data
 
     def _read_chunked(self, limit: int) -> bytes:
