@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common], help="serve the bundled iris model here")
     p.add_argument("--port", type=int, default=8080, help="first port to try (default 8080)")
     p.add_argument(
+        "--host",
+        default=os.environ.get("EDGE_AGENT_HTTP_HOST", "127.0.0.1"),
+        help="address to listen on (default 127.0.0.1, or $EDGE_AGENT_HTTP_HOST in a container)",
+    )
+    p.add_argument(
         "--state-dir", type=Path, help="keep state here (default: a temp folder removed at exit)"
     )
     return parser
@@ -283,6 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         cfg = Config(state_dir=str(state))  # the demo ignores /etc: it must just work
         cfg.source = "edge-agent demo"
+        cfg.http.host = args.host
         cfg.http.port = _free_port(cfg.http.host, args.port)
         installer = _local_installer(cfg)
         manifest = installer.install(DEMO_PACKAGE, source="bundled demo")
@@ -316,7 +322,8 @@ def _demo_banner(host: str, port: int, manifest: Manifest, state: Path) -> str:
     rows = manifest.parity.get("inputs", {}).get(manifest.inputs[0].name) or [[0.0]]
     # Parity rows are float32 values; a person reads 5.1, not 5.099999904632568.
     body = json.dumps({"features": [[float(f"{v:.6g}") for v in row] for row in rows[:2]]})
-    base = f"http://{host}:{port}"
+    # A wildcard address is not one to curl: the machine's own loopback is.
+    base = f"http://{'127.0.0.1' if host in {'0.0.0.0', '::'} else host}:{port}"
     return (
         f"edge-agent demo: serving {manifest.name} {manifest.version} at {base} (state in {state})\n"
         f"try:\n"
