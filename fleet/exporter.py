@@ -35,7 +35,7 @@ from prometheus_client.core import (
 
 from agent.errors import EdgeError, UsageError
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
-from fleet.state import DeviceState, FleetState, InvalidMessage
+from fleet.state import DeviceState, FleetState
 
 log = logging.getLogger(__name__)
 
@@ -289,11 +289,7 @@ def run(args: argparse.Namespace) -> int:
     def on_message(message: mqtt.MQTTMessage) -> None:
         kind = message.topic.rsplit("/", 1)[-1]
         collector.messages[kind] = collector.messages.get(kind, 0) + 1
-        try:
-            fleet.apply(message.topic, message.payload, retained=bool(message.retain))
-        except InvalidMessage as e:
-            level = logging.WARNING if fleet.first_problem(message.topic) else logging.DEBUG
-            log.log(level, "ignored: %s", e)
+        fleet.receive(message.topic, message.payload, retained=bool(message.retain))
 
     client = connect(
         options,

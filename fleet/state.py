@@ -8,6 +8,7 @@ process's clock, so "last seen" never depends on a device's clock being right.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 import time
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.topics import Topics
+
+log = logging.getLogger(__name__)
 
 
 class InvalidMessage(ValueError):
@@ -137,6 +140,14 @@ class FleetState:
                 return False
             self._warned.add(topic)
             return True
+
+    def receive(self, topic: str, payload: bytes | bytearray, *, retained: bool) -> None:
+        """``apply`` for a subscriber: a bad payload is logged (loudly once per topic), kept out."""
+        try:
+            self.apply(topic, payload, retained=retained)
+        except InvalidMessage as e:
+            level = logging.WARNING if self.first_problem(topic) else logging.DEBUG
+            log.log(level, "ignored: %s", e)
 
     def apply(
         self,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import threading
 import time
@@ -19,9 +18,7 @@ from typing import Any, TextIO
 import paho.mqtt.client as mqtt
 
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
-from fleet.state import DeviceState, FleetState, InvalidMessage
-
-log = logging.getLogger(__name__)
+from fleet.state import DeviceState, FleetState
 
 SCHEMA_VERSION = 1
 COLUMNS = ("DEVICE", "FLEET", "STATE", "MODELS", "DEPLOYMENT", "LAST SEEN", "P99", "BACKLOG")
@@ -183,11 +180,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     fleet = FleetState(topics)
 
     def on_message(message: mqtt.MQTTMessage) -> None:
-        try:
-            fleet.apply(message.topic, message.payload, retained=bool(message.retain))
-        except InvalidMessage as e:
-            level = logging.WARNING if fleet.first_problem(message.topic) else logging.DEBUG
-            log.log(level, "ignored: %s", e)
+        fleet.receive(message.topic, message.payload, retained=bool(message.retain))
 
     client = connect(
         options,
