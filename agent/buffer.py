@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import sqlite3
 import sys
@@ -227,6 +228,11 @@ class ResultBuffer:
                     return None if batch.failed else seq
                 batch.lead = False
             self._leader = True
+        # Give the threads that are ready to run a moment to join this batch: on one
+        # core the leader would otherwise commit before anyone else got the CPU, and
+        # every request would pay a whole transaction (measured: 1.1 rows per commit).
+        os.sched_yield()
+        with self._lock:
             self._open = _Batch(self._lock)
         self._commit(batch)
         return None if batch.failed else seq

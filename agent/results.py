@@ -32,9 +32,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_json_default)
+
+
 def dumps(obj: Any) -> str:
-    """Compact JSON for the buffer; numpy values become lists and numbers."""
-    return json.dumps(obj, separators=(",", ":"), default=_json_default)
+    """Compact JSON for the buffer; numpy values become lists and numbers.
+
+    One shared encoder: ``json.dumps`` with arguments builds a new one per call.
+    """
+    return _ENCODER.encode(obj)
 
 
 @dataclass
