@@ -82,7 +82,7 @@ class BufferConfig:
     max_rows: int = 1_000_000
     max_bytes: int = 256 * 1024 * 1024
     max_age: float = 7 * 86400.0
-    batch_size: int = 500
+    batch_size: int = 1000
     record: str = "all"  # all | sample | none
     sample_rate: float = 0.1
     durability: str = "commit"  # commit: committed before the answer; batched: bounded loss window
