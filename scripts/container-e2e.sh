@@ -65,7 +65,7 @@ trap 'exit 143' TERM
 
 # ---- 1. tools and base image ----------------------------------------------------------
 cbase_host_tools
-cbase_binfmt
+e2e_binfmt
 cbase_image_ensure
 
 # ---- sandbox-only mounts ----------------------------------------------------------------

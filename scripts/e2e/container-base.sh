@@ -6,7 +6,7 @@
 # Dockerfile.arm64 resolves without a pull.
 #
 #   . scripts/e2e/container-base.sh
-#   cbase_host_tools; cbase_binfmt; cbase_image_ensure
+#   cbase_host_tools; e2e_binfmt; cbase_image_ensure
 #
 # The root file system is cached as a tarball under E2E_CACHE (outside the checkout),
 # separately from the Pi e2e's systemd rootfs: that one boots systemd, this one must
@@ -25,6 +25,10 @@ CSTORE_OPTS=(--root "$CSTORE_ROOT" --runroot "$CSTORE_RUNROOT" --storage-driver 
 
 clog() { printf '[container-e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
+# binfmt_misc registration and the host's Debian mirror are shared with the Pi e2e.
+# shellcheck source=scripts/e2e/arm64-rootfs.sh
+. "$(dirname "${BASH_SOURCE[0]}")/arm64-rootfs.sh"
+
 # Host tools from Debian (CI machines start bare). crun fails in this sandbox; runc works.
 cbase_host_tools() {
     local want=(buildah podman runc qemu-user-static binfmt-support debootstrap)
@@ -37,36 +41,6 @@ cbase_host_tools() {
         apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
     fi
-}
-
-# arm64 binaries run through qemu-user-static; Debian registers it with the F flag, so
-# containers need no copy of the interpreter.
-cbase_binfmt() {
-    [[ -e /proc/sys/fs/binfmt_misc/register ]] ||
-        mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-    update-binfmts --enable qemu-aarch64 2>/dev/null || true
-    if ! grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64; then
-        update-binfmts --import qemu-aarch64 || true
-        update-binfmts --enable qemu-aarch64
-    fi
-    grep -qs enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || {
-        clog "binfmt_misc: qemu-aarch64 could not be enabled"
-        return 1
-    }
-}
-
-# The Debian mirror the host's apt uses (deb822 or one-line format): same route, same
-# proxy or snapshot as the host.
-cbase_mirror() {
-    local uri=""
-    if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
-        uri=$(awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources |
-            grep -v -e security -e nodesource -e google | head -n1 || true)
-    fi
-    if [[ -z $uri && -f /etc/apt/sources.list ]]; then
-        uri=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list)
-    fi
-    echo "${uri:-http://deb.debian.org/debian}"
 }
 
 # What makes the official slim image slim: dpkg drops docs, man pages and translations,
@@ -94,7 +68,7 @@ EOF
 
 cbase_rootfs_tar() {
     local work=$E2E_CACHE/$CBASE_SUITE-arm64-minbase.partial mirror
-    mirror=$(cbase_mirror)
+    mirror=$(e2e_mirror)
     rm -rf "$work"
     mkdir -p "$work"
     cbase_slim_config "$work"
@@ -136,6 +110,6 @@ cbase_image_ensure() {
 
 if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
     cbase_host_tools
-    cbase_binfmt
+    e2e_binfmt
     cbase_image_ensure
 fi
