@@ -110,6 +110,7 @@ class Supervisor:
 
     def _build_mqtt(self) -> None:
         # Imported here so an agent without a broker never loads paho.
+        from agent.commands import Commands
         from agent.delivery import Delivery
         from agent.forwarder import Forwarder
         from agent.health import HealthReporter
@@ -120,7 +121,8 @@ class Supervisor:
         forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
         health = HealthReporter(cfg, self.registry, self.buffer, self.mqtt, self.metrics)
         delivery = Delivery(cfg, self.mqtt, self.installer, self.store, self.metrics)
-        self.components += [self.mqtt, forwarder, health, delivery]
+        commands = Commands(cfg, self.mqtt, self.installer)
+        self.components += [self.mqtt, forwarder, health, delivery, commands]
         # Any model change (delivery, `edge-agent install` beside us, start-up fallback)
         # refreshes the retained status the fleet reads.
         mqtt = self.mqtt
