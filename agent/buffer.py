@@ -414,11 +414,13 @@ class ResultBuffer:
 
     def flush(self) -> None:
         """Commit what is queued now (the batched mode's writer; also used at close)."""
-        with self._flush_lock, self._lock:
-            if self._leader or not self._open.rows:
-                return  # in commit durability a leader is already on its way
-            batch, self._open = self._open, _Batch(self._lock)
+        # One flusher at a time, held from taking the batch to writing it, so batches
+        # are committed in the order they were taken.
         with self._flush_lock:
+            with self._lock:
+                if self._leader or not self._open.rows:
+                    return  # in commit durability a leader is already on its way
+                batch, self._open = self._open, _Batch(self._lock)
             try:
                 self._write(batch)
             finally:
