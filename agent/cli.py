@@ -3,7 +3,7 @@
 Exit codes: 0 success, 1 a failure explained in one line on stderr (a traceback only
 with ``--verbose``), 2 bad usage. ``install`` and ``rollback`` write the model store
 directly, whether or not an agent runs; a running agent notices the changed active
-pointer within a second (``agent.supervisor.StoreWatcher``) and swaps the model in.
+pointer within a second (``agent.updates.watcher.StoreWatcher``) and swaps the model in.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 from agent import __version__
 from agent.config import Config, load_config
-from agent.errors import ConfigError, EdgeError, run_command
-from agent.manifest import Manifest, open_package
 from agent.status_client import fetch_status, format_status
+from agent.wire.errors import ConfigError, EdgeError, run_command
+from agent.wire.manifest import Manifest
+from agent.wire.package import open_package
 
 PROG = "edge-agent"
 DEMO_PACKAGE = Path(__file__).resolve().parent / "demo" / "iris"
@@ -137,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from agent.manifest import load_trusted_keys
+    from agent.wire.signing import load_trusted_keys
 
     cfg = _config(args)
     from agent.config import resolve_secret_path
@@ -174,9 +175,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _local_installer(cfg: Config) -> Any:
-    from agent.installer import Installer
-    from agent.registry import Registry
-    from agent.store import ModelStore
+    from agent.models.registry import Registry
+    from agent.models.store import ModelStore
+    from agent.updates.installer import Installer
 
     store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)
     return Installer(cfg, store, Registry(default=cfg.models.default or None))
@@ -230,7 +231,7 @@ def _running_agent_note(cfg: Config, name: str, version: str, wait_s: float = 10
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from agent.store import ModelStore
+    from agent.models.store import ModelStore
 
     cfg = _config(args)
     store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)

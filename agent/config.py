@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConfigError
+from agent.wire.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 CREDENTIAL_ID = "edge"  # LoadCredential=edge:/etc/edge-agent/credentials in the unit

@@ -9,10 +9,8 @@ numbers.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,14 +20,16 @@ import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent import __version__
 from agent.config import Config
+from agent.disk import free_bytes
+from agent.loops import Loop
+from agent.wire import payloads
 
 if TYPE_CHECKING:
-    from agent.buffer import ResultBuffer
+    from agent.link import Link
     from agent.metrics import InferenceWindow, Metrics
-    from agent.mqtt import MqttClient
-    from agent.registry import Registry
+    from agent.models.registry import Registry
+    from agent.results.buffer import ResultBuffer
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,6 @@ def soc_temperature(root: Path = THERMAL_ROOT) -> float | None:
     return None
 
 
-def disk_free(path: Path) -> int | None:
-    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
-    for p in (path, *path.resolve().parents):
-        try:
-            return int(psutil.disk_usage(str(p)).free)
-        except OSError:
-            continue
-    return None
-
-
 class HealthReporter:
     """The health loop; one named thread."""
 
@@ -77,7 +67,7 @@ class HealthReporter:
         cfg: Config,
         registry: Registry,
         buffer: ResultBuffer,
-        mqtt: MqttClient | None,
+        mqtt: Link | None,
         metrics: Metrics | None = None,
         *,
         thermal_root: Path = THERMAL_ROOT,
@@ -100,42 +90,33 @@ class HealthReporter:
         self._proc.cpu_percent(None)
         self.last: dict[str, Any] | None = None
         self.reports = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._tick = time.monotonic()
+        # A first report soon after start-up, so the fleet sees a new device at once.
+        self.loop = Loop(
+            "health",
+            self._step,
+            stall_s=max(60.0, 3 * self.interval_s),
+            first_wait_s=min(self.interval_s, 2.0),
+        )
         if metrics is not None:
             metrics.registry.register(HealthCollector(self))
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="health", daemon=True)
-        self._thread.start()
+        log.info("health: reporting every %.0f s to %s", self.interval_s, self.topic)
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self.loop.stop(5)
         if self.window is not None and self.metrics is not None:
             self.metrics.inference.unsubscribe(self.window)
 
     def alive(self) -> bool:
-        running = self._thread is not None and self._thread.is_alive()
-        return running and time.monotonic() - self._tick < max(60.0, 3 * self.interval_s)
+        return self.loop.alive()
 
-    def _run(self) -> None:
-        log.info("health: reporting every %.0f s to %s", self.interval_s, self.topic)
-        # A first report soon after start-up, so the fleet sees a new device at once.
-        first_wait = min(self.interval_s, 2.0)
-        wait = first_wait
-        while not self._stop.wait(wait):
-            self._tick = time.monotonic()
-            try:
-                self.report()
-            except Exception:
-                log.exception("health: report failed")
-            wait = self.interval_s
-        log.info("health: stopped after %d reports", self.reports)
+    def _step(self) -> float:
+        self.report()
+        return self.interval_s
 
     # --- the report ------------------------------------------------------------------
 
@@ -146,7 +127,7 @@ class HealthReporter:
         self.reports += 1
         # Not queued while offline: a late health report is worse than none.
         if self.mqtt is not None and self.mqtt.connected:
-            self.mqtt.publish(self.topic, json.dumps(payload), qos=1)
+            self.mqtt.publish(self.topic, payloads.encode(payload), qos=1)
         return payload
 
     def collect(self) -> dict[str, Any]:
@@ -157,12 +138,8 @@ class HealthReporter:
         except OSError:
             load = [None, None, None]  # type: ignore[list-item]
         stats = self.buffer.stats()
-        payload: dict[str, Any] = {
-            "device": self.cfg.device.id,
-            "fleet": self.cfg.device.fleet,
-            "time": _rfc3339(time.time()),
+        fields: dict[str, Any] = {
             "uptime_s": round(time.time() - self._proc.create_time(), 1),
-            "agent_version": __version__,
             "cpu_percent": psutil.cpu_percent(None),
             "agent_cpu_percent": round(self._proc.cpu_percent(None), 1),
             "load": load,
@@ -171,7 +148,7 @@ class HealthReporter:
                 "available": int(mem.available),
                 "agent_rss": int(self._proc.memory_info().rss),
             },
-            "disk_free_bytes": disk_free(self.cfg.state_path),
+            "disk_free_bytes": free_bytes(self.cfg.state_path),
             "soc_temp_c": soc_temperature(self.thermal_root),
             "models": self._models(),
             "buffer": {
@@ -189,7 +166,7 @@ class HealthReporter:
             "forwarded": self._sample("edge_forwarded_results_total"),
             "forward_rate": self._sample("edge_forward_rate"),
         }
-        return payload
+        return payloads.health(self.cfg.device.id, self.cfg.device.fleet, fields)
 
     def _models(self) -> dict[str, Any]:
         window = self.window.take() if self.window is not None else {}
@@ -219,10 +196,6 @@ class HealthReporter:
         if value is None:
             return 0
         return int(value) if float(value).is_integer() else round(value, 1)
-
-
-def _rfc3339(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 class HealthCollector(Collector):

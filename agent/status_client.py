@@ -12,7 +12,7 @@ import urllib.request
 from typing import Any
 
 from agent.config import Config, read_secret
-from agent.errors import EdgeError
+from agent.wire.errors import EdgeError
 
 
 def local_url(cfg: Config, path: str) -> str:

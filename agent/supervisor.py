@@ -16,65 +16,29 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from agent import __version__
-from agent.buffer import ResultBuffer
 from agent.config import Config
-from agent.errors import EdgeError
-from agent.http_server import HttpServer
-from agent.installer import Change, Installer
 from agent.metrics import Metrics
-from agent.registry import Registry
+from agent.models.registry import Registry
+from agent.models.store import ModelStore
+from agent.results.buffer import ResultBuffer
 from agent.sdnotify import Notifier, WatchdogLoop
-from agent.service import Service
-from agent.store import ModelStore
+from agent.serving.http import HttpServer
+from agent.serving.routes import Service
+from agent.updates.installer import Change, Installer
+from agent.updates.watcher import StoreWatcher
+from agent.wire.errors import EdgeError
+from agent.wire.times import rfc3339
 
 if TYPE_CHECKING:
     from types import FrameType
 
 log = logging.getLogger(__name__)
 
-# How often the agent looks for versions that `edge-agent install`/`rollback` activated
-# from another process. Reading a few tiny JSON files a second costs nothing.
-STORE_POLL_S = 1.0
-
 
 class Component(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def alive(self) -> bool: ...
-
-
-class StoreWatcher:
-    """Loads versions activated by another process (the `edge-agent install` command)."""
-
-    def __init__(self, installer: Installer, interval_s: float = STORE_POLL_S) -> None:
-        self.installer = installer
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._tick = time.monotonic()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="store-watch", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.installer.sync()
-            except Exception:
-                log.exception("store-watch: sync failed")
-            self._tick = time.monotonic()
-        log.info("store-watch: stopped")
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def alive(self) -> bool:
-        # A sync can load a large model: allow it a minute before calling the loop hung.
-        running = self._thread is not None and self._thread.is_alive()
-        return running and time.monotonic() - self._tick < max(60.0, 10 * self.interval_s)
 
 
 class Supervisor:
@@ -110,19 +74,27 @@ class Supervisor:
 
     def _build_mqtt(self) -> None:
         # Imported here so an agent without a broker never loads paho.
-        from agent.commands import Commands
-        from agent.delivery import Delivery
-        from agent.forwarder import Forwarder
         from agent.health import HealthReporter
-        from agent.mqtt import MqttClient
+        from agent.paho_link import MqttClient
+        from agent.results.forwarder import Forwarder
+        from agent.updates.commands import Commands
+        from agent.updates.delivery import Delivery
+        from agent.updates.events import Events
 
         cfg = self.cfg
         self.mqtt = MqttClient(cfg, self.metrics, status=self.status)
         forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
         health = HealthReporter(cfg, self.registry, self.buffer, self.mqtt, self.metrics)
-        delivery = Delivery(cfg, self.mqtt, self.installer, self.store, self.metrics)
+        events = Events(cfg.device.id, self.mqtt)
+        # Before load_all: a fallback at start-up is a rollback the fleet must hear of.
+        self.installer.listeners.append(events.on_change)
+        delivery = Delivery(
+            cfg, self.mqtt, self.installer, self.store, events, metrics=self.metrics
+        )
         commands = Commands(cfg, self.mqtt, self.installer)
         self.components += [self.mqtt, forwarder, health, delivery, commands]
+        if delivery.probation is not None:
+            self.components.append(delivery.probation)
         # Any model change (delivery, `edge-agent install` beside us, start-up fallback)
         # refreshes the retained status the fleet reads.
         mqtt = self.mqtt
@@ -250,7 +222,7 @@ class Supervisor:
             "device": self.cfg.device.id,
             "fleet": self.cfg.device.fleet,
             "agent_version": __version__,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "started_at": rfc3339(self.started_at),
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "models": models,
             "broker": self._broker(),

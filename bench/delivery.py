@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agent.manifest import generate_keypair, load_private_key  # noqa: E402
+from agent.wire.signing import generate_keypair, load_private_key  # noqa: E402
 from fleet.publish import publish  # noqa: E402
 from tests.delivery_helpers import operator  # noqa: E402
 from tests.fixtures.agent import RunningAgent, dump_toml, free_port  # noqa: E402

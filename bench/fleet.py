@@ -4,7 +4,7 @@
 
 Each simulated device is what the agent builds for delivery: its own ``MqttClient``
 (client id = device id), ``ModelStore`` and ``Registry`` in its own state folder, an
-``Installer`` and ``agent.delivery.Delivery``, so download, verification, onnxruntime
+``Installer`` and ``agent.updates.delivery.Delivery``, so download, verification, onnxruntime
 load, parity and activation all really happen, once per device. Devices are spread
 over a few processes (threads inside each). To keep the set-up short they log in with
 the operator account instead of 500 device accounts (the ACL is not what is measured).
@@ -49,11 +49,12 @@ def run_devices(
 ) -> None:  # fmt: skip
     """One worker process: start a Delivery per device id, report activations."""
     from agent.config import Config, DeviceConfig, ModelsConfig, MqttConfig
-    from agent.delivery import Delivery
-    from agent.installer import Change, Installer
-    from agent.mqtt import MqttClient
-    from agent.registry import Registry
-    from agent.store import ModelStore
+    from agent.models.registry import Registry
+    from agent.models.store import ModelStore
+    from agent.paho_link import MqttClient
+    from agent.updates.delivery import Delivery
+    from agent.updates.events import Events
+    from agent.updates.installer import Change, Installer
 
     logging.basicConfig(level=logging.ERROR)
     running: list[tuple[MqttClient, Delivery]] = []
@@ -79,7 +80,7 @@ def run_devices(
 
         installer.listeners.append(report)
         client = MqttClient(cfg)
-        delivery = Delivery(cfg, client, installer, store)
+        delivery = Delivery(cfg, client, installer, store, Events(device, client))
         client.start()
         delivery.start()
         running.append((client, delivery))
@@ -108,8 +109,8 @@ def main() -> int:
     from sklearn.datasets import load_iris
     from sklearn.linear_model import LogisticRegression
 
-    from agent.manifest import generate_keypair, load_private_key
-    from agent.topics import in_rollout
+    from agent.wire.signing import generate_keypair, load_private_key
+    from agent.wire.topics import in_rollout
     from converter.package import build_package
     from fleet.publish import publish, rollout
     from tests.delivery_helpers import operator

@@ -65,8 +65,8 @@ def build_package(work: Path) -> tuple[Path, list[float]]:
 
 def seed_buffer(path: Path, rows: int, row: list[float]) -> None:
     """A backlog like the agent writes: 1-row inputs, label + probabilities."""
-    from agent.buffer import Result, ResultBuffer
     from agent.config import BufferConfig
+    from agent.results.buffer import Result, ResultBuffer
 
     buf = ResultBuffer(path, BufferConfig(durability="batched", max_rows=10 * rows))
     now = time.time()

@@ -14,17 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import KeyFileError, ManifestInvalid, run_command
-from agent.manifest import (
-    MODEL_FILE,
-    check_artifact,
+from agent.wire.errors import KeyFileError, ManifestInvalid, run_command
+from agent.wire.manifest import MODEL_FILE
+from agent.wire.package import check_artifact, read_manifest, write_manifest
+from agent.wire.signing import (
     generate_keypair,
     key_id,
     load_private_key,
     load_public_key,
-    read_manifest,
     sign_manifest,
-    write_manifest,
 )
 from converter.loading import UNPICKLE_WARNING
 
@@ -198,7 +196,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import tempfile
 
-    from agent.manifest import open_package
+    from agent.wire.package import open_package
 
     with tempfile.TemporaryDirectory(prefix="edge-model-") as scratch:
         m = read_manifest(open_package(args.package, Path(scratch)))

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConversionError
-from agent.manifest import TensorSpec
+from agent.wire.errors import ConversionError
+from agent.wire.manifest import TensorSpec
 from converter.schema import InputSchema
 
 # Highest default-domain opset each onnxruntime release runs (onnxruntime's

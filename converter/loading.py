@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ConversionError
+from agent.wire.errors import ConversionError
 
 UNPICKLE_WARNING = (
     "joblib and pickle files run code when they are loaded: only convert files you trust "

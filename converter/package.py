@@ -13,20 +13,19 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import ConversionError, ManifestInvalid
-from agent.manifest import (
+from agent.disk import atomic_write
+from agent.wire.errors import ConversionError, ManifestInvalid
+from agent.wire.manifest import (
     DEFAULT_CHUNK_SIZE,
     MANIFEST_FILE,
     MODEL_FILE,
-    NAME_RE,
     Artifact,
-    atomic_write,
     parse_manifest,
-    parse_version,
-    sign_manifest,
-    utc_now_rfc3339,
-    write_manifest,
 )
+from agent.wire.names import NAME_RE, parse_version
+from agent.wire.package import write_manifest
+from agent.wire.signing import sign_manifest
+from agent.wire.times import rfc3339
 from converter.convert import check_fitted, convert, json_values, task_of
 from converter.parity import (
     ParityResult,
@@ -141,7 +140,7 @@ def build(
         "name": name,
         "version": version,
         "serial": serial,
-        "issued_at": utc_now_rfc3339(),
+        "issued_at": rfc3339(),
         "artifact": {
             "file": artifact.file,
             "size": artifact.size,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ParityFailed
+from agent.wire.errors import ParityFailed
 from converter.schema import FLOAT32_EXACT_RANGE, Batch, InputSchema, sklearn_input
 
 RTOL = 1e-4

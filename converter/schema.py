@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.errors import ConversionError
-from agent.manifest import TensorSpec
+from agent.wire.errors import ConversionError
+from agent.wire.manifest import TensorSpec
 
 Batch = dict[str, np.ndarray]
 

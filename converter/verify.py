@@ -1,4 +1,5 @@
-"""Check a package as the device will: manifest, artifact hash, signature, parity vectors."""
+"""Check a package as the device will: manifest, artifact hash, signature, schema and
+parity vectors, each by the device's own code in ``agent.wire``."""
 
 from __future__ import annotations
 
@@ -6,33 +7,15 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from agent.errors import ModelLoadFailed, ParityFailed
-from agent.manifest import (
-    Manifest,
-    check_artifact,
-    load_trusted_keys,
-    open_package,
-    read_manifest,
-    verify_signature,
-)
-from converter.parity import compare
-
-_NUMPY_TYPES: dict[str, Any] = {
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "FP16": np.float16,
-    "INT64": np.int64,
-    "INT32": np.int32,
-    "INT16": np.int16,
-    "INT8": np.int8,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
-    "BYTES": object,
-}
+from agent.wire import parity
+from agent.wire.errors import ModelLoadFailed
+from agent.wire.manifest import Manifest
+from agent.wire.package import check_artifact, open_package, read_manifest
+from agent.wire.parity import one_line
+from agent.wire.signing import load_trusted_keys, verify_signature
 
 
 @dataclass(frozen=True)
@@ -55,41 +38,28 @@ def verify(package: Path, pubs: Sequence[Path] = ()) -> Verified:
 
 
 def replay_parity(folder: Path, manifest: Manifest) -> int:
-    """Run the manifest's parity inputs through onnxruntime; the rows checked."""
+    """Judge the model as the device does (``agent.wire.parity``); the rows checked.
+
+    The schema check comes first: a package with tensors the agent does not serve
+    (FP16, say) fails here just as the device would refuse it.
+    """
     import onnxruntime
 
-    parity = manifest.parity
-    if not parity:
-        raise ParityFailed("parity: the manifest has no parity block to check the model with")
-    try:
-        feeds = {
-            spec.name: np.asarray(parity["inputs"][spec.name], dtype=_NUMPY_TYPES[spec.datatype])
-            for spec in manifest.inputs
-        }
-        expected = {k: np.asarray(v) for k, v in parity["expected"].items()}
-        exact = list(parity.get("exact", []))
-        rtol, atol = float(parity["rtol"]), float(parity["atol"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ParityFailed(f"parity: malformed block ({type(e).__name__}: {e})") from None
-    names = list(expected)
     try:
         session = onnxruntime.InferenceSession(
             str(folder / manifest.artifact.file), providers=["CPUExecutionProvider"]
         )
     except Exception as e:  # onnxruntime's own Fail/InvalidGraph/... types
-        raise ModelLoadFailed(f"{manifest.artifact.file}: onnxruntime cannot load it ({e})") from e
-    try:
-        actual = dict(zip(names, session.run(names, feeds), strict=True))
-    except Exception as e:
-        raise ParityFailed(f"parity: running the stored inputs failed ({e})") from e
-    rows = int(next(iter(feeds.values())).shape[0])
-    result = compare(
-        expected, actual, exact=exact, skip=np.zeros(rows, dtype=bool), rtol=rtol, atol=atol
+        raise ModelLoadFailed(
+            f"{manifest.artifact.file}: onnxruntime cannot load it ({one_line(e)})"
+        ) from None
+    parity.check_schema(
+        manifest,
+        {i.name: i.type for i in session.get_inputs()},
+        {o.name: o.type for o in session.get_outputs()},
     )
-    if not result.ok:
-        bad = [f"{d.name} ({d.detail})" for d in result.outputs.values() if d.mismatches]
-        raise ParityFailed(
-            f"parity: onnxruntime {onnxruntime.__version__} disagrees with the manifest's "
-            f"expected outputs: {'; '.join(bad)}"
-        )
-    return rows
+
+    def run(feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
+    return parity.check_parity(manifest, run)

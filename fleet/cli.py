@@ -17,8 +17,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
-from agent.errors import run_command
+from agent.wire import __version__
+from agent.wire.errors import run_command
 
 PROG = "edge-fleet"
 # Modules holding subcommands, in the order `--help` lists them.

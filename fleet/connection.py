@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.errors import BrokerUnavailable, UsageError
-from agent.topics import DEFAULT_PREFIX, Topics
+from agent.wire.errors import BrokerUnavailable, UsageError
+from agent.wire.topics import DEFAULT_PREFIX, Topics
 
 log = logging.getLogger(__name__)
 

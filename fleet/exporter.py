@@ -33,7 +33,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from agent.errors import EdgeError, UsageError
+from agent.wire.errors import EdgeError, UsageError
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
 from fleet.state import DeviceState, FleetState
 

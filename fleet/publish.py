@@ -27,21 +27,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import PackageError, UsageError
-from agent.manifest import (
-    Manifest,
-    check_artifact,
-    key_id,
-    load_private_key,
-    parse_manifest,
-    read_manifest,
-    verify_signature,
-)
-from agent.topics import check_name
-from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
-from fleet.retained import (
+from agent.wire.errors import PackageError, UsageError
+from agent.wire.manifest import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    Manifest,
+    parse_manifest,
+)
+from agent.wire.names import check_name
+from agent.wire.package import check_artifact, read_manifest
+from agent.wire.signing import key_id, load_private_key, verify_signature
+from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
+from fleet.retained import (
     Session,
     Target,
     artifact_retained,
@@ -98,8 +96,8 @@ def publish(
     the signed manifests published, one per target."""
     targets = _targets(fleet, devices)
     _check_percent(percent)
-    if not 64 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise UsageError(f"--chunk-size: {chunk_size} is not 64..{MAX_CHUNK_SIZE}")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size: {chunk_size} is not {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
     manifest = verify_local(package, key)
     art = manifest.artifact
     session = Session(options, "publish")

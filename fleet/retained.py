@@ -20,15 +20,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.errors import BrokerUnavailable, EdgeError
-from agent.manifest import load_private_key, sign_manifest, utc_now_rfc3339
-from agent.topics import Topics
+from agent.wire.errors import BrokerUnavailable, EdgeError
+from agent.wire.manifest import chunk_count
+from agent.wire.signing import load_private_key, sign_manifest
+from agent.wire.times import rfc3339
+from agent.wire.topics import Topics
 from fleet.connection import BrokerOptions, connect, disconnect
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_SIZE = 1024 * 1024  # 50 chunks for a 50 MB forest; 4 MiB broker limit
-MAX_CHUNK_SIZE = 4 * 1024 * 1024 - 4096  # under broker-config's max_packet_size
 HISTORY_KEEP = 10
 WINDOW = 16  # chunks in flight: enough to fill loopback, bounded memory
 PUBACK_TIMEOUT_S = 60.0
@@ -136,7 +136,10 @@ class Target:
         return t.fleet_desired(self.fleet, model)
 
     def history(self, t: Topics, model: str) -> str:
-        return self.desired(t, model).rsplit("/", 1)[0] + "/history"
+        if self.device:
+            return t.device_history(self.device, model)
+        assert self.fleet
+        return t.fleet_history(self.fleet, model)
 
     def __str__(self) -> str:
         return f"device {self.device}" if self.device else f"fleet {self.fleet}"
@@ -160,8 +163,8 @@ def read_model_state(session: Session, model: str) -> ModelState:
     filters = [
         t.fleet_desired("+", model),
         t.device_desired("+", model),
-        t.fleet_desired("+", model).rsplit("/", 1)[0] + "/history",
-        t.device_desired("+", model).rsplit("/", 1)[0] + "/history",
+        t.fleet_history("+", model),
+        t.device_history("+", model),
     ]
     state = ModelState()
     for topic, payload in session.read_retained(filters).items():
@@ -189,10 +192,10 @@ def sign_desired(
     """The manifest a device gets: fresh serial and time, chunking and rollout, signed."""
     manifest = {k: v for k, v in body.items() if k not in {"signature", "rollout"}}
     manifest["serial"] = serial
-    manifest["issued_at"] = utc_now_rfc3339()
+    manifest["issued_at"] = rfc3339()
     art = dict(manifest["artifact"])
     art["chunk_size"] = chunk_size
-    art["chunks"] = max(1, -(-int(art["size"]) // chunk_size))
+    art["chunks"] = chunk_count(int(art["size"]), chunk_size)
     manifest["artifact"] = art
     if target.fleet and not target.device:
         manifest["rollout"] = {"percent": percent, "salt": salt_for(target, body["name"])}
@@ -221,7 +224,7 @@ def publish_desired(
 
 def artifact_retained(session: Session, sha256: str, size: int, chunk_size: int) -> bool:
     """True when the artifact's last chunk is retained with the length this chunking gives."""
-    chunks = max(1, -(-size // chunk_size))
+    chunks = chunk_count(size, chunk_size)
     topic = session.topics.artifact_chunk(sha256, chunks - 1)
     got = session.read_retained([topic]).get(topic)
     return got is not None and len(got) == size - (chunks - 1) * chunk_size
@@ -230,7 +233,7 @@ def artifact_retained(session: Session, sha256: str, size: int, chunk_size: int)
 def upload_artifact(session: Session, path: Path, sha256: str, chunk_size: int) -> int:
     """Publish every chunk retained (QoS 1, a bounded window in flight); returns chunk count."""
     size = path.stat().st_size
-    chunks = max(1, -(-size // chunk_size))
+    chunks = chunk_count(size, chunk_size)
     bar = Progress(f"uploading {sha256[:12]}", size)
     in_flight: list[int] = []
     with path.open("rb") as f:

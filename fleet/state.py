@@ -7,21 +7,17 @@ process's clock, so "last seen" never depends on a device's clock being right.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.topics import Topics
+from agent.wire import payloads
+from agent.wire.payloads import InvalidPayload
+from agent.wire.topics import Topics
 
 log = logging.getLogger(__name__)
-
-
-class InvalidMessage(ValueError):
-    """A status or health payload that is not the documented shape."""
 
 
 @dataclass
@@ -82,47 +78,6 @@ class DeviceState:
         return merged
 
 
-def _number(payload: dict[str, Any], key: str, where: str) -> None:
-    value = payload.get(key)
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value)
-    ):
-        raise InvalidMessage(f"{where}: {key}: expected a number, got {value!r}")
-
-
-def _check_status(payload: Any, where: str) -> dict[str, Any]:
-    if not isinstance(payload, dict):
-        raise InvalidMessage(f"{where}: expected a JSON object, got {type(payload).__name__}")
-    if payload.get("state") not in ("online", "offline"):
-        raise InvalidMessage(
-            f"{where}: state: expected 'online' or 'offline', got {payload.get('state')!r}"
-        )
-    models = payload.get("models", {})
-    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
-        raise InvalidMessage(f"{where}: models: expected an object of objects, got {models!r}")
-    return payload
-
-
-def _check_health(payload: Any, where: str) -> dict[str, Any]:
-    if not isinstance(payload, dict):
-        raise InvalidMessage(f"{where}: expected a JSON object, got {type(payload).__name__}")
-    for key in ("uptime_s", "cpu_percent", "disk_free_bytes", "soc_temp_c"):
-        _number(payload, key, where)
-    for section in ("memory", "buffer", "mqtt"):
-        value = payload.get(section, {})
-        if not isinstance(value, dict):
-            raise InvalidMessage(f"{where}: {section}: expected an object, got {value!r}")
-    models = payload.get("models", {})
-    if not isinstance(models, dict):
-        raise InvalidMessage(f"{where}: models: expected an object, got {models!r}")
-    for name, m in models.items():
-        if not isinstance(m, dict):
-            raise InvalidMessage(f"{where}: models.{name}: expected an object, got {m!r}")
-        for key in ("inferences", "errors", "p50_ms", "p99_ms"):
-            _number(m, key, f"{where}: models.{name}")
-    return payload
-
-
 class FleetState:
     """Thread-safe map of device id -> DeviceState, fed by MQTT messages."""
 
@@ -145,7 +100,7 @@ class FleetState:
         """``apply`` for a subscriber: a bad payload is logged (loudly once per topic), kept out."""
         try:
             self.apply(topic, payload, retained=retained)
-        except InvalidMessage as e:
+        except InvalidPayload as e:
             level = logging.WARNING if self.first_problem(topic) else logging.DEBUG
             log.log(level, "ignored: %s", e)
 
@@ -159,7 +114,7 @@ class FleetState:
     ) -> str | None:
         """Take one status or health message; returns the device it was about.
 
-        Raises ``InvalidMessage`` naming the topic and field when the payload is not the
+        Raises ``InvalidPayload`` naming the topic and field when the payload is not the
         documented shape (the caller logs it; the device's previous state is kept).
         """
         now = time.time() if now is None else now
@@ -173,14 +128,10 @@ class FleetState:
                 self._devices.pop(device, None)
             return device
         try:
-            decoded = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            with self._lock:
-                self.invalid_messages += 1
-            raise InvalidMessage(f"{topic}: not JSON: {e}") from None
-        try:
-            checked = (_check_status if kind == "status" else _check_health)(decoded, topic)
-        except InvalidMessage:
+            decoded = payloads.decode(payload, topic)
+            check = payloads.check_status if kind == "status" else payloads.check_health
+            checked = check(decoded, topic)
+        except InvalidPayload:
             with self._lock:
                 self.invalid_messages += 1
             raise

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.topics import rollout_bucket
+from agent.wire.topics import rollout_bucket
 from fleet.publish import publish, rollback, rollout
 from tests.delivery_helpers import (
     device_config,

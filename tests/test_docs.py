@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import SECTIONS
-from agent.topics import Topics
+from agent.wire.topics import Topics
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

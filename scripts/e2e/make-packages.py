@@ -19,7 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from agent.manifest import generate_keypair, load_private_key
+from agent.wire.signing import generate_keypair, load_private_key
 from converter.package import build_package
 
 NAMES = np.array(["setosa", "versicolor", "virginica"])

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import ResultBuffer
 from agent.config import Config
-from agent.http_server import HttpServer
-from agent.manifest import read_manifest
 from agent.metrics import Metrics
-from agent.registry import Registry
-from agent.runtime import LoadedModel, check_parity, load_model
-from agent.service import Service
+from agent.models.registry import Registry
+from agent.models.runtime import LoadedModel, check_parity, load_model
+from agent.results.buffer import ResultBuffer
+from agent.serving.http import HttpServer
+from agent.serving.routes import Service
+from agent.wire.package import read_manifest
 
 
 def load(package: Path) -> LoadedModel:

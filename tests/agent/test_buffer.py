@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.buffer import BufferCollector, Result, ResultBuffer
 from agent.config import BufferConfig
+from agent.results.buffer import BufferCollector, Result, ResultBuffer
+from tests.fixtures.rows import all_rows
 
 
 def result(i: int = 0, *, at: float | None = None, payload: int = 0) -> Result:
@@ -50,7 +51,7 @@ def test_seq_is_never_reused_after_rows_are_sent_and_the_buffer_reopened(tmp_pat
     b = ResultBuffer(tmp_path / "b.db", BufferConfig())
     for i in range(3):
         b.record(result(i))
-    b.mark_sent([r.seq for r in b.take_batch(10)])
+    b.mark_sent_range(1, 3)
     assert b.stats().rows == 0
     b.close()
     b = ResultBuffer(tmp_path / "b.db", BufferConfig())
@@ -167,7 +168,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from agent.buffer import Result, ResultBuffer
+    from agent.results.buffer import Result, ResultBuffer
     from agent.config import BufferConfig
     b = ResultBuffer(Path(sys.argv[1]), BufferConfig())
     i = 0
@@ -192,7 +193,7 @@ def test_kill_9_loses_no_committed_result(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     b = ResultBuffer(db, BufferConfig())
-    stored = {r.seq for r in b.iter_all()}
+    stored = {r.seq for r in all_rows(b)}
     assert set(acknowledged) <= stored
     b.close()
 
@@ -236,14 +237,14 @@ def test_full_disk_drops_and_counts_never_raises_and_loses_nothing_stored(
     assert stats.dropped.get("disk_full", 0) > 0
     assert outcomes.count(None) == stats.dropped["disk_full"]
     # Forwarded rows may not be deletable now; they stay (sent again, dropped by seq).
-    sent = [r.seq for r in b.iter_all()]
-    deleted = b.mark_sent(sent[:50])
-    assert {r.seq for r in b.iter_all()} >= set(sent[50:])
+    sent = [r.seq for r in all_rows(b)]
+    deleted = b.mark_sent_range(sent[0], sent[49])
+    assert {r.seq for r in all_rows(b)} >= set(sent[50:])
     if not deleted:
-        assert [r.seq for r in b.iter_all()][:50] == sent[:50]
+        assert [r.seq for r in all_rows(b)][:50] == sent[:50]
 
     filler.unlink()  # room again: deleting and recording work as before
-    assert b.mark_sent(sent)
+    assert b.mark_sent_range(sent[0], sent[-1])
     assert b.stats().rows == 0
     assert b.record(result(0)) is not None
     b.close()

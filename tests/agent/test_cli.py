@@ -172,7 +172,12 @@ def test_running_agent_status_and_installs_beside_it(
     assert result.returncode == 0, result.stderr
     assert "the running agent now serves iris 1.0.0" in result.stdout
     status = agent.status()["models"]["iris"]
-    assert (status["version"], status["previous"], status["state"]) == ("1.0.0", "1.1.0", "active")
+    # A rollback beside the agent is a rollback like any other: /status says so.
+    assert (status["version"], status["previous"], status["state"]) == (
+        "1.0.0",
+        "1.1.0",
+        "rolled_back",
+    )
     assert agent.stop() == 0
 
 

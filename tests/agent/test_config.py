@@ -15,7 +15,7 @@ from agent.config import (
     read_secret,
     resolve_secret_path,
 )
-from agent.errors import ConfigError
+from agent.wire.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -19,9 +19,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.delivery import PAUSE_ENV, PAUSED_FILE
-from agent.download import LOG_FILE, PartialDownload
-from agent.manifest import Artifact, load_private_key, read_manifest, sha256_file, sign_manifest
+from agent.disk import sha256_file
+from agent.updates.delivery import PAUSE_ENV, PAUSED_FILE
+from agent.updates.download import LOG_FILE, PartialDownload
+from agent.wire.manifest import Artifact
+from agent.wire.package import read_manifest
+from agent.wire.signing import load_private_key, sign_manifest
 from fleet.publish import publish
 from fleet.retained import Session, Target, sign_desired, upload_artifact
 from tests.delivery_helpers import device_config, operator, predict_version, serving, wait_event

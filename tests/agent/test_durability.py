@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.buffer import ResultBuffer
 from agent.config import BufferConfig
+from agent.results.buffer import ResultBuffer
+from tests.fixtures.rows import all_rows
 
 
 def test_kill_9_after_answered_predictions_loses_none_of_them(
@@ -50,7 +51,7 @@ def test_kill_9_after_answered_predictions_loses_none_of_them(
         w.join(10)
 
     buffer = ResultBuffer(agent.state_dir / "buffer.db", BufferConfig())
-    recorded = {json.loads(row.inputs)[0][0] for row in buffer.iter_all()}
+    recorded = {json.loads(row.inputs)[0][0] for row in all_rows(buffer)}
     buffer.close()
     lost = [m for m in answered if m not in recorded]
     assert len(answered) >= 300

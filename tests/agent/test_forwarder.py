@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from agent.buffer import Result, ResultBuffer
 from agent.config import BufferConfig, Config
-from agent.forwarder import Forwarder
 from agent.metrics import Metrics
-from agent.mqtt import MqttClient
+from agent.paho_link import MqttClient
+from agent.results.buffer import Result, ResultBuffer
+from agent.results.forwarder import Forwarder
 from tests.fixtures.broker import ROOT, Broker, MessageLog
 
 
@@ -134,10 +134,10 @@ def test_kill_9_mid_forwarding_loses_nothing(broker: Broker, tmp_path: Path) -> 
     consumer = broker.subscribe("edge/devices/dev-1/results", persistent=True)
     script = textwrap.dedent(f"""
         import time
-        from agent.buffer import ResultBuffer
+        from agent.results.buffer import ResultBuffer
         from agent.config import BufferConfig, Config
-        from agent.forwarder import Forwarder
-        from agent.mqtt import MqttClient
+        from agent.results.forwarder import Forwarder
+        from agent.paho_link import MqttClient
         cfg = Config()
         cfg.device.id = "dev-1"
         cfg.mqtt.url, cfg.mqtt.username = {cfg.mqtt.url!r}, "dev-1"
@@ -193,7 +193,7 @@ def test_refused_batches_stay_buffered_and_are_counted(
 def test_large_results_are_split_below_the_message_limit(
     broker: Broker, tmp_path: Path, agents: list[Agent]
 ) -> None:
-    from agent.forwarder import MAX_MESSAGE_BYTES
+    from agent.results.forwarder import MAX_MESSAGE_BYTES
 
     cfg = make_config(broker, "dev-1")
     consumer = broker.subscribe("edge/devices/dev-1/results")
@@ -225,10 +225,10 @@ def test_cpu_share_paces_the_drain(broker: Broker, tmp_path: Path) -> None:
     forwarder.start()
     try:
         time.sleep(1.5)
-        assert forwarder._thread is not None
+        assert forwarder.loop.native_id is not None
         wall = time.monotonic() - t0
         # The forwarder thread's own CPU time (utime + stime), from /proc.
-        stat = Path(f"/proc/self/task/{forwarder._thread.native_id}/stat").read_text()
+        stat = Path(f"/proc/self/task/{forwarder.loop.native_id}/stat").read_text()
         fields = stat.rsplit(")", 1)[1].split()
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         assert 0 < forwarder.forwarded < 60_000  # still draining: paced

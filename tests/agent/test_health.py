@@ -11,12 +11,12 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from agent.buffer import Result, ResultBuffer
 from agent.config import BufferConfig, Config
 from agent.health import HealthReporter, soc_temperature
 from agent.metrics import Metrics
-from agent.mqtt import MqttClient
-from agent.registry import Registry
+from agent.models.registry import Registry
+from agent.paho_link import MqttClient
+from agent.results.buffer import Result, ResultBuffer
 from tests.fixtures.broker import Broker
 
 FIELDS = {

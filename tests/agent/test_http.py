@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from agent.buffer import ResultBuffer
 from agent.config import BufferConfig
-from agent.http_server import choose_encoding
+from agent.results.buffer import ResultBuffer
+from agent.serving.codecs import choose_encoding
 from tests.agent.serving import Client, Served, serve
+from tests.fixtures.rows import all_rows
 
 ROW = {"features": [[5.1, 3.5, 1.4, 0.2]]}
 
@@ -333,15 +334,15 @@ def test_answered_predictions_survive_kill_9(start_agent: Any, iris_package: Pat
     agent.kill()  # SIGKILL right after the last answer: no flush, no clean-up
     buffer = ResultBuffer(agent.state_dir / "buffer.db", BufferConfig())
     try:
-        stored = [json.loads(r.inputs)[0] for r in buffer.iter_all()]
+        stored = [json.loads(r.inputs)[0] for r in all_rows(buffer)]
     finally:
         buffer.close()
     assert stored == sent
 
 
 def test_port_in_use_is_a_one_line_error(served: Served) -> None:
-    from agent.errors import EdgeError
-    from agent.http_server import HttpServer
+    from agent.serving.http import HttpServer
+    from agent.wire.errors import EdgeError
 
     cfg = served.cfg.http.__class__(host=served.host, port=served.port)
     with pytest.raises(EdgeError) as taken:

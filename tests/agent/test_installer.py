@@ -12,7 +12,11 @@ from typing import Any
 import pytest
 
 from agent.config import Config
-from agent.errors import (
+from agent.metrics import Metrics
+from agent.models.registry import ROLLED_BACK, Registry
+from agent.models.store import ModelStore
+from agent.updates.installer import Change, Installer
+from agent.wire.errors import (
     ChecksumMismatch,
     PackageError,
     ParityFailed,
@@ -21,17 +25,8 @@ from agent.errors import (
     SignatureMissing,
     StorageFull,
 )
-from agent.installer import Change, Installer
-from agent.manifest import (
-    generate_keypair,
-    load_private_key,
-    read_manifest,
-    sign_manifest,
-    write_manifest,
-)
-from agent.metrics import Metrics
-from agent.registry import ROLLED_BACK, Registry
-from agent.store import ModelStore
+from agent.wire.package import read_manifest, write_manifest
+from agent.wire.signing import generate_keypair, load_private_key, sign_manifest
 
 Edit = Callable[[dict[str, Any]], None]
 

@@ -9,15 +9,14 @@ from typing import Any
 
 import pytest
 
-from agent.errors import ManifestInvalid, SignatureInvalid, SignatureMissing
-from agent.manifest import (
-    canonical_json,
+from agent.wire.errors import ManifestInvalid, SignatureInvalid, SignatureMissing
+from agent.wire.manifest import canonical_json, parse_manifest
+from agent.wire.names import parse_version
+from agent.wire.signing import (
     generate_keypair,
     load_private_key,
     load_public_key,
     load_trusted_keys,
-    parse_manifest,
-    parse_version,
     sign_manifest,
     verify_signature,
 )

@@ -18,8 +18,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from agent.config import Config
+from agent.link import Message
 from agent.metrics import Metrics
-from agent.mqtt import Message, MqttClient
+from agent.paho_link import MqttClient
 from tests.fixtures.broker import ROOT, Broker, Creds
 
 
@@ -176,7 +177,7 @@ def test_last_will_marks_a_killed_agent_offline(broker: Broker, tmp_path: Path) 
     script = textwrap.dedent(f"""
         import time
         from agent.config import Config
-        from agent.mqtt import MqttClient
+        from agent.paho_link import MqttClient
         cfg = Config()
         cfg.device.id = "dev-1"
         cfg.mqtt.url, cfg.mqtt.username = {settings["url"]!r}, "dev-1"

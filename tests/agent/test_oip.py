@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.agent.serving import Client, Served, serve
+from tests.fixtures.rows import all_rows
 
 
 @pytest.fixture
@@ -345,7 +346,7 @@ def test_bad_binary_bytes_tensor(client: Client) -> None:
 
 def test_infer_is_recorded_in_the_buffer(served: Served, client: Client) -> None:
     client.request("POST", "/v2/models/iris/infer", infer_body([[5.1, 3.5, 1.4, 0.2]], [1, 4]))
-    [row] = list(served.buffer.iter_all())
+    [row] = all_rows(served.buffer)
     assert (row.model, row.version) == ("iris", "1.0.0")
     assert json.loads(row.inputs) == {"input": [[5.1, 3.5, 1.4, 0.2]]}
     outputs = json.loads(row.outputs)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.agent.serving import Served, serve
+from tests.fixtures.rows import all_rows
 
 
 @pytest.fixture
@@ -187,7 +188,7 @@ def test_every_answered_prediction_is_in_the_buffer(iris: Served) -> None:
     c = iris.client()
     answers = [c.predict({"features": [[5.1, 3.5, 1.4, 0.2 + i / 10]]}).json for i in range(5)]
     c.predict({"features": [[1, 2]]})  # refused: not recorded
-    rows = list(iris.buffer.iter_all())
+    rows = all_rows(iris.buffer)
     assert len(rows) == 5
     for row, answer, i in zip(rows, answers, range(5), strict=True):
         assert (row.model, row.version) == ("iris", "1.0.0")

@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from agent.config import ModelsConfig
-from agent.manifest import load_private_key, read_manifest, sha256_file, sign_manifest
+from agent.disk import sha256_file
 from agent.metrics import InferenceStats, WindowStats
-from agent.probation import Limits, Probation, Totals, decide
+from agent.updates.probation import Limits, Probation, Totals, decide
+from agent.wire.package import read_manifest
+from agent.wire.signing import load_private_key, sign_manifest
 from fleet.publish import publish
 from tests.delivery_helpers import device_config, operator, serving, wait_event
 from tests.fixtures.broker import Broker

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.errors import BadRequest, ModelNotFound, NotReady
-from agent.manifest import read_manifest
-from agent.registry import PROBATION, Registry
-from agent.runtime import LoadedModel, load_model
+from agent.models.registry import PROBATION, Registry
+from agent.models.runtime import LoadedModel, load_model
+from agent.wire.errors import BadRequest, ModelNotFound, NotReady
+from agent.wire.package import read_manifest
 
 
 def loaded(package: Path) -> LoadedModel:
@@ -22,7 +22,6 @@ def loaded(package: Path) -> LoadedModel:
 def test_empty_registry_is_not_ready() -> None:
     with pytest.raises(NotReady):
         Registry().get()
-    assert not Registry().ready()
 
 
 def test_the_only_model_is_the_default(iris_package: Path) -> None:

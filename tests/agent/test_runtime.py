@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.errors import BadRequest, ModelLoadFailed, ParityFailed, SchemaUnsupported
-from agent.manifest import Manifest, parse_manifest, read_manifest, write_manifest
-from agent.runtime import check_parity, load_model, to_array
+from agent.models.runtime import check_parity, load_model
+from agent.wire.datatypes import to_array
+from agent.wire.errors import BadRequest, ModelLoadFailed, ParityFailed, SchemaUnsupported
+from agent.wire.manifest import Manifest, parse_manifest
+from agent.wire.package import read_manifest, write_manifest
 
 
 def edited(package: Path, dest: Path, edit: Any) -> tuple[Path, Manifest]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import PackageError
-from agent.manifest import check_artifact, read_manifest, write_manifest
-from agent.runtime import check_parity, load_model
-from agent.store import ModelStore
+from agent.models.runtime import check_parity, load_model
+from agent.models.store import ModelStore
+from agent.wire.errors import PackageError
+from agent.wire.package import check_artifact, read_manifest, write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,8 +137,8 @@ _CHURN = textwrap.dedent(
     """
     import itertools, sys
     from pathlib import Path
-    from agent.manifest import read_manifest
-    from agent.store import ModelStore
+    from agent.wire.package import read_manifest
+    from agent.models.store import ModelStore
 
     store = ModelStore(Path(sys.argv[1]), keep_versions=2)
     packages = [Path(p) for p in sys.argv[2:]]

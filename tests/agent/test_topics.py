@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from agent.topics import Topics, in_rollout, rollout_bucket
+from agent.wire.topics import Topics, in_rollout, rollout_bucket
 
 
 def test_topic_names_follow_the_contract() -> None:

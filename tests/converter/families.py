@@ -165,7 +165,7 @@ def support_table() -> str:
     import tempfile
     from pathlib import Path
 
-    from agent.errors import EdgeError
+    from agent.wire.errors import EdgeError
     from converter.package import build
 
     lines = [

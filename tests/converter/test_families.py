@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from agent.manifest import load_private_key
-from agent.runtime import check_parity, load_model
+from agent.models.runtime import check_parity, load_model
+from agent.wire.signing import load_private_key
 from converter.package import build
 from converter.verify import verify
 from tests.converter.families import FAMILIES, Family, fitted

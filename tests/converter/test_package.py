@@ -10,15 +10,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from agent.errors import ConversionError, ParityFailed
-from agent.manifest import (
-    DEFAULT_CHUNK_SIZE,
-    key_id,
-    load_public_key,
-    parse_manifest,
-    verify_package,
-)
-from agent.runtime import check_parity, load_model
+from agent.models.runtime import check_parity, load_model
+from agent.wire.errors import ConversionError, ParityFailed
+from agent.wire.manifest import DEFAULT_CHUNK_SIZE, parse_manifest
+from agent.wire.package import verify_package
+from agent.wire.signing import key_id, load_public_key
 from converter.convert import target_opset
 from converter.package import build, build_package
 from converter.parity import compare

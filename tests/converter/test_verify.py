@@ -74,7 +74,8 @@ def test_verify_replays_parity_vectors(capsys: pytest.CaptureFixture[str], packa
     (package / "manifest.json").write_text(json.dumps(manifest))
     code, _, err = run(capsys, "verify", package)
     assert code == 1
-    assert_one_line_error(err, "parity: onnxruntime", "label", "nonsense")
+    # The device's own judge (agent.wire.parity) speaks: the same words as on the device.
+    assert_one_line_error(err, "parity: output 'label' row 0", "expected 'nonsense'")
 
 
 def test_verify_a_tar_package(

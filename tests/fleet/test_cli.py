@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import UsageError
+from agent.wire.errors import UsageError
 from fleet import cli
 from fleet.cli import build_parser, main
 from fleet.connection import add_broker_arguments, broker_options

@@ -98,7 +98,9 @@ def test_inference_counters_sum_health_windows_once_each() -> None:
     first = health_payload("pi-1", "north", inferences=10)
     fleet.apply("edge/devices/pi-1/health", msg(first), now=1.0)
     fleet.apply("edge/devices/pi-1/health", msg(first), now=1.1)  # QoS 1 redelivery
-    fleet.apply("edge/devices/pi-1/health", msg({**first, "time": "later"}), now=2.0)
+    fleet.apply(
+        "edge/devices/pi-1/health", msg({**first, "time": "2026-01-01T00:00:01.000Z"}), now=2.0
+    )
     upgraded = health_payload("pi-1", "north", inferences=4, model_version="1.3.0")
     fleet.apply("edge/devices/pi-1/health", msg(upgraded), now=3.0)
     s = scrape_collector(fleet, now=3.0)
@@ -216,7 +218,11 @@ def test_shared_subscription_splits_health_between_exporters(broker: Broker) -> 
             scrape_until(url, lambda s: value(s, "edge_fleet_device_online", **online) == 1.0)
         base = health_payload("pi-1", "north", inferences=1)
         for i in range(20):
-            publish(client, "edge/devices/pi-1/health", {**base, "time": f"t{i}"})
+            publish(
+                client,
+                "edge/devices/pi-1/health",
+                {**base, "time": f"2026-01-01T00:00:{i:02d}.000Z"},
+            )
         labels = {**online, "model": "iris", "version": "1.2.0"}
 
         def count(s: Samples) -> float:

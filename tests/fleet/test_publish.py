@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.manifest import key_id, load_public_key, parse_manifest, verify_signature
+from agent.wire.manifest import parse_manifest
+from agent.wire.signing import key_id, load_public_key, verify_signature
 from fleet.cli import main
 from fleet.retained import Session
 from tests.delivery_helpers import operator

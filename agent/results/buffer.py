@@ -19,20 +19,20 @@ disk never stops serving: the rows that cannot be written are dropped and counte
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import BufferConfig
-from agent.results import (
+from agent.loops import Loop
+from agent.results import schema
+from agent.results.rows import (
     DISK_FULL,
     IO_ERROR,
     MAX_AGE,
@@ -46,17 +46,6 @@ from agent.results import (
     dumps,
 )
 
-# sqlite-utils imports pandas whenever it is installed, for DataFrame support the buffer
-# never uses: 44 MiB of RSS on a 1 GB device. Hide it for that one import only.
-_pandas_loaded = "pandas" in sys.modules
-if not _pandas_loaded:
-    sys.modules["pandas"] = None  # type: ignore[assignment]
-try:
-    import sqlite_utils
-finally:
-    if not _pandas_loaded:
-        del sys.modules["pandas"]
-
 if TYPE_CHECKING:
     from agent.metrics import Metrics
 
@@ -69,39 +58,6 @@ _EXPIRE_BATCH = 10_000
 _DROP_LOG_INTERVAL_S = 60.0
 # Fixed per-row cost added to the payload size so max_bytes tracks the file, not just JSON.
 _ROW_OVERHEAD = 64
-_WAL_PAGES = 256
-
-
-# --- schema migrations: append only; PRAGMA user_version counts the applied ones ---
-
-_MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
-
-
-def _migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[..., None]:
-    _MIGRATIONS.append(fn)
-    return fn
-
-
-@_migration
-def _m1_initial(db: sqlite_utils.Database) -> None:
-    db.table("results").create(
-        {
-            "seq": int,
-            "time": float,
-            "model": str,
-            "version": str,
-            "inputs": str,
-            "outputs": str,
-            "latency_ms": float,
-            "size": int,
-        },
-        pk="seq",
-    )
-    db.table("drops").create({"reason": str, "count": int}, pk="reason")
-    # The seq high-water mark survives even when every row has been forwarded,
-    # so a seq is never reused and consumers can drop duplicates by it.
-    db.table("meta").create({"key": str, "value": int}, pk="key")
-    db.table("meta").insert({"key": "last_seq", "value": 0})
 
 
 class _Batch:
@@ -124,17 +80,7 @@ class ResultBuffer:
         self.path = Path(path)
         self.cfg = cfg
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        self._db = sqlite_utils.Database(self._conn)
-        self._db.enable_wal()
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        # A smaller WAL than SQLite's default 4 MiB: checkpoints stay short on an SD card
-        # and a full disk needs less room to fold the WAL back into the database.
-        self._conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
-        self._conn.execute(f"PRAGMA journal_size_limit={_WAL_PAGES * 4096}")
-        self._migrate()
+        self._conn = schema.connect(self.path)
 
         # _write_lock: one writer on the connection. _lock: the queue state.
         # Order when both are needed: _write_lock, then _lock.
@@ -161,27 +107,16 @@ class ResultBuffer:
         )
         self._unsaved_drops: dict[str, int] = {}
 
-        self._stop = threading.Event()
-        self._flusher: threading.Thread | None = None
+        self._flusher: Loop | None = None
         if cfg.durability == "batched":
-            self._flusher = threading.Thread(
-                target=self._flush_loop, name="buffer-flush", daemon=True
-            )
+            interval = cfg.flush_interval_ms / 1000
+            self._flusher = Loop(
+                "buffer-flush", self._flush_step, stall_s=max(60.0, 10 * interval),
+                first_wait_s=interval,
+            )  # fmt: skip
             self._flusher.start()
         if metrics is not None:
             metrics.registry.register(BufferCollector(self))
-
-    def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, step in enumerate(_MIGRATIONS[version:], start=version + 1):
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                step(self._db)
-                self._conn.execute(f"PRAGMA user_version={number}")
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
 
     def _count(self) -> tuple[int, int]:
         rows, nbytes = self._conn.execute(
@@ -332,15 +267,7 @@ class ResultBuffer:
             self._drop_oldest(excess_rows, MAX_ROWS)
         if self._bytes > self.cfg.max_bytes:
             excess = self._bytes - self.cfg.max_bytes
-            count, total = 0, 0
-            cursor = self._conn.execute("SELECT size FROM results ORDER BY seq")
-            for (size,) in cursor:
-                count += 1
-                total += size
-                if total >= excess:
-                    break
-            cursor.close()
-            self._drop_oldest(count, MAX_BYTES)
+            self._drop_oldest(schema.oldest_covering(self._conn, excess), MAX_BYTES)
         if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
             self._expire()
 
@@ -350,10 +277,7 @@ class ResultBuffer:
         Done on deletes only, not on every insert: the newest row is the mark while it
         exists, which saves a page write per commit on the hot path.
         """
-        self._conn.execute(
-            "UPDATE meta SET value = max(value, (SELECT coalesce(max(seq), 0) FROM results))"
-            " WHERE key='last_seq'"
-        )
+        schema.keep_high_water(self._conn)
 
     def _expire(self) -> None:
         """Drop rows older than max_age, oldest first, a bounded number per call."""
@@ -362,11 +286,7 @@ class ResultBuffer:
         if not self._oldest_before(now - self.cfg.max_age):
             return
         self._keep_high_water()
-        deleted = self._conn.execute(
-            "DELETE FROM results WHERE seq IN (SELECT seq FROM results ORDER BY seq LIMIT ?)"
-            " AND time < ? RETURNING size",
-            (_EXPIRE_BATCH, now - self.cfg.max_age),
-        ).fetchall()
+        deleted = schema.delete_oldest(self._conn, _EXPIRE_BATCH, before=now - self.cfg.max_age)
         self._account_drop(deleted, MAX_AGE)
 
     def _expire_idle(self) -> None:
@@ -379,23 +299,18 @@ class ResultBuffer:
         self._last_age_check = now
 
     def _oldest_before(self, cutoff: float) -> bool:
-        row = self._conn.execute("SELECT time FROM results ORDER BY seq LIMIT 1").fetchone()
-        return row is not None and row[0] < cutoff
+        oldest = schema.oldest_time(self._conn)
+        return oldest is not None and oldest < cutoff
 
     def _drop_oldest(self, count: int, reason: str) -> None:
         self._keep_high_water()
-        deleted = self._conn.execute(
-            "DELETE FROM results WHERE seq IN (SELECT seq FROM results ORDER BY seq LIMIT ?)"
-            " RETURNING size",
-            (count,),
-        ).fetchall()
-        self._account_drop(deleted, reason)
+        self._account_drop(schema.delete_oldest(self._conn, count), reason)
 
-    def _account_drop(self, deleted: list[tuple[int]], reason: str) -> None:
+    def _account_drop(self, deleted: list[int], reason: str) -> None:
         if not deleted:
             return
         self._rows -= len(deleted)
-        self._bytes -= sum(size for (size,) in deleted)
+        self._bytes -= sum(deleted)
         with self._lock:
             self._dropped[reason] = self._dropped.get(reason, 0) + len(deleted)
             self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(deleted)
@@ -403,12 +318,7 @@ class ResultBuffer:
     def _save_drops(self) -> None:
         with self._lock:
             unsaved, self._unsaved_drops = self._unsaved_drops, {}
-        for reason, n in unsaved.items():
-            self._conn.execute(
-                "INSERT INTO drops (reason, count) VALUES (?, ?)"
-                " ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
-                (reason, n),
-            )
+        schema.add_drops(self._conn, unsaved)
 
     # --- batched durability ------------------------------------------------------
 
@@ -426,11 +336,9 @@ class ResultBuffer:
             finally:
                 self._finish(batch)
 
-    def _flush_loop(self) -> None:
-        interval = self.cfg.flush_interval_ms / 1000
-        while not self._stop.wait(interval):
-            self.flush()
-        log.debug("buffer flusher stopped")
+    def _flush_step(self) -> float:
+        self.flush()
+        return self.cfg.flush_interval_ms / 1000
 
     # --- the forwarder's side ----------------------------------------------------
 
@@ -448,26 +356,9 @@ class ResultBuffer:
             ).fetchall()
         return [BufferedRow(*r) for r in rows]
 
-    def mark_sent(self, seqs: Sequence[int]) -> bool:
-        """Delete rows the broker has acknowledged; False when the disk is too full to."""
-        if not seqs:
-            return True
-
-        def delete() -> None:
-            self._keep_high_water()
-            deleted = self._conn.execute(
-                "DELETE FROM results WHERE seq IN (SELECT value FROM json_each(?)) RETURNING size",
-                (json.dumps(list(seqs)),),
-            ).fetchall()
-            self._rows -= len(deleted)
-            self._bytes -= sum(size for (size,) in deleted)
-
-        with self._write_lock:
-            return self._delete(delete)
-
     def stats(self) -> BufferStats:
         with self._write_lock:
-            row = self._conn.execute("SELECT time FROM results ORDER BY seq LIMIT 1").fetchone()
+            oldest = schema.oldest_time(self._conn)
             rows, nbytes = self._rows, self._bytes
         with self._lock:
             dropped = dict(self._dropped)
@@ -475,31 +366,18 @@ class ResultBuffer:
         return BufferStats(
             rows=rows,
             bytes=nbytes,
-            oldest_age_s=max(0.0, time.time() - row[0]) if row else None,
+            oldest_age_s=None if oldest is None else max(0.0, time.time() - oldest),
             dropped=dropped,
             recorded=self._recorded,
             last_seq=last_seq,
         )
-
-    # The forwarder's fast path: SQLite writes each result's JSON and joins the batch,
-    # and a range delete settles it. Half the CPU of take_batch + mark_sent per result,
-    # which is what lets a backlog drain without slowing /predict (bench/forward.py).
-    _BATCH_JSON = (
-        "SELECT count(*), min(seq), max(seq), group_concat(j, ',') FROM (SELECT seq,"
-        # coalesce: one NULL would make the whole object NULL and group_concat skip it.
-        """ '{"seq":' || seq || ',"time":' || coalesce(time, 'null') || ',"model":'"""
-        """ || json_quote(model) || ',"version":' || json_quote(version) || ',"inputs":'"""
-        """ || coalesce(inputs, 'null') || ',"outputs":' || coalesce(outputs, 'null')"""
-        """ || ',"latency_ms":' || coalesce(latency_ms, 'null') || '}' AS j"""
-        " FROM results WHERE seq > ? ORDER BY seq LIMIT ?)"
-    )
 
     def take_batch_json(self, limit: int, after: int = 0) -> JsonBatch | None:
         """Like ``take_batch``, as one JSON text: the result objects joined by commas."""
         with self._write_lock:
             self._expire_idle()
             count, first, last, text = self._conn.execute(
-                self._BATCH_JSON, (after, limit)
+                schema.BATCH_JSON, (after, limit)
             ).fetchone()
         return JsonBatch(first, last, count, text) if count else None
 
@@ -522,20 +400,12 @@ class ResultBuffer:
         with self._write_lock:
             return self._delete(delete)
 
-    def iter_all(self) -> Iterator[BufferedRow]:
-        """Every buffered row, oldest first."""
-        after = 0
-        while batch := self.take_batch(1000, after):
-            yield from batch
-            after = batch[-1].seq
-
     # --- lifecycle -----------------------------------------------------------------
 
     def close(self) -> None:
         """Commit what is pending and close; the supervisor calls this last."""
-        self._stop.set()
         if self._flusher is not None:
-            self._flusher.join(timeout=5)
+            self._flusher.stop(5)
         self.flush()
         with self._write_lock:
             try:

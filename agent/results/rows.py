@@ -14,6 +14,8 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.wire import payloads
+
 # Drop reasons, as they appear in health reports and /metrics.
 MAX_ROWS = "max_rows"
 MAX_BYTES = "max_bytes"
@@ -69,10 +71,14 @@ class BufferedRow:
 
     def to_json(self) -> str:
         """The result object of the ``results`` payload, built without re-parsing."""
-        return (
-            f'{{"seq":{self.seq},"time":{self.time!r},"model":{json.dumps(self.model)},'
-            f'"version":{json.dumps(self.version)},"inputs":{self.inputs},'
-            f'"outputs":{self.outputs},"latency_ms":{self.latency_ms!r}}}'
+        return payloads.result_json(
+            self.seq,
+            t=self.time,
+            model=self.model,
+            version=self.version,
+            inputs=self.inputs,
+            outputs=self.outputs,
+            latency_ms=self.latency_ms,
         )
 
 

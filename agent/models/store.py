@@ -30,20 +30,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agent.errors import EdgeError, ManifestInvalid, PackageError
-from agent.manifest import (
-    MANIFEST_FILE,
-    NAME_RE,
-    VERSION_RE,
-    Manifest,
-    atomic_write,
-    fsync_dir,
-    parse_version,
-    read_manifest,
-    sha256_file,
-    utc_now_rfc3339,
-    write_manifest,
-)
+from agent.disk import atomic_write, copy_fsync, fsync_dir, sha256_file
+from agent.wire.errors import EdgeError, ManifestInvalid, PackageError
+from agent.wire.manifest import MANIFEST_FILE, Manifest
+from agent.wire.names import NAME_RE, VERSION_RE, parse_version
+from agent.wire.package import read_manifest, write_manifest
+from agent.wire.times import rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +52,7 @@ class ActivePointer:
     previous: str | None
     serial: int
     activated_at: str
+    rolled_back: str | None = None  # the reason, when this activation was a rollback
 
 
 class ModelStore:
@@ -151,6 +144,7 @@ class ModelStore:
                 previous=None if data.get("previous") is None else str(data["previous"]),
                 serial=int(data.get("serial", 0)),
                 activated_at=str(data.get("activated_at", "")),
+                rolled_back=None if data.get("rolled_back") is None else str(data["rolled_back"]),
             )
         except (KeyError, TypeError, ValueError):
             raise ManifestInvalid(f"{path}: expected {{version, previous, serial}}") from None
@@ -190,7 +184,7 @@ class ModelStore:
         tmp.mkdir()
         try:
             for file in (manifest.artifact.file, MANIFEST_FILE):
-                _copy_fsync(package_dir / file, tmp / file)
+                copy_fsync(package_dir / file, tmp / file)
             fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:
@@ -199,7 +193,14 @@ class ModelStore:
         fsync_dir(name_dir)
         return final
 
-    def activate(self, name: str, version: str, *, serial: int | None = None) -> ActivePointer:
+    def activate(
+        self,
+        name: str,
+        version: str,
+        *,
+        serial: int | None = None,
+        rolled_back: str | None = None,
+    ) -> ActivePointer:
         """Point ``name`` at ``version`` atomically; the old active becomes ``previous``.
 
         ``serial`` is the accepted manifest's serial; the stored serial only grows.
@@ -219,7 +220,8 @@ class ModelStore:
             version=version,
             previous=previous,
             serial=max(last, serial if serial is not None else -1),
-            activated_at=utc_now_rfc3339(),
+            activated_at=rfc3339(),
+            rolled_back=rolled_back,
         )
         atomic_write(self.root / name / ACTIVE_FILE, json.dumps(asdict(pointer)).encode() + b"\n")
         return pointer
@@ -242,10 +244,3 @@ class ModelStore:
         os.rename(path, trash)
         fsync_dir(path.parent)
         shutil.rmtree(trash, ignore_errors=True)
-
-
-def _copy_fsync(src: Path, dst: Path) -> None:
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())

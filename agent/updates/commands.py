@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.config import Config
-from agent.errors import BadRequest, EdgeError
-from agent.manifest import utc_now_rfc3339
-from agent.mqtt import Message, MqttClient, response_properties
-from agent.topics import Topics
+from agent.loops import Loop
+from agent.wire import payloads
+from agent.wire.errors import BadRequest, EdgeError
+from agent.wire.topics import Topics
 
 if TYPE_CHECKING:
-    from agent.installer import Installer
+    from agent.link import Link, Message
+    from agent.updates.installer import Installer
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class Commands:
     """Runs device commands; today ``rollback`` (``{"model": ..., "to"?, "reason"?}``)."""
 
-    def __init__(self, cfg: Config, mqtt: MqttClient, installer: Installer) -> None:
+    def __init__(self, cfg: Config, mqtt: Link, installer: Installer) -> None:
         self.device = cfg.device.id
         self.topics = Topics(cfg.mqtt.topic_prefix)
         self.mqtt = mqtt
@@ -40,23 +40,21 @@ class Commands:
         self.handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "rollback": self._rollback,
         }
-        self._queue: queue.Queue[Message | None] = queue.Queue(maxsize=100)
-        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Message] = queue.Queue(maxsize=100)
+        # A rollback loads a model: a minute before the loop counts as hung.
+        self.loop = Loop("commands", self._step, stall_s=60.0)
 
     # --- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
         self.mqtt.subscribe(self.topics.commands_all(self.device), 1, self._on_command)
-        self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout=10)
+        self.loop.stop()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.loop.alive()
 
     # --- transport -----------------------------------------------------------------
 
@@ -66,13 +64,13 @@ class Commands:
         except queue.Full:
             log.warning("commands: queue full, dropped %s", msg.topic)
 
-    def _run(self) -> None:
-        while (msg := self._queue.get()) is not None:
-            try:
-                self._answer(msg, self.execute(msg.topic.rsplit("/", 1)[-1], msg.payload))
-            except Exception:  # a bug in one command must not end the loop
-                log.exception("commands: %s failed", msg.topic)
-        log.info("commands loop stopped")
+    def _step(self) -> float:
+        try:
+            msg = self._queue.get(timeout=1.0)
+        except queue.Empty:
+            return 0.0
+        self._answer(msg, self.execute(msg.topic.rsplit("/", 1)[-1], msg.payload))
+        return 0.0
 
     def _answer(self, msg: Message, answer: dict[str, Any]) -> None:
         if msg.response_topic:
@@ -80,7 +78,7 @@ class Commands:
                 msg.response_topic,
                 json.dumps(answer),
                 qos=1,
-                properties=response_properties(msg.correlation_data),
+                correlation_data=msg.correlation_data,
             )
         else:
             self.mqtt.publish(self.topics.events(self.device), json.dumps(answer), qos=1)
@@ -89,12 +87,7 @@ class Commands:
 
     def execute(self, command: str, payload: bytes) -> dict[str, Any]:
         """Run one command; the answer says ``ok`` and the result, or the error."""
-        answer: dict[str, Any] = {
-            "device": self.device,
-            "time": utc_now_rfc3339(),
-            "event": "command",
-            "command": command,
-        }
+        answer = payloads.event(self.device, payloads.COMMAND, command=command)
         started = time.monotonic()
         try:
             handler = self.handlers.get(command)

@@ -16,8 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ChecksumMismatch, PackageError, SizeMismatch, StorageFull
-from agent.manifest import MANIFEST_FILE, Artifact, atomic_write, sha256_file, write_manifest
+from agent.disk import atomic_write, sha256_file
+from agent.wire.errors import ChecksumMismatch, PackageError, SizeMismatch, StorageFull
+from agent.wire.manifest import MANIFEST_FILE, Artifact
+from agent.wire.package import write_manifest
 
 PART_FILE = "artifact.part"
 LOG_FILE = "chunks.log"
@@ -37,16 +39,18 @@ class PartialDownload:
         self.log = self.dir / LOG_FILE
         self.have: set[int] = set()
         self.dir.mkdir(parents=True, exist_ok=True)
-        meta = {"size": artifact.size, "chunk_size": artifact.chunk_size, "sha256": artifact.sha256}
-        if self._read_meta() != meta:
+        if self._read_meta() != self._meta():
             # Another chunking of the same artifact (or a fresh start): the old
             # progress does not line up with these chunk indices.
             self._reset()
-            atomic_write(self.dir / META_FILE, json.dumps(meta).encode())
         else:
             self.have = self._read_log()
 
     # --- state -----------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        a = self.artifact
+        return {"size": a.size, "chunk_size": a.chunk_size, "sha256": a.sha256}
 
     def _read_meta(self) -> dict[str, Any] | None:
         try:
@@ -73,6 +77,7 @@ class PartialDownload:
             (self.dir / name).unlink(missing_ok=True)
         shutil.rmtree(self.dir / PACKAGE_DIR, ignore_errors=True)
         self.have = set()
+        atomic_write(self.dir / META_FILE, json.dumps(self._meta()).encode())
 
     @property
     def complete(self) -> bool:
@@ -92,16 +97,10 @@ class PartialDownload:
     def missing_count(self) -> int:
         return self.artifact.chunks - len(self.have)
 
-    def expected_length(self, index: int) -> int:
-        a = self.artifact
-        if index == a.chunks - 1:
-            return a.size - index * a.chunk_size
-        return a.chunk_size
-
     def bytes_needed(self) -> int:
         """Disk still needed: the missing chunks plus a store copy of the whole artifact."""
         # From what is there, not what is missing: a manifest may claim absurd sizes.
-        missing = self.artifact.size - sum(self.expected_length(i) for i in self.have)
+        missing = self.artifact.size - sum(self.artifact.chunk_length(i) for i in self.have)
         return missing + self.artifact.size + DISK_MARGIN
 
     def check_disk(self) -> None:
@@ -125,7 +124,7 @@ class PartialDownload:
             )
         if index in self.have:
             return False
-        want = self.expected_length(index)
+        want = self.artifact.chunk_length(index)
         if len(data) != want:
             raise PackageError(
                 f"chunk {index}: {len(data)} bytes, expected {want} "
@@ -159,16 +158,6 @@ class PartialDownload:
                 )
         except (SizeMismatch, ChecksumMismatch):
             self._reset()
-            atomic_write(
-                self.dir / META_FILE,
-                json.dumps(
-                    {
-                        "size": self.artifact.size,
-                        "chunk_size": self.artifact.chunk_size,
-                        "sha256": self.artifact.sha256,
-                    }
-                ).encode(),
-            )
             raise
         return self.part
 
@@ -185,9 +174,6 @@ class PartialDownload:
         write_manifest(pkg, manifest)
         assert (pkg / MANIFEST_FILE).is_file()
         return pkg
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def clean_downloads(root: Path, keep: set[str]) -> list[str]:

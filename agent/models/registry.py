@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import BadRequest, ModelNotFound, NotReady
-from agent.runtime import LoadedModel
+from agent.models.runtime import LoadedModel
+from agent.wire.errors import BadRequest, ModelNotFound, NotReady
 
 # Deployment states a model can be in, as /status and the retained MQTT status show them.
 ACTIVE = "active"
@@ -22,6 +22,7 @@ PROBATION = "probation"
 UPDATING = "updating"
 FAILED = "failed"
 ROLLED_BACK = "rolled_back"
+NOT_IN_ROLLOUT = "not_in_rollout"  # a fleet rollout this device is not in: nothing served yet
 
 
 @dataclass
@@ -75,14 +76,6 @@ class Registry:
             self._states[model.name] = ModelState(ACTIVE)
         return old
 
-    def remove(self, name: str) -> LoadedModel | None:
-        with self._lock:
-            models = dict(self._models)
-            old = models.pop(name, None)
-            self._models = models
-            self._states.pop(name, None)
-        return old
-
     def loaded(self, name: str) -> LoadedModel | None:
         """The active model of ``name`` or None; never raises."""
         return self._models.get(name)
@@ -92,14 +85,6 @@ class Registry:
 
     def models(self) -> list[LoadedModel]:
         return [self._models[n] for n in sorted(self._models)]
-
-    def ready(self, name: str | None = None) -> bool:
-        """True when ``get(name)`` would answer."""
-        try:
-            self.get(name)
-        except (NotReady, ModelNotFound, BadRequest):
-            return False
-        return True
 
     # --- deployment state ------------------------------------------------------------
 

@@ -15,30 +15,23 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from agent import __version__
-from agent.buffer import Result, ResultBuffer
-from agent.errors import BadRequest, ModelNotFound, NotReady
-from agent.inference import FLOATS, allows_nan, expected_value, parse_json, value_ok
-from agent.manifest import TensorSpec
-from agent.metrics import InferenceStats
-from agent.registry import Registry
-from agent.runtime import LoadedModel
+from agent.models.runtime import LoadedModel
+from agent.serving.codecs import parse_json
+from agent.serving.core import Answer, Call, InferenceCore, Tensors
+from agent.serving.predict import allows_nan
+from agent.wire.datatypes import FLOATS, expected_value, value_ok, wire_dtype
+from agent.wire.errors import BadRequest
+from agent.wire.manifest import TensorSpec
 
 SERVER_NAME = "edge-agent"
 EXTENSIONS = ["binary_tensor_data"]
 
-# Little-endian numpy dtypes of the fixed-size OIP datatypes.
-WIRE_DTYPES: dict[str, str] = {
-    "BOOL": "?", "UINT8": "u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
-    "INT8": "i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
-    "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
-}  # fmt: skip
 _LEN = struct.Struct("<I")
 _NUMBERS = frozenset((int, float))
 
@@ -107,12 +100,8 @@ def _shape_fits(got: list[int], spec: list[int]) -> bool:
 class OpenInference:
     """What the /v2 routes call."""
 
-    def __init__(
-        self, registry: Registry, buffer: ResultBuffer | None, stats: InferenceStats
-    ) -> None:
-        self.registry = registry
-        self.buffer = buffer
-        self.stats = stats
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
 
     # --- metadata and health ---------------------------------------------------------
 
@@ -120,14 +109,10 @@ class OpenInference:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
     def ready(self) -> bool:
-        """Ready once every installed model name has a loaded version."""
-        return bool(self.registry.names())
+        return self.core.ready()
 
     def model(self, name: str, version: str | None) -> LoadedModel:
-        try:
-            return self.registry.get(name, version)
-        except NotReady:
-            raise ModelNotFound(name, version) from None
+        return self.core.model_by_name(name, version)
 
     def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
         m = self.model(name, version).manifest
@@ -154,24 +139,19 @@ class OpenInference:
         if type(request) is not dict:
             raise BadRequest("body: expected a JSON object with 'inputs'")
         model = self.model(name, version)
-        m = model.manifest
-        start = time.perf_counter()
-        try:
-            tail = memoryview(body)[header_length or len(body) :]
-            inputs, given = self._inputs(model, request, tail)
-            wanted = self._outputs(model, request)
-            outputs = model.run(inputs, [o for o, _ in wanted])
-        except Exception:  # refused input or a model failure: both count as errors
-            self.stats.observe(m.name, m.version, time.perf_counter() - start, False)
-            raise
-        latency = time.perf_counter() - start
-        self.stats.observe(m.name, m.version, latency, True)
-        if self.buffer is not None:
+        tail = memoryview(body)[header_length or len(body) :]
+        wanted: list[tuple[str, bool]] = []
+
+        def decode(m: LoadedModel) -> Call:
+            inputs, given = self._inputs(m, request, tail)
+            wanted.extend(self._outputs(m, request))
+            return Call(inputs, [o for o, _ in wanted], given)
+
+        def encode(m: LoadedModel, outputs: Tensors) -> Answer[InferResponse]:
             recorded = {k: v.tolist() for k, v in outputs.items()}
-            self.buffer.record(
-                Result(time.time(), m.name, m.version, given, recorded, latency * 1000)
-            )
-        return self._encode(model, request, wanted, outputs)
+            return Answer(self._encode(m, request, wanted, outputs), recorded)
+
+        return self.core.infer(model, decode, encode)
 
     def _inputs(
         self, model: LoadedModel, request: dict[str, Any], tail: memoryview
@@ -260,7 +240,7 @@ class OpenInference:
             if datatype == "BYTES":
                 arr = deserialize_bytes(bytes(raw), count, where)
             else:
-                dtype = np.dtype(WIRE_DTYPES[spec.datatype])
+                dtype = wire_dtype(spec.datatype)
                 if size != count * dtype.itemsize:
                     raise BadRequest(
                         f"{where}: binary_data_size is {size} bytes, shape {shape} of "
@@ -285,7 +265,7 @@ class OpenInference:
             try:
                 with np.errstate(over="ignore"):  # past the range: inf, refused below
                     arr = np.array(
-                        flat, dtype=object if datatype == "BYTES" else WIRE_DTYPES[datatype]
+                        flat, dtype=object if datatype == "BYTES" else wire_dtype(datatype)
                     )
             except (OverflowError, ValueError) as e:
                 raise BadRequest(f"{where}.data: values do not fit {datatype} ({e})") from None
@@ -350,7 +330,7 @@ class OpenInference:
                 raw = (
                     serialize_bytes(arr)
                     if datatype == "BYTES"
-                    else np.ascontiguousarray(arr, dtype=WIRE_DTYPES[datatype]).tobytes()
+                    else np.ascontiguousarray(arr, dtype=wire_dtype(datatype)).tobytes()
                 )
                 tensor["parameters"] = {"binary_data_size": len(raw)}
                 blobs.append(raw)

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.config import Config, resolve_secret_path
-from agent.errors import EdgeError, PackageError, ReplayedSerial, StorageFull
-from agent.manifest import Manifest, check_artifact, load_trusted_keys, verify_package
-from agent.registry import ACTIVE, FAILED, ROLLED_BACK, UPDATING, ModelState, Registry
-from agent.runtime import LoadedModel, check_parity, load_model
-from agent.store import ModelStore
+from agent.models.registry import ACTIVE, FAILED, ROLLED_BACK, UPDATING, ModelState, Registry
+from agent.models.runtime import LoadedModel, check_parity, load_model
+from agent.models.store import ModelStore
+from agent.wire.errors import EdgeError, PackageError, ReplayedSerial, StorageFull
+from agent.wire.manifest import Manifest
+from agent.wire.package import check_artifact, verify_package
+from agent.wire.signing import load_trusted_keys
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
@@ -44,6 +46,7 @@ class Change:
     event: str  # "activated" or "rolled_back"
     manifest: Manifest
     reason: str = ""
+    previous: str | None = None  # the version that served before
 
 
 class Installer:
@@ -194,7 +197,7 @@ class Installer:
             try:
                 model = self._load_installed(name, target)
                 with self.store.locked():
-                    self._store_write(lambda: self.store.activate(name, target))
+                    self._store_write(lambda: self.store.activate(name, target, rolled_back=reason))
             except EdgeError as e:
                 self._count(name, REJECTED)
                 log.warning("rollback of %s to %s refused: %s", name, target, e)
@@ -203,7 +206,7 @@ class Installer:
             self.registry.set_state(name, ROLLED_BACK, reason)
             log.warning("rollback: %s %s -> %s (%s)", name, pointer.version, target, reason)
             self._count(name, ROLLED_BACK)
-            self._notify(Change(name, ROLLED_BACK, model.manifest, reason))
+            self._notify(Change(name, ROLLED_BACK, model.manifest, reason, pointer.version))
             return model.manifest
 
     def _load_installed(self, name: str, version: str) -> LoadedModel:
@@ -250,7 +253,7 @@ class Installer:
         try:
             model = self._load_installed(name, pointer.previous)
             with self.store.locked():
-                self.store.activate(name, pointer.previous)
+                self.store.activate(name, pointer.previous, rolled_back=reason)
         except (EdgeError, OSError) as e:
             reason = f"{reason}; previous {pointer.previous} cannot be loaded either: {e}"
             log.error("store: %s: %s", name, reason)
@@ -258,7 +261,7 @@ class Installer:
             return False
         self.registry.swap(model)
         self.registry.set_state(name, ROLLED_BACK, reason)
-        self._notify(Change(name, ROLLED_BACK, model.manifest, reason))
+        self._notify(Change(name, ROLLED_BACK, model.manifest, reason, pointer.version))
         return True
 
     def sync(self) -> list[str]:
@@ -296,7 +299,13 @@ class Installer:
                 self.registry.swap(model)
                 log.info("store: now serving %s %s (activated by another process)",
                          name, pointer.version)  # fmt: skip
-                self._notify(Change(name, ACTIVATED, model.manifest, "activated locally"))
+                before = current.version if current is not None else None
+                if pointer.rolled_back is not None:  # `edge-agent rollback` beside us
+                    self.registry.set_state(name, ROLLED_BACK, pointer.rolled_back)
+                    change = Change(name, ROLLED_BACK, model.manifest, pointer.rolled_back, before)
+                else:
+                    change = Change(name, ACTIVATED, model.manifest, "activated locally", before)
+                self._notify(change)
                 changed.append(name)
         return changed
 

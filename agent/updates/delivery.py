@@ -32,20 +32,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.download import PartialDownload, clean_downloads
-from agent.errors import EdgeError, ManifestInvalid, PackageError, ReplayedSerial, StorageFull
-from agent.manifest import Manifest, atomic_write, parse_manifest, verify_signature
-from agent.mqtt import Message, rfc3339
-from agent.probation import Probation
-from agent.registry import ACTIVE, FAILED, PROBATION, UPDATING
-from agent.topics import Topics, in_rollout
+from agent.disk import atomic_write
+from agent.loops import Loop
+from agent.models.registry import ACTIVE, FAILED, NOT_IN_ROLLOUT, PROBATION, UPDATING
+from agent.updates import plan
+from agent.updates.download import PartialDownload, clean_downloads
+from agent.updates.plan import DEVICE, FLEET
+from agent.updates.probation import Probation
+from agent.wire import payloads
+from agent.wire.errors import EdgeError, ManifestInvalid, PackageError, StorageFull
+from agent.wire.manifest import Manifest, parse_manifest
+from agent.wire.signing import verify_signature
+from agent.wire.topics import Topics
 
 if TYPE_CHECKING:
     from agent.config import Config
-    from agent.installer import Installer
+    from agent.link import Link, Message
     from agent.metrics import Metrics
-    from agent.mqtt import MqttClient
-    from agent.store import ModelStore
+    from agent.models.store import ModelStore
+    from agent.updates.events import Events
+    from agent.updates.installer import Installer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,6 @@ log = logging.getLogger(__name__)
 PAUSE_ENV = "EDGE_DELIVERY_PAUSE_AT"
 PAUSED_FILE = "delivery-paused"
 STATE_FILE = "delivery.json"
-FLEET, DEVICE = "fleet", "device"
 
 
 class Retry(EdgeError):
@@ -72,13 +77,16 @@ class Delivery:
     def __init__(
         self,
         cfg: Config,
-        mqtt: MqttClient,
+        mqtt: Link,
         installer: Installer,
         store: ModelStore,
+        events: Events,
+        *,
         metrics: Metrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.mqtt = mqtt
+        self.events = events
         self.installer = installer
         self.store = store
         self.device, self.fleet = cfg.device.id, cfg.device.fleet
@@ -90,9 +98,10 @@ class Delivery:
         self._handled: dict[str, str] = {}  # model -> fingerprint of the payload settled
         self._retry_at: dict[str, float] = {}
         self._chunks: queue.Queue[tuple[str, int, bytes]] = queue.Queue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # A step can download and load a large model; it beats on every chunk.
+        self.loop = Loop(
+            "delivery", self._step, stall_s=max(300.0, 2 * cfg.models.delivery_chunk_timeout_s)
+        )
         self._pause_at = os.environ.get(PAUSE_ENV, "")
         self.probation: Probation | None = None
         if metrics is not None and cfg.models.probation_s > 0:
@@ -106,23 +115,15 @@ class Delivery:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
-        self._thread.start()
-        if self.probation is not None:
-            self.probation.start()
+        self.loop.start()
         self.mqtt.subscribe(self.topics.fleet_desired_all(self.fleet), 1, self._on_desired)
         self.mqtt.subscribe(self.topics.device_desired_all(self.device), 1, self._on_desired)
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        if self.probation is not None:
-            self.probation.stop()
+        self.loop.stop()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.loop.alive()
 
     # --- MQTT side: record and wake, nothing more ----------------------------------------
 
@@ -137,7 +138,7 @@ class Delivery:
             else:  # a cleared retained message: this source no longer wants anything
                 by_source.pop(source, None)
             self._retry_at.pop(model, None)
-        self._wake.set()
+        self.loop.wake()
 
     def _on_chunk(self, msg: Message) -> None:
         parts = msg.topic.rsplit("/", 2)
@@ -145,31 +146,23 @@ class Delivery:
             self._chunks.put((parts[1], int(parts[2]), msg.payload))
 
     def _effective(self, model: str) -> tuple[bytes, str] | None:
-        """The device's own desired payload wins over the fleet's."""
         with self._lock:
-            by_source = self._desired.get(model, {})
-            for source in (DEVICE, FLEET):
-                if source in by_source:
-                    return by_source[source], source
-        return None
+            return plan.effective(dict(self._desired.get(model, {})))
 
     # --- the worker --------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
-            with self._lock:
-                models = sorted(self._desired)
-            for model in models:
-                if self._stop.is_set():
-                    break
-                try:
-                    self._reconcile(model)
-                except Exception:
-                    log.exception("delivery: %s failed unexpectedly", model)
-                    self._retry_at[model] = time.monotonic() + self.cfg.models.delivery_retry_s
-        log.info("delivery: stopped")
+    def _step(self) -> float:
+        with self._lock:
+            models = sorted(self._desired)
+        for model in models:
+            if self.loop.stopping:
+                break
+            try:
+                self._reconcile(model)
+            except Exception:
+                log.exception("delivery: %s failed unexpectedly", model)
+                self._retry_at[model] = time.monotonic() + self.cfg.models.delivery_retry_s
+        return 1.0
 
     def _reconcile(self, model: str) -> None:
         current = self._effective(model)
@@ -203,26 +196,25 @@ class Delivery:
 
     def _deliver(self, model: str, manifest: Manifest, source: str) -> None:
         verify_signature(manifest, self.installer.trusted, require=self.installer.require_signature)
-        if source == FLEET and not self._in_rollout(manifest):
-            log.info("delivery: %s %s: this device is not in the rollout", model, manifest.version)
-            return
         pointer = self.store.active(model)
-        if pointer is not None and (pointer.version, pointer.serial) == (
-            manifest.version,
-            manifest.serial,
-        ):
-            # Already serving exactly this; a crash after the activation may have left
-            # its download folder behind.
+        decision = plan.decide(
+            manifest,
+            source,
+            self.device,
+            active=None if pointer is None else (pointer.version, pointer.serial),
+            last_serial=self.store.last_serial(model),
+        )
+        if decision.action == plan.OUTSIDE:
+            self._outside(model, manifest, decision.reason)
+            return
+        if decision.action == plan.CURRENT:
+            # A crash after the activation may have left its download folder behind.
             shutil.rmtree(self.root / manifest.artifact.sha256, ignore_errors=True)
             return
-        last = self.store.last_serial(model)
-        if manifest.serial == last:
-            # Accepted before; a probation rollback since then keeps the older version.
+        if decision.action == plan.ACCEPTED:
             return
-        if manifest.serial < last:
-            raise ReplayedSerial(model, manifest.serial, last)
         package = self._local_package(manifest) or self._download(manifest)
-        self._event("verified", manifest)
+        self._event(payloads.VERIFIED, manifest)
         self._pause("install")
         loaded = self.installer.registry.loaded(model)
         previous = loaded.version if loaded is not None else None
@@ -232,26 +224,18 @@ class Delivery:
             assert previous is not None
             self.probation.begin(model, manifest.version, previous)
             self._set_state(model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s")
-        self._event("activated", manifest, previous=previous)
+        self._event(payloads.ACTIVATED, manifest, previous=previous)
         self._rejected.pop(model, None)
         clean_downloads(self.root, keep=set())
 
-    def _in_rollout(self, manifest: Manifest) -> bool:
-        rollout = manifest.raw.get("rollout")
-        if rollout is None:
-            return True
-        if not isinstance(rollout, dict):
-            raise ManifestInvalid(f"rollout: expected an object, got {rollout!r:.60}")
-        percent, salt = rollout.get("percent", 100), rollout.get("salt", "")
-        if (
-            not isinstance(percent, int | float)
-            or isinstance(percent, bool)
-            or not (0 <= percent <= 100)
-        ):
-            raise ManifestInvalid(f"rollout.percent: expected 0..100, got {percent!r}")
-        if not isinstance(salt, str):
-            raise ManifestInvalid(f"rollout.salt: expected a string, got {salt!r}")
-        return in_rollout(salt, self.device, percent)
+    def _outside(self, model: str, manifest: Manifest, reason: str) -> None:
+        """Not in this rollout: say so in an event and in /status (and the retained
+        status), so nobody has to guess why the device stays where it is."""
+        log.info("delivery: %s %s: %s", model, manifest.version, reason)
+        self._event(payloads.NOT_IN_ROLLOUT, manifest, reason=reason)
+        loaded = self.installer.registry.loaded(model)
+        self._set_state(model, ACTIVE if loaded else NOT_IN_ROLLOUT,
+                        f"{manifest.version}: {reason}")  # fmt: skip
 
     # --- artifact --------------------------------------------------------------------
 
@@ -288,7 +272,7 @@ class Delivery:
             except StorageFull as e:
                 raise Retry(str(e)) from None
             self._event(
-                "downloading", manifest, chunks=art.chunks, have=len(dl.have), size=art.size
+                payloads.DOWNLOADING, manifest, chunks=art.chunks, have=len(dl.have), size=art.size
             )
             self._set_state(manifest.name, UPDATING, f"downloading {manifest.version}")
             self._fetch(manifest, dl)
@@ -311,7 +295,8 @@ class Delivery:
         want = self._effective(model)
         try:
             while not dl.complete:
-                if self._stop.is_set():
+                self.loop.beat()
+                if self.loop.stopping:
                     raise _Superseded()
                 if self._effective(model) != want:
                     raise _Superseded()
@@ -344,7 +329,7 @@ class Delivery:
     def _refused(self, model: str, manifest: Manifest | None, reason: str, *, final: bool) -> None:
         log.warning("delivery: %s %s refused: %s", model,
                     manifest.version if manifest else "?", reason)  # fmt: skip
-        self._event("rejected", manifest, model=model, reason=reason, retry=not final)
+        self._event(payloads.REJECTED, manifest, model=model, reason=reason, retry=not final)
         loaded = self.installer.registry.loaded(model)
         what = manifest.version if manifest else "the desired manifest"
         self._set_state(
@@ -352,14 +337,11 @@ class Delivery:
         )
 
     def _probation_failed(self, model: str, version: str, reason: str) -> None:
+        # The installer tells its listeners; the rolled_back event comes from there.
         try:
-            back = self.installer.rollback(model, reason=f"probation of {version}: {reason}")
+            self.installer.rollback(model, reason=f"probation of {version}: {reason}")
         except EdgeError as e:
             log.error("probation: rolling %s back failed: %s", model, e)
-            return
-        self._event_raw({"event": "rolled_back", "model": model, "version": back.version,
-                         "serial": back.serial, "from_version": version,
-                         "reason": f"probation of {version}: {reason}"})  # fmt: skip
 
     def _probation_passed(self, model: str, version: str) -> None:
         loaded = self.installer.registry.loaded(model)
@@ -376,22 +358,13 @@ class Delivery:
             publish_status()
 
     def _event(self, event: str, manifest: Manifest | None, **extra: Any) -> None:
-        body: dict[str, Any] = {"event": event}
-        if manifest is not None:
-            body.update(model=manifest.name, version=manifest.version, serial=manifest.serial,
-                        sha256=manifest.artifact.sha256)  # fmt: skip
-        body.update(extra)
-        self._event_raw(body)
-
-    def _event_raw(self, body: dict[str, Any]) -> None:
-        body = {"device": self.device, "time": rfc3339(), **body}
-        self.mqtt.publish(self.topics.events(self.device), json.dumps(body), qos=1)
+        self.events.publish(event, manifest, **extra)
 
     def _pause(self, step: str) -> None:
         if self._pause_at and self._pause_at == step:
             atomic_write(self.cfg.state_path / PAUSED_FILE, step.encode())
             log.warning("delivery: paused at %s (%s)", step, PAUSE_ENV)
-            self._stop.wait()
+            self.loop.pause(None)
             raise _Superseded()
 
     # --- what survives a restart ----------------------------------------------------

@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
 DEFAULT_PREFIX = "edge"
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-def check_name(kind: str, value: str) -> str:
-    """Topic segments are ``[A-Za-z0-9_.-]+``: no wildcards, no slashes."""
-    if not _NAME.match(value):
-        raise ValueError(f"{kind}: {value!r} must match [A-Za-z0-9_.-]+")
-    return value
 
 
 @dataclass(frozen=True)
@@ -26,6 +17,13 @@ class Topics:
 
     def device_desired(self, device: str, model: str) -> str:
         return f"{self.prefix}/devices/{device}/models/{model}/desired"
+
+    def fleet_history(self, fleet: str, model: str) -> str:
+        """The publisher's retained history of a fleet's desired manifests (rollback targets)."""
+        return f"{self.prefix}/fleets/{fleet}/models/{model}/history"
+
+    def device_history(self, device: str, model: str) -> str:
+        return f"{self.prefix}/devices/{device}/models/{model}/history"
 
     def artifact_chunk(self, sha256: str, index: int) -> str:
         return f"{self.prefix}/artifacts/{sha256}/{index}"
@@ -64,9 +62,6 @@ class Topics:
 
     def all_health(self) -> str:
         return f"{self.prefix}/devices/+/health"
-
-    def all_events(self) -> str:
-        return f"{self.prefix}/devices/+/events"
 
     def device_of(self, topic: str) -> str | None:
         """``edge/devices/{device}/...`` -> device, else None."""

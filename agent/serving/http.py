@@ -28,14 +28,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agent.config import HttpConfig, read_secret
-from agent.errors import (
+from agent.serving.codecs import choose_encoding, decompress
+from agent.serving.routes import Reply, Service, error_reply
+from agent.wire.errors import (
     BadRequest,
     EdgeError,
     PayloadTooLarge,
     Unauthorized,
-    UnsupportedMediaType,
 )
-from agent.service import Reply, Service, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -47,52 +47,7 @@ IDLE_TIMEOUT_S = 60.0  # a keep-alive connection idle this long is closed
 MAX_HEADERS = 100
 MAX_HEADER_LINE = 65536
 STOP_GRACE_S = 2.0  # how long stop() waits for answers in flight
-_WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # deflate = zlib stream (RFC 9110)
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
-
-
-def decompress(data: bytes, encoding: str, limit: int) -> bytes:
-    """Undo a Content-Encoding, stopping at ``limit`` bytes so a bomb cannot fill memory."""
-    wbits = _WBITS.get(encoding)
-    if wbits is None:
-        raise UnsupportedMediaType(
-            f"Content-Encoding: {encoding!r} is not supported (expected gzip, deflate or identity)"
-        )
-    for bits in (wbits, -15) if encoding == "deflate" else (wbits,):
-        d = zlib.decompressobj(bits)
-        try:
-            out = d.decompress(data, limit + 1)
-        except zlib.error as e:
-            if bits == wbits and encoding == "deflate":
-                continue  # some clients send raw deflate without the zlib header
-            raise BadRequest(f"body: not valid {encoding} data ({e})") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise PayloadTooLarge(len(out), limit)
-        if not d.eof:
-            raise BadRequest(f"body: {encoding} data is truncated")
-        return out
-    raise BadRequest(f"body: not valid {encoding} data")
-
-
-def choose_encoding(accept: str | None) -> str | None:
-    """gzip or deflate if the client's Accept-Encoding allows it (q > 0), else None."""
-    if not accept:
-        return None
-    allowed: dict[str, float] = {}
-    for part in accept.split(","):
-        token, _, params = part.strip().partition(";")
-        q = 1.0
-        params = params.strip().replace(" ", "")
-        if params.startswith("q="):
-            try:
-                q = float(params[2:])
-            except ValueError:
-                q = 0.0
-        allowed[token.strip().lower()] = q
-    for enc in ("gzip", "deflate"):
-        if allowed.get(enc, allowed.get("*", 0.0)) > 0:
-            return enc
-    return None
 
 
 class _Headers(dict[str, str]):

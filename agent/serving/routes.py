@@ -21,13 +21,15 @@ from urllib.parse import parse_qs
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent import __version__
-from agent.buffer import ResultBuffer
 from agent.config import Config
-from agent.errors import BadRequest, EdgeError
-from agent.inference import Predictor, parse_json
 from agent.metrics import Metrics
-from agent.oip import OpenInference
-from agent.registry import Registry
+from agent.models.registry import Registry
+from agent.results.buffer import ResultBuffer
+from agent.serving.codecs import parse_json
+from agent.serving.core import InferenceCore
+from agent.serving.oip import OpenInference
+from agent.serving.predict import Predictor
+from agent.wire.errors import BadRequest, EdgeError
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +98,9 @@ class Service:
         self.buffer = buffer
         self.metrics = metrics
         self.status = status
-        self.predictor = Predictor(registry, buffer, metrics.inference)
-        self.oip = OpenInference(registry, buffer, metrics.inference)
+        self.core = InferenceCore(registry, buffer, metrics.inference)
+        self.predictor = Predictor(self.core)
+        self.oip = OpenInference(self.core)
         self.started = time.time()
 
     # --- dispatch --------------------------------------------------------------------

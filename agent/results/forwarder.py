@@ -1,6 +1,6 @@
 """Drain the result buffer to ``edge/devices/{id}/results``: in order, QoS 1, at least once.
 
-A batch of rows goes out as one message; its rows are deleted (``mark_sent``) only after
+A batch of rows goes out as one message; its rows are deleted (``mark_sent_range``) only after
 the broker's PUBACK for it. At most ``mqtt.max_inflight`` batches wait for a PUBACK at a
 time, so memory stays bounded however large the backlog. While the connection is down
 nothing new is sent: paho resends the unacknowledged batches after the reconnect, and
@@ -11,9 +11,7 @@ device's increasing ``seq`` so consumers drop them.
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -22,11 +20,13 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge
 
 from agent.config import Config
+from agent.loops import Loop
+from agent.wire import payloads
 
 if TYPE_CHECKING:
-    from agent.buffer import BufferedRow, ResultBuffer
+    from agent.link import Link, PublishHandle
     from agent.metrics import Metrics
-    from agent.mqtt import MqttClient, PublishHandle
+    from agent.results.buffer import BufferedRow, ResultBuffer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class Forwarder:
         self,
         cfg: Config,
         buffer: ResultBuffer,
-        mqtt: MqttClient,
+        mqtt: Link,
         metrics: Metrics | None = None,
         *,
         cpu_share: float = CPU_SHARE,
@@ -80,20 +80,20 @@ class Forwarder:
         self.topic = mqtt.topics.results(cfg.device.id)
         self.cpu_share = cpu_share
         self._debt = 0.0  # seconds to pause so the thread stays within its CPU share
-        self._head = f'{{"device":{json.dumps(cfg.device.id)},"results":['.encode()
-        self._stop = threading.Event()
-        self._wake = threading.Event()  # a PUBACK or a (re)connect: look again at once
-        self._thread: threading.Thread | None = None
+        self._head = payloads.results_head(cfg.device.id)
+        # A PUBACK or a (re)connect wakes the loop: look again at once.
+        self.loop = Loop(
+            "forwarder", self._cycle, stall_s=_ALIVE_WINDOW_S, on_stop=self._drain_on_stop
+        )
         self._inflight: deque[_Flight] = deque()
         self._after = 0  # highest seq sent and not known lost
         self._backoff = 0.0  # grows while batches keep failing, reset by a success
         self._retry_at = 0.0
         self._linger_until = 0.0
-        self._tick = time.monotonic()
         self.forwarded = 0
         self.failed_batches = 0
         self._rate: deque[tuple[float, int]] = deque()  # (time, forwarded) samples
-        mqtt.add_connection_listener(lambda up: self._wake.set())
+        mqtt.add_connection_listener(lambda up: self.loop.wake())
 
         self._m_forwarded: Counter | None = None
         self._m_failed: Counter | None = None
@@ -117,23 +117,15 @@ class Forwarder:
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
-        self._thread.start()
+        log.info("forwarder: started, results to %s", self.topic)
+        self.loop.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop sending; wait briefly for outstanding PUBACKs so their rows are deleted."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.loop.stop(timeout)
 
     def alive(self) -> bool:
-        """The loop thread runs and has ticked recently."""
-        return (
-            self._thread is not None
-            and self._thread.is_alive()
-            and time.monotonic() - self._tick < _ALIVE_WINDOW_S
-        )
+        return self.loop.alive()
 
     def rate(self) -> float:
         """Results acknowledged per second over the last few seconds."""
@@ -145,32 +137,22 @@ class Forwarder:
 
     # --- the loop --------------------------------------------------------------------
 
-    def _run(self) -> None:
-        log.info("forwarder: started, results to %s", self.topic)
-        while not self._stop.is_set():
-            self._tick = time.monotonic()
-            # Clear before looking: a PUBACK landing after this wakes the wait below.
-            self._wake.clear()
-            cpu = time.thread_time()
-            try:
-                wait = self._step()
-            except Exception:
-                # A bug or an SQLite error must not end forwarding for good.
-                log.exception("forwarder: step failed; retrying")
-                wait = _RETRY_MIN_S
-            if wait > 0:
+    def _cycle(self) -> float:
+        """One step, then the duty-cycle pause that keeps forwarding within its CPU share."""
+        cpu = time.thread_time()
+        wait = self._step()
+        if wait > 0:
+            self._debt = 0.0
+            return wait
+        # Duty cycle: pause (cost / share - cost) after each batch sent; a PUBACK does
+        # not cut this pause short, only a stop does.
+        if self.cpu_share < 1:
+            cost = time.thread_time() - cpu
+            self._debt += cost * (1 / self.cpu_share - 1)
+            if self._debt >= _MIN_PAUSE_S:
+                self.loop.pause(self._debt)
                 self._debt = 0.0
-                self._wake.wait(wait)
-                continue
-            # Duty cycle: pause (cost / share - cost) after each batch sent.
-            if self.cpu_share < 1:
-                cost = time.thread_time() - cpu
-                self._debt += cost * (1 / self.cpu_share - 1)
-                if self._debt >= _MIN_PAUSE_S:
-                    self._stop.wait(self._debt)
-                    self._debt = 0.0
-        self._drain_on_stop()
-        log.info("forwarder: stopped (%d results forwarded)", self.forwarded)
+        return 0.0
 
     def _step(self) -> float:
         """Settle finished batches, send more; return how long to sleep (0: go on)."""
@@ -189,7 +171,7 @@ class Forwarder:
         batch = self.buffer.take_batch_json(self.batch_size, after=self._after)
         if batch is None:
             return _IDLE_POLL_S
-        payload = self._head + batch.json.encode() + b"]}"
+        payload = self._head + batch.json.encode() + payloads.RESULTS_TAIL
         if len(payload) > MAX_MESSAGE_BYTES:
             self._send_rows(self.buffer.take_batch(self.batch_size, after=self._after))
             return 0.0
@@ -209,12 +191,12 @@ class Forwarder:
                 break
             parts.append(part)
             size += len(part) + 1
-        payload = self._head + b",".join(parts) + b"]}"
+        payload = self._head + b",".join(parts) + payloads.RESULTS_TAIL
         self._publish(payload, rows[0].seq, rows[len(parts) - 1].seq, len(parts))
 
     def _publish(self, payload: bytes, first: int, last: int, count: int) -> None:
         handle = self.mqtt.publish(self.topic, payload, qos=1)
-        handle.add_done_callback(lambda h: self._wake.set())
+        handle.add_done_callback(lambda h: self.loop.wake())
         self._inflight.append(_Flight(handle, self._after, first, last, count))
         self._after = last
 

@@ -24,8 +24,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,86 +34,17 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge
 
-from agent import __version__
 from agent.config import Config, read_secret
+from agent.link import Handler, Message, PublishHandle
 from agent.metrics import Metrics
-from agent.topics import Topics
+from agent.wire import payloads
+from agent.wire.topics import Topics
 
 log = logging.getLogger(__name__)
 
 # Room for the fixed header, topic and properties of a PUBLISH next to its payload.
 _HEADER_ROOM = 1024
 _FAILURE_LOG_INTERVAL_S = 30.0
-
-
-def rfc3339(t: float | None = None) -> str:
-    stamp = datetime.fromtimestamp(time.time() if t is None else t, UTC)
-    return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class Message:
-    """An incoming message, as handlers see it (no paho types beyond this module)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-
-
-Handler = Callable[[Message], None]
-
-
-class PublishHandle:
-    """One publish: completes on PUBACK (QoS 1/2), or at once for QoS 0 and refusals."""
-
-    def __init__(self, topic: str) -> None:
-        self.topic = topic
-        self.mid = 0
-        self.reason_code: int | None = None
-        self.error: str | None = None
-        self._event = threading.Event()
-        self._callbacks: list[Callable[[PublishHandle], None]] = []
-        self._lock = threading.Lock()
-
-    @property
-    def ok(self) -> bool:
-        return self._event.is_set() and self.error is None
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for completion; True when the broker accepted the message."""
-        self._event.wait(timeout)
-        return self.ok
-
-    def add_done_callback(self, fn: Callable[[PublishHandle], None]) -> None:
-        """Call ``fn(handle)`` on completion (at once if done): keep it short, never publish."""
-        with self._lock:
-            if not self._event.is_set():
-                self._callbacks.append(fn)
-                return
-        fn(self)
-
-    def _complete(self, reason_code: int, error: str | None = None) -> None:
-        with self._lock:
-            if self._event.is_set():
-                return
-            self.reason_code, self.error = reason_code, error
-            self._event.set()
-            callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("mqtt: publish callback for %s failed", self.topic)
-
-    def __repr__(self) -> str:
-        state = "pending" if not self.done() else ("ok" if self.ok else f"failed: {self.error}")
-        return f"PublishHandle({self.topic!r}, mid={self.mid}, {state})"
 
 
 class MqttClient:
@@ -243,17 +172,9 @@ class MqttClient:
     # --- status ----------------------------------------------------------------------
 
     def status_payload(self, state: str, reason: str | None = None) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "device": self.device,
-            "fleet": self.cfg.device.fleet,
-            "state": state,
-            "since": rfc3339(),
-            "agent_version": __version__,
-            "models": self._models(),
-        }
-        if reason:
-            payload["reason"] = reason
-        return payload
+        return payloads.status(
+            self.device, self.cfg.device.fleet, state, self._models(), reason=reason
+        )
 
     def _models(self) -> dict[str, Any]:
         if self._status is None:
@@ -290,9 +211,14 @@ class MqttClient:
         payload: bytes | str | Mapping[str, Any],
         qos: int = 1,
         retain: bool = False,
-        properties: Properties | None = None,
+        *,
+        correlation_data: bytes | None = None,
     ) -> PublishHandle:
-        """Publish; the handle completes on the broker's answer (never raises for that)."""
+        """Publish; the handle completes on the broker's answer (never raises for that).
+
+        ``correlation_data`` answers an MQTT 5 request (the device commands).
+        """
+        properties = None if correlation_data is None else _response_properties(correlation_data)
         data = payload if isinstance(payload, bytes | str) else json.dumps(payload)
         raw = data.encode() if isinstance(data, str) else data
         handle = PublishHandle(topic)
@@ -453,9 +379,8 @@ class MqttClient:
                 log.exception("mqtt: connection listener failed")
 
 
-def response_properties(correlation_data: bytes | None) -> Properties:
+def _response_properties(correlation_data: bytes) -> Properties:
     """PUBLISH properties for an answer to a request carrying ``correlation_data``."""
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if correlation_data is not None:
-        props.CorrelationData = correlation_data
+    props.CorrelationData = correlation_data
     return props

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import ModelsConfig
+from agent.loops import Loop
 from agent.metrics import InferenceStats, WindowStats
 
 log = logging.getLogger(__name__)
@@ -128,31 +129,24 @@ class Probation:
         self._lock = threading.Lock()
         self._history: dict[tuple[str, str], deque[tuple[float, WindowStats]]] = {}
         self._trials: dict[str, Trial] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # A rollback loads a model: give a tick a minute before calling the loop hung.
+        self.loop = Loop("probation", self._step, stall_s=60.0, first_wait_s=TICK_S)
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="probation", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self.loop.stop(5)
         self.stats.unsubscribe(self._window)
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.loop.alive()
 
-    def _loop(self) -> None:
-        while not self._stop.wait(TICK_S):
-            try:
-                self.tick()
-            except Exception:
-                log.exception("probation: tick failed")
-        log.info("probation: stopped")
+    def _step(self) -> float:
+        self.tick()
+        return TICK_S
 
     # --- trials ----------------------------------------------------------------------
 

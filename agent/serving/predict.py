@@ -1,83 +1,29 @@
-"""The ``/predict`` core: decode features (rows or named columns), run, encode.
+"""The ``/predict`` codec: features (rows or named columns) in, one value per row out.
 
-No sockets here: ``Predictor.predict`` takes the parsed JSON body and answers a dict.
+No sockets here: ``Predictor.predict`` takes the parsed JSON body and answers a dict;
+the run itself is the inference core's (``agent/serving/core.py``).
 Every refusal is a ``BadRequest`` naming the row and column, so a caller can find the
 offending value in a thousand-row request without guessing.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agent.buffer import Result, ResultBuffer
-from agent.errors import BadRequest
-from agent.manifest import Manifest, TensorSpec
-from agent.metrics import InferenceStats
-from agent.registry import Registry
-from agent.runtime import LoadedModel
+from agent.models.runtime import LoadedModel
+from agent.serving.core import Answer, Call, InferenceCore, Tensors
+from agent.wire.datatypes import FLOATS, INTS, expected_value, numpy_dtype, value_ok
+from agent.wire.errors import BadRequest
+from agent.wire.manifest import Manifest, TensorSpec
 
-FLOATS = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
-INTS = {
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-}  # fmt: skip
 _NUMBER_TYPES = frozenset((int, float))
 # Below this magnitude every number fits FP32 (max ~3.4e38): no overflow to check for.
 _FP32_SAFE = 3.0e38
 _BODY_KEYS = frozenset(("features", "probabilities"))
-_decode = json.JSONDecoder().decode  # what json.loads uses when given no options
-
-
-def parse_json(data: bytes | memoryview, what: str = "body") -> Any:
-    """JSON from a request body; a syntax error names the line, column and offset."""
-    try:
-        if type(data) is bytes and data[:1] == b"{" and data[1:2] != b"\x00":
-            # What json.loads does for a body that is plainly UTF-8 (no BOM, not
-            # UTF-16/32), without its encoding detection: a few us per request.
-            return _decode(data.decode("utf-8", "surrogatepass"))
-        return json.loads(bytes(data))
-    except json.JSONDecodeError as e:
-        raise BadRequest(
-            f"{what}: invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"{what}: not UTF-8 text (byte {e.start})") from None
-    except RecursionError:
-        raise BadRequest(f"{what}: JSON nested too deeply") from None
-
-
-def expected_value(datatype: str) -> str:
-    if datatype in FLOATS:
-        return "a number"
-    if datatype in INTS:
-        return "an integer"
-    return "a string" if datatype == "BYTES" else "true or false"
-
-
-def value_ok(v: Any, datatype: str) -> bool:
-    """Whether a JSON value fits a tensor datatype; bools are never numbers here."""
-    t = type(v)
-    if datatype in FLOATS:
-        return t is float or t is int
-    if datatype in INTS:
-        return t is int or (t is float and v.is_integer())
-    if datatype == "BYTES":
-        return t is str
-    return t is bool
-
-
-def numpy_dtype(datatype: str) -> Any:
-    if datatype in FLOATS:
-        return FLOATS[datatype]
-    if datatype in INTS:
-        return INTS[datatype]
-    return object if datatype == "BYTES" else np.bool_
 
 
 def allows_nan(manifest: Manifest) -> bool:
@@ -226,7 +172,7 @@ def decode_features(manifest: Manifest, features: Any) -> dict[str, np.ndarray]:
         if datatype in _SMALL_FLOATS and _plain_small_floats(rows):
             # Every value a finite number well inside FP32's range: the cast cannot
             # overflow and the result is finite, so neither check has anything to find.
-            return {schema.matrix.name: np.array(rows, dtype=FLOATS[datatype])}
+            return {schema.matrix.name: np.array(rows, dtype=numpy_dtype(datatype))}
         arr = _to_array(rows, datatype, "features")
         if not allows_nan(manifest):
             _check_finite(arr, rows, schema, manifest.name)
@@ -310,70 +256,58 @@ def probabilities_output(manifest: Manifest) -> str | None:
 
 
 class Predictor:
-    """Decode, run, record, observe: the one function ``POST /predict`` calls."""
+    """The ``/predict`` codec over the inference core."""
 
-    def __init__(
-        self, registry: Registry, buffer: ResultBuffer | None, stats: InferenceStats
-    ) -> None:
-        self.registry = registry
-        self.buffer = buffer
-        self.stats = stats
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
 
     def predict(self, body: Any, model: str | None = None) -> dict[str, Any]:
         if type(body) is not dict:
             raise BadRequest(
                 f"body: expected a JSON object with 'features', got {_type_name(body)}"
             )
-        loaded = self.registry.get(model)
-        manifest = loaded.manifest
-        start = time.perf_counter()
-        try:
-            answer = self._predict(loaded, manifest, body)
-        except Exception:  # refused input or a model failure: both count as errors
-            self.stats.observe(manifest.name, manifest.version, time.perf_counter() - start, False)
-            raise
-        latency = time.perf_counter() - start
-        self.stats.observe(manifest.name, manifest.version, latency, True)
-        if self.buffer is not None:
-            outputs = {"prediction": answer["prediction"]}
-            if "probabilities" in answer:
-                outputs["probabilities"] = answer["probabilities"]
-            self.buffer.record(
-                Result(time.time(), manifest.name, manifest.version, body["features"], outputs,
-                       latency * 1000)
-            )  # fmt: skip
-        return answer
+        loaded = self.core.model(model)
+        return self.core.infer(loaded, lambda m: _decode(m.manifest, body), _encode)
 
-    def _predict(
-        self, loaded: LoadedModel, manifest: Manifest, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        if not _BODY_KEYS.issuperset(body):
-            unknown = [k for k in body if k not in _BODY_KEYS]
-            raise BadRequest(f"{unknown[0]}: unknown field (expected 'features', 'probabilities')")
-        if "features" not in body:
-            raise BadRequest("features: missing (expected a list of rows)")
-        want_proba = body.get("probabilities", False)
-        if type(want_proba) is not bool:
-            raise BadRequest(f"probabilities: expected true or false, got {want_proba!r:.40}")
-        prediction_output = manifest.prediction_output
-        wanted = [prediction_output]
-        proba_name = probabilities_output(manifest) if want_proba else None
-        if want_proba:
-            if proba_name is None:
-                raise BadRequest(
-                    f"probabilities: model {manifest.name!r} has no probabilities output "
-                    "(it is not a classifier)"
-                )
-            wanted.append(proba_name)
-        inputs = decode_features(manifest, body["features"])
-        outputs = loaded.run(inputs, wanted)
-        answer: dict[str, Any] = {
-            "prediction": one_per_row(outputs[prediction_output]),
-            "model": manifest.name,
-            "version": manifest.version,
-        }
-        if want_proba and proba_name is not None:
-            answer["probabilities"] = outputs[proba_name].tolist()
-            if manifest.classes is not None:
-                answer["classes"] = manifest.classes
-        return answer
+
+def _decode(manifest: Manifest, body: dict[str, Any]) -> Call:
+    if not _BODY_KEYS.issuperset(body):
+        unknown = [k for k in body if k not in _BODY_KEYS]
+        raise BadRequest(f"{unknown[0]}: unknown field (expected 'features', 'probabilities')")
+    if "features" not in body:
+        raise BadRequest("features: missing (expected a list of rows)")
+    want_proba = body.get("probabilities", False)
+    if type(want_proba) is not bool:
+        raise BadRequest(f"probabilities: expected true or false, got {want_proba!r:.40}")
+    wanted = [manifest.prediction_output]
+    if want_proba:
+        proba_name = probabilities_output(manifest)
+        if proba_name is None:
+            raise BadRequest(
+                f"probabilities: model {manifest.name!r} has no probabilities output "
+                "(it is not a classifier)"
+            )
+        wanted.append(proba_name)
+    features = body["features"]
+    return Call(decode_features(manifest, features), wanted, features)
+
+
+def _encode(model: LoadedModel, outputs: Tensors) -> Answer[dict[str, Any]]:
+    manifest = model.manifest
+    prediction = one_per_row(outputs[manifest.prediction_output])
+    answer: dict[str, Any] = {
+        "prediction": prediction,
+        "model": manifest.name,
+        "version": manifest.version,
+    }
+    recorded: dict[str, Any] = {"prediction": prediction}
+    proba_name = probabilities_output(manifest)
+    if (
+        proba_name is not None
+        and proba_name != manifest.prediction_output
+        and proba_name in outputs
+    ):
+        answer["probabilities"] = recorded["probabilities"] = outputs[proba_name].tolist()
+        if manifest.classes is not None:
+            answer["classes"] = manifest.classes
+    return Answer(answer, recorded)

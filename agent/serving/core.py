@@ -1,0 +1,100 @@
+"""The one inference core under both protocols: look up, run, time, record, buffer.
+
+``/predict`` (``agent/serving/predict.py``) and the Open Inference Protocol
+(``agent/serving/oip.py``) are codecs: each turns its request into a ``Call`` and the
+model's output tensors into its answer. Everything between (which model serves, the
+clock, the inference statistics that health and probation read, the durable result)
+happens here, once, so the two protocols cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from agent.metrics import InferenceStats
+from agent.models.registry import Registry
+from agent.models.runtime import LoadedModel
+from agent.results.buffer import ResultBuffer
+from agent.results.rows import Result
+from agent.wire.errors import ModelNotFound, NotReady
+
+T = TypeVar("T")
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Call:
+    """A decoded request: the input tensors, the outputs wanted (None: all), and the
+    inputs as the result buffer records them (the caller's own JSON where there is one)."""
+
+    inputs: Tensors
+    outputs: list[str] | None
+    recorded: Any
+
+
+@dataclass(frozen=True)
+class Answer(Generic[T]):
+    """What a codec makes of the outputs: its reply, and the outputs as recorded."""
+
+    reply: T
+    recorded: Any
+
+
+class InferenceCore:
+    """What every inference route calls."""
+
+    def __init__(
+        self, registry: Registry, buffer: ResultBuffer | None, stats: InferenceStats
+    ) -> None:
+        self.registry = registry
+        self.buffer = buffer
+        self.stats = stats
+
+    def model(self, name: str | None, version: str | None = None) -> LoadedModel:
+        """The model that serves ``name`` (None: the default); ModelNotFound/NotReady."""
+        return self.registry.get(name, version)
+
+    def model_by_name(self, name: str, version: str | None) -> LoadedModel:
+        """A named model for the V2 routes, where no model loaded yet is a 404 too."""
+        try:
+            return self.registry.get(name, version)
+        except NotReady:
+            raise ModelNotFound(name, version) from None
+
+    def ready(self) -> bool:
+        """Ready once at least one model is loaded."""
+        return bool(self.registry.names())
+
+    def infer(
+        self,
+        model: LoadedModel,
+        decode: Callable[[LoadedModel], Call],
+        encode: Callable[[LoadedModel, Tensors], Answer[T]],
+    ) -> T:
+        """Decode, run and encode one request on ``model``, timed and recorded.
+
+        A refused input and a model failure both count as failed inferences; only an
+        answered one is buffered.
+        """
+        m = model.manifest
+        start = time.perf_counter()
+        try:
+            call = decode(model)
+            outputs = model.run(call.inputs, call.outputs)
+            answer = encode(model, outputs)
+        except Exception:
+            self.stats.observe(m.name, m.version, time.perf_counter() - start, False)
+            raise
+        latency = time.perf_counter() - start
+        self.stats.observe(m.name, m.version, latency, True)
+        if self.buffer is not None:
+            self.buffer.record(
+                Result(time.time(), m.name, m.version, call.recorded, answer.recorded,
+                       latency * 1000)
+            )  # fmt: skip
+        return answer.reply

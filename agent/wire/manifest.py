@@ -1,0 +1,208 @@
+"""The model manifest: what a device needs to trust and use a model, parsed and checked.
+
+A package is a folder (or a ``.tar`` of it) with ``model.onnx`` and ``manifest.json``
+(``agent/wire/package.py``); the manifest is signed with ed25519 over its canonical
+JSON without ``signature`` (``agent/wire/signing.py``). ``converter/`` writes
+manifests, ``fleet/`` re-signs and publishes them, ``agent/`` verifies them; all three
+parse them here, so none of them re-implements a rule.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.wire.datatypes import DATATYPES
+from agent.wire.errors import ManifestInvalid
+from agent.wire.names import NAME_PATTERN, is_name, parse_version
+from agent.wire.times import parse_rfc3339
+
+MANIFEST_FILE = "manifest.json"
+MODEL_FILE = "model.onnx"
+# Artifact chunks on the broker: 50 chunks for a 50 MB forest. The largest chunk stays
+# under broker-config's max_packet_size (4 MiB) with room for the PUBLISH header.
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024 - 4096
+MIN_CHUNK_SIZE = 64
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no spaces, UTF-8: the bytes a signature covers."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks an artifact of ``size`` bytes takes (at least one, the last shorter)."""
+    return max(1, -(-size // chunk_size))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    file: str
+    size: int
+    sha256: str
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    @property
+    def chunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        """Bytes in chunk ``index``: ``chunk_size``, the last one shorter."""
+        if index == self.chunks - 1:
+            return self.size - index * self.chunk_size
+        return self.chunk_size
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest. ``raw`` keeps every field, known or not."""
+
+    name: str
+    version: str
+    serial: int
+    issued_at: str
+    artifact: Artifact
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        return parse_version(self.version)
+
+    @property
+    def signature(self) -> dict[str, Any] | None:
+        sig = self.raw.get("signature")
+        return sig if isinstance(sig, dict) else None
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        p = self.raw.get("parity")
+        return p if isinstance(p, dict) else {}
+
+    @property
+    def classes(self) -> list[Any] | None:
+        c = self.raw.get("classes")
+        return c if isinstance(c, list) else None
+
+    @property
+    def feature_names(self) -> list[str] | None:
+        f = self.raw.get("feature_names")
+        return f if isinstance(f, list) else None
+
+    @property
+    def prediction_output(self) -> str:
+        """Which output ``/predict`` answers with (``label`` for classifiers)."""
+        value = self.raw.get("prediction_output")
+        return value if isinstance(value, str) else self.outputs[0].name
+
+    @property
+    def probabilities_output(self) -> str | None:
+        value = self.raw.get("probabilities_output")
+        return value if isinstance(value, str) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.raw)
+
+    def unsigned_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.raw.items() if k != "signature"}
+
+
+def _need(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in d:
+        raise ManifestInvalid(f"{where}{key}: missing")
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ManifestInvalid(f"{where}{key}: expected {names}, got {value!r:.60}")
+    return value
+
+
+def _tensor_specs(d: Mapping[str, Any], key: str) -> list[TensorSpec]:
+    items = _need(d, key, list, "")
+    if not items:
+        raise ManifestInvalid(f"{key}: expected at least one tensor")
+    specs = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]."
+        if not isinstance(item, dict):
+            raise ManifestInvalid(f"{key}[{i}]: expected an object")
+        name = _need(item, "name", str, where)
+        datatype = _need(item, "datatype", str, where)
+        if datatype not in DATATYPES:
+            raise ManifestInvalid(
+                f"{where}datatype: {datatype!r} is not one of {sorted(DATATYPES)}"
+            )
+        shape = _need(item, "shape", list, where)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            raise ManifestInvalid(f"{where}shape: expected a list of integers, got {shape!r}")
+        specs.append(TensorSpec(name, datatype, list(shape)))
+    return specs
+
+
+def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
+    """Parse and validate a manifest; raises ManifestInvalid naming the field."""
+    if isinstance(data, bytes | str):
+        try:
+            obj = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ManifestInvalid(f"manifest: not valid JSON ({e})") from None
+    else:
+        obj = dict(data)
+    if not isinstance(obj, dict):
+        raise ManifestInvalid("manifest: expected a JSON object")
+    name = _need(obj, "name", str, "")
+    if not is_name(name):
+        raise ManifestInvalid(f"name: {name!r} must match {NAME_PATTERN}")
+    version = _need(obj, "version", str, "")
+    parse_version(version)
+    serial = _need(obj, "serial", int, "")
+    if serial < 0:
+        raise ManifestInvalid(f"serial: {serial} must not be negative")
+    issued_at = _need(obj, "issued_at", str, "")
+    try:
+        parse_rfc3339(issued_at)
+    except ValueError:
+        raise ManifestInvalid(f"issued_at: {issued_at!r} is not an RFC 3339 time") from None
+    art = _need(obj, "artifact", dict, "")
+    file = _need(art, "file", str, "artifact.")
+    if "/" in file or file in {"", ".", ".."}:
+        raise ManifestInvalid(f"artifact.file: {file!r} must be a plain file name")
+    size = _need(art, "size", int, "artifact.")
+    digest = _need(art, "sha256", str, "artifact.")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ManifestInvalid(f"artifact.sha256: {digest!r} is not 64 lowercase hex digits")
+    chunk_size = art.get("chunk_size", DEFAULT_CHUNK_SIZE)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
+        raise ManifestInvalid(
+            f"artifact.chunk_size: expected a positive integer, got {chunk_size!r}"
+        )
+    artifact = Artifact(file, size, digest, chunk_size)
+    if "chunks" in art and art["chunks"] != artifact.chunks:
+        raise ManifestInvalid(
+            f"artifact.chunks: {art['chunks']!r} does not match size/chunk_size ({artifact.chunks})"
+        )
+    return Manifest(
+        name=name,
+        version=version,
+        serial=serial,
+        issued_at=issued_at,
+        artifact=artifact,
+        inputs=_tensor_specs(obj, "inputs"),
+        outputs=_tensor_specs(obj, "outputs"),
+        raw=obj,
+    )

@@ -1,0 +1,77 @@
+"""Model packages on disk: a folder (or a ``.tar`` of one) with the artifact and
+``manifest.json``; reading, writing and checking them as every side does."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.disk import atomic_write, sha256_file
+from agent.wire.errors import ChecksumMismatch, ManifestInvalid, SizeMismatch
+from agent.wire.manifest import MANIFEST_FILE, Manifest, parse_manifest
+from agent.wire.signing import verify_signature
+
+
+def read_manifest(package_dir: Path) -> Manifest:
+    path = package_dir / MANIFEST_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestInvalid(f"{path}: no manifest.json in the package") from None
+    return parse_manifest(data)
+
+
+def write_manifest(package_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Write manifest.json atomically (temp file, fsync, rename)."""
+    data = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False).encode() + b"\n"
+    atomic_write(package_dir / MANIFEST_FILE, data)
+
+
+def check_artifact(package_dir: Path, manifest: Manifest) -> Path:
+    """Size and sha256 of the package's artifact against the manifest."""
+    path = package_dir / manifest.artifact.file
+    if not path.is_file():
+        raise ManifestInvalid(
+            f"artifact.file: {manifest.artifact.file} is missing from the package"
+        )
+    size = path.stat().st_size
+    if size != manifest.artifact.size:
+        raise SizeMismatch(manifest.artifact.file, manifest.artifact.size, size)
+    digest = sha256_file(path)
+    if digest != manifest.artifact.sha256:
+        raise ChecksumMismatch(manifest.artifact.file, manifest.artifact.sha256, digest)
+    return path
+
+
+def verify_package(
+    package_dir: Path, trusted: Mapping[str, Ed25519PublicKey], *, require_signature: bool
+) -> Manifest:
+    """Manifest validity, artifact size and hash, and signature. Parity is the runtime's job."""
+    manifest = read_manifest(package_dir)
+    check_artifact(package_dir, manifest)
+    verify_signature(manifest, trusted, require=require_signature)
+    return manifest
+
+
+def open_package(path: Path, scratch: Path) -> Path:
+    """Return a folder holding the package: ``path`` itself, or a ``.tar`` unpacked into scratch."""
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise ManifestInvalid(f"{path}: no such package (expected a folder or a .tar)")
+    try:
+        with tarfile.open(path) as tar:
+            tar.extractall(scratch, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise ManifestInvalid(f"{path}: not a package folder or readable .tar ({e})") from None
+    if (scratch / MANIFEST_FILE).exists():
+        return scratch
+    subdirs = [p for p in scratch.iterdir() if (p / MANIFEST_FILE).exists()]
+    if len(subdirs) != 1:
+        raise ManifestInvalid(f"{path}: the .tar holds no manifest.json")
+    return subdirs[0]
