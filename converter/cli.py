@@ -24,6 +24,7 @@ from agent.wire.signing import (
     load_public_key,
     sign_manifest,
 )
+
 from converter.loading import UNPICKLE_WARNING
 
 PROG = "edge-model"

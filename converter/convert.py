@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from agent.wire.errors import ConversionError
 from agent.wire.manifest import TensorSpec
+
 from converter.schema import InputSchema
 
 # Highest default-domain opset each onnxruntime release runs (onnxruntime's

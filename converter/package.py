@@ -11,9 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-from agent.disk import atomic_write
 from agent.wire.errors import ConversionError, ManifestInvalid
 from agent.wire.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -23,9 +20,11 @@ from agent.wire.manifest import (
     parse_manifest,
 )
 from agent.wire.names import NAME_RE, parse_version
-from agent.wire.package import write_manifest
+from agent.wire.package import write_artifact, write_manifest
 from agent.wire.signing import sign_manifest
 from agent.wire.times import rfc3339
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from converter.convert import check_fitted, convert, json_values, task_of
 from converter.parity import (
     ParityResult,
@@ -132,7 +131,7 @@ def build(
 
     model_bytes = converted.model.SerializeToString()
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / MODEL_FILE, model_bytes)
+    write_artifact(out_dir, MODEL_FILE, model_bytes)
     import hashlib
 
     artifact = Artifact(MODEL_FILE, len(model_bytes), hashlib.sha256(model_bytes).hexdigest())
@@ -174,7 +173,7 @@ def build(
         manifest = sign_manifest(manifest, private_key)
     parse_manifest(manifest)  # the device's own validation, before anything ships
     write_manifest(out_dir, manifest)
-    # atomic_write's temp files are 0600; a package is meant to be read by others
+    # The atomic writes' temp files are 0600; a package is meant to be read by others
     # (the agent's user, edge-fleet, a web server), and holds nothing secret.
     for written in (out_dir / MODEL_FILE, out_dir / MANIFEST_FILE):
         written.chmod(0o644)

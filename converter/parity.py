@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from agent.wire.errors import ParityFailed
+
 from converter.schema import FLOAT32_EXACT_RANGE, Batch, InputSchema, sklearn_input
 
 RTOL = 1e-4

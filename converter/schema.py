@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from agent.wire.errors import ConversionError
 from agent.wire.manifest import TensorSpec
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from agent.wire import parity
 from agent.wire.errors import ModelLoadFailed
 from agent.wire.manifest import Manifest

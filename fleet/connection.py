@@ -22,10 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from agent.wire.errors import BrokerUnavailable, UsageError
 from agent.wire.topics import DEFAULT_PREFIX, Topics
+from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from agent.wire.errors import EdgeError, UsageError
 from prometheus_client import start_http_server
 from prometheus_client.core import (
     CollectorRegistry,
@@ -33,7 +34,6 @@ from prometheus_client.core import (
     Metric,
 )
 
-from agent.wire.errors import EdgeError, UsageError
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
 from fleet.state import DeviceState, FleetState
 

@@ -38,6 +38,7 @@ from agent.wire.manifest import (
 from agent.wire.names import check_name
 from agent.wire.package import check_artifact, read_manifest
 from agent.wire.signing import key_id, load_private_key, verify_signature
+
 from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
 from fleet.retained import (
     Session,

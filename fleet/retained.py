@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-
 from agent.wire.errors import BrokerUnavailable, EdgeError
 from agent.wire.manifest import chunk_count
 from agent.wire.signing import load_private_key, sign_manifest
 from agent.wire.times import rfc3339
 from agent.wire.topics import Topics
+
 from fleet.connection import BrokerOptions, connect, disconnect
 
 log = logging.getLogger(__name__)

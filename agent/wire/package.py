@@ -32,6 +32,13 @@ def write_manifest(package_dir: Path, manifest: Mapping[str, Any]) -> None:
     atomic_write(package_dir / MANIFEST_FILE, data)
 
 
+def write_artifact(package_dir: Path, name: str, data: bytes) -> Path:
+    """Write a package's artifact atomically (a crash never leaves half a model)."""
+    path = package_dir / name
+    atomic_write(path, data)
+    return path
+
+
 def check_artifact(package_dir: Path, manifest: Manifest) -> Path:
     """Size and sha256 of the package's artifact against the manifest."""
     path = package_dir / manifest.artifact.file

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.metrics import InferenceStats, Metrics
-from tests.agent.serving import serve
+from tests.agent.serving.stack import serve
 
 
 def test_window_percentiles_count_and_errors() -> None:

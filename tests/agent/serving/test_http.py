@@ -15,7 +15,7 @@ import pytest
 from agent.config import BufferConfig
 from agent.results.buffer import ResultBuffer
 from agent.serving.codecs import choose_encoding
-from tests.agent.serving import Client, Served, serve
+from tests.agent.serving.stack import Client, Served, serve
 from tests.fixtures.rows import all_rows
 
 ROW = {"features": [[5.1, 3.5, 1.4, 0.2]]}

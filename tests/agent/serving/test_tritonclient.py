@@ -10,7 +10,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.agent.serving import Served, serve
+from tests.agent.serving.stack import Served, serve
 
 
 @pytest.fixture

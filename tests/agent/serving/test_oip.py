@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.agent.serving import Client, Served, serve
+from tests.agent.serving.stack import Client, Served, serve
 from tests.fixtures.rows import all_rows
 
 

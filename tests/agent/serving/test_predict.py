@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.agent.serving import Served, serve
+from tests.agent.serving.stack import Served, serve
 from tests.fixtures.rows import all_rows
 
 

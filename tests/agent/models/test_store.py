@@ -20,7 +20,7 @@ from agent.models.store import ModelStore
 from agent.wire.errors import PackageError
 from agent.wire.package import check_artifact, read_manifest, write_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def versioned(package: Path, version: str, dest: Path, serial: int = 1) -> Path:

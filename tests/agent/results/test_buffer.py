@@ -186,7 +186,7 @@ def test_kill_9_loses_no_committed_result(tmp_path: Path) -> None:
         [sys.executable, "-c", WRITER, str(db)],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert proc.stdout is not None
     acknowledged = [int(proc.stdout.readline()) for _ in range(500)]
