@@ -47,6 +47,10 @@ IDLE_TIMEOUT_S = 60.0  # a keep-alive connection idle this long is closed
 MAX_HEADERS = 100
 MAX_HEADER_LINE = 65536
 STOP_GRACE_S = 2.0  # how long stop() waits for answers in flight
+# A refused body the client still sends is read and thrown away for this long (and at
+# most this much) before the connection closes, as nginx's lingering close does.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 16 * 1024 * 1024
 _STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -175,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
                 reply.headers["WWW-Authenticate"] = 'Bearer realm="edge-agent"'
             service.metrics.request("transport", "", "", e.status)
             self._write(reply)
+            if self.close_connection:
+                self._linger()
             return
         reply = service.handle(method, path, query, self.headers, body)
         if reply.compressible and len(reply.body) >= COMPRESS_MIN_BYTES:
@@ -192,6 +198,32 @@ class _Handler(BaseHTTPRequestHandler):
     # The usual methods found without __getattr__ (which handle_one_request would call
     # twice, through hasattr and getattr, on every request).
     do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+    def _linger(self) -> None:
+        """Read and discard what the client still sends of a refused body, then close.
+
+        Closing a socket with unread data sends a reset, and a client that writes its
+        whole body before reading (urllib, most scripts) then gets a broken pipe instead
+        of the 413. Half-closing first and draining, bounded in time and bytes, lets
+        every client read the answer.
+        """
+        sock = self.connection
+        try:
+            self.wfile.flush()
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        deadline = time.monotonic() + LINGER_S
+        left = LINGER_MAX_BYTES
+        try:
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                sock.settimeout(remaining)
+                data = self.rfile.read1(min(65536, left))  # type: ignore[attr-defined]
+                if not data:
+                    break
+                left -= len(data)
+        except OSError:  # a timeout or a reset: the client had its chance
+            pass
 
     def _authorize(self, path: str) -> None:
         token = self.server.token

@@ -6,6 +6,8 @@ import gzip
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 import zlib
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,21 @@ def test_body_over_the_limit_is_413_before_it_is_sent(served: Served) -> None:
     body = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert body["error"] == "body: 10000000 bytes is over the limit of 65536 bytes"
     assert b"Connection: close" in answer
+    assert_still_serving(served)
+
+
+def test_client_that_sends_an_oversize_body_first_still_reads_the_413(served: Served) -> None:
+    # urllib sends the whole body without Expect: 100-continue and only then reads: the
+    # server must drain it (bounded) instead of resetting the connection under it.
+    request = urllib.request.Request(
+        f"{served.url}/predict", data=b"x" * (2 * 1024 * 1024), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 413
+    body = json.loads(caught.value.read())
+    assert body["error"] == "body: 2097152 bytes is over the limit of 65536 bytes"
     assert_still_serving(served)
 
 
