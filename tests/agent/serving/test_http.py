@@ -123,14 +123,14 @@ def test_client_that_sends_an_oversize_body_first_still_reads_the_413(served: Se
     # urllib sends the whole body without Expect: 100-continue and only then reads: the
     # server must drain it (bounded) instead of resetting the connection under it.
     request = urllib.request.Request(
-        f"{served.url}/predict", data=b"x" * (2 * 1024 * 1024), method="POST",
+        f"{served.url}/predict", data=b"x" * (12 * 1024 * 1024), method="POST",
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=10)
     assert caught.value.code == 413
     body = json.loads(caught.value.read())
-    assert body["error"] == "body: 2097152 bytes is over the limit of 65536 bytes"
+    assert body["error"] == "body: 12582912 bytes is over the limit of 65536 bytes"
     assert_still_serving(served)
 
 
