@@ -7,6 +7,8 @@ one-line message on stderr; nothing below them formats errors for a user.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -164,7 +166,17 @@ def run_command(prog: str, command: Callable[[], int], *, verbose: bool) -> int:
     anything else is a bug, reported in one line, with the traceback only on ``--verbose``.
     """
     try:
-        return int(command())
+        code = int(command())
+        sys.stdout.flush()  # a closed pipe shows here, not at exit with a traceback
+        return code
+    except BrokenPipeError:
+        # `edge-model inspect --json pkg | head`: the reader went away, which is routine.
+        # Point stdout at /dev/null so the interpreter's own flush at exit stays quiet,
+        # and exit as a command killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except ConfigError as e:
         if verbose:
             traceback.print_exc()

@@ -259,3 +259,16 @@ def test_console_script_converts_and_verifies(
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "does not exist" in done.stderr
+
+
+def test_output_into_a_closed_pipe_exits_quietly(package: Path) -> None:
+    # `edge-model inspect --json pkg | head`: the reader is gone before the write.
+    proc = subprocess.Popen(
+        [str(EDGE_MODEL), "inspect", "--json", str(package)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141  # as if killed by SIGPIPE, like coreutils
+    assert err == ""
