@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -123,3 +124,55 @@ def test_inspect_shows_the_package(capsys: pytest.CaptureFixture[str], package: 
     code, _, err = run(capsys, "inspect", package / "nothing")
     assert code == 1
     assert_one_line_error(err, "no such package")
+
+
+def _fp16_package(folder: Path) -> Path:
+    """A consistent FP16 package: an FP16 ONNX graph, its manifest and parity vectors."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["variable"])],
+        "fp16",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, [None, 2])],
+        [helper.make_tensor_value_info("variable", TensorProto.FLOAT16, [None, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir()
+    data = model.SerializeToString()
+    onnx.checker.check_model(model)
+    (folder / "model.onnx").write_bytes(data)
+    manifest = {
+        "name": "half", "version": "1.0.0", "serial": 1, "issued_at": "2026-01-01T00:00:00Z",
+        "artifact": {"file": "model.onnx", "size": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()},
+        "inputs": [{"name": "input", "datatype": "FP16", "shape": [-1, 2]}],
+        "outputs": [{"name": "variable", "datatype": "FP16", "shape": [-1, 2]}],
+        "parity": {"inputs": {"input": [[1.0, 2.0]]}, "expected": {"variable": [[1.0, 2.0]]},
+                   "rtol": 1e-3, "atol": 1e-3},
+    }  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_verify_refuses_what_the_device_refuses(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """One judge: an FP16 package fails verify with the words the device uses."""
+    from agent.config import Config
+    from agent.models.registry import Registry
+    from agent.models.store import ModelStore
+    from agent.updates.installer import Installer
+    from agent.wire.errors import SchemaUnsupported
+
+    package = _fp16_package(tmp_path / "half")
+    code, _, err = run(capsys, "verify", package)
+    assert code == 1
+    assert_one_line_error(err, "inputs[0] 'input': datatype FP16 is not served by the agent")
+    cfg = Config()
+    cfg.state_dir = str(tmp_path / "state")
+    installer = Installer(cfg, ModelStore(cfg.models_path), Registry())
+    with pytest.raises(SchemaUnsupported) as refused:
+        installer.install(package)
+    assert err.strip().endswith(str(refused.value))
