@@ -107,3 +107,23 @@ def test_every_config_key_is_documented() -> None:
     ]
     assert "state_dir" in docs
     assert not missing, f"docs/configuration.md does not document: {missing}"
+
+
+def test_the_chunk_size_default_is_stated_once_and_everywhere_the_same() -> None:
+    from agent.wire.manifest import DEFAULT_CHUNK_SIZE
+
+    mib = DEFAULT_CHUNK_SIZE // (1024 * 1024)
+    assert mib * 1024 * 1024 == DEFAULT_CHUNK_SIZE
+    root = DOCS.parent
+    places = {
+        "docs/protocol.md": f"({mib} MiB by default",
+        "docs/broker.md": f"Model chunks are {mib} MiB by default",
+        "docs/package-format.md": f"default {DEFAULT_CHUNK_SIZE} ({mib} MiB",
+        "broker-config/mosquitto.conf": f"retained chunks of {mib} MiB by default",
+    }
+    for path, text in places.items():
+        assert text in (root / path).read_text(), f"{path} does not say {text!r}"
+    for path in ("docs", "broker-config"):
+        for f in (root / path).rglob("*"):
+            if f.is_file() and f.suffix in {".md", ".conf", ""}:
+                assert "256 KiB" not in f.read_text(errors="replace"), f

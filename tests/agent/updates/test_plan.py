@@ -1,0 +1,72 @@
+"""The desired-state plan, on plain values: no broker, no store, no thread."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.updates import plan
+from agent.wire.errors import ManifestInvalid, ReplayedSerial
+from agent.wire.manifest import Manifest, parse_manifest
+from agent.wire.topics import rollout_bucket
+
+
+def manifest(serial: int = 5, version: str = "1.1.0", **extra: Any) -> Manifest:
+    return parse_manifest({
+        "name": "iris", "version": version, "serial": serial,
+        "issued_at": "2026-01-01T00:00:00.000Z",
+        "artifact": {"file": "model.onnx", "size": 10, "sha256": "a" * 64},
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]}],
+        **extra,
+    })  # fmt: skip
+
+
+def test_the_devices_own_desired_state_wins_over_the_fleets() -> None:
+    assert plan.effective({"fleet": b"F", "device": b"D"}) == (b"D", "device")
+    assert plan.effective({"fleet": b"F"}) == (b"F", "fleet")
+    assert plan.effective({}) is None
+
+
+def test_a_new_serial_is_installed() -> None:
+    decision = plan.decide(manifest(), "fleet", "pi-1", active=("1.0.0", 4), last_serial=4)
+    assert decision.action == plan.INSTALL
+
+
+def test_what_is_served_already_is_left_alone() -> None:
+    decision = plan.decide(manifest(), "fleet", "pi-1", active=("1.1.0", 5), last_serial=5)
+    assert decision.action == plan.CURRENT
+
+
+def test_an_accepted_serial_is_not_retried_after_a_rollback() -> None:
+    decision = plan.decide(manifest(), "fleet", "pi-1", active=("1.0.0", 5), last_serial=5)
+    assert decision.action == plan.ACCEPTED
+
+
+def test_an_old_serial_is_a_replay() -> None:
+    with pytest.raises(ReplayedSerial, match=r"serial 5 for 'iris' is not above .* 9"):
+        plan.decide(manifest(), "fleet", "pi-1", active=("1.0.0", 9), last_serial=9)
+
+
+def test_a_device_outside_the_rollout_is_told_its_bucket() -> None:
+    salt = "north/iris"
+    inside = next(d for d in (f"pi-{i}" for i in range(100)) if rollout_bucket(salt, d) < 50)
+    outside = next(d for d in (f"pi-{i}" for i in range(100)) if rollout_bucket(salt, d) >= 50)
+    m = manifest(rollout={"percent": 50, "salt": salt})
+    assert plan.decide(m, "fleet", inside, active=None, last_serial=-1).action == plan.INSTALL
+    decision = plan.decide(m, "fleet", outside, active=None, last_serial=-1)
+    assert decision.action == plan.OUTSIDE
+    assert decision.reason == f"not in rollout (bucket {rollout_bucket(salt, outside)} >= 50%)"
+    # A device's own desired state is not a fleet rollout.
+    assert plan.decide(m, "device", outside, active=None, last_serial=-1).action == plan.INSTALL
+
+
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [("half", "rollout: expected an object"), ({"percent": 101}, "rollout.percent: expected 0..100"),
+     ({"percent": 5, "salt": 3}, "rollout.salt: expected a string")],
+)  # fmt: skip
+def test_a_malformed_rollout_is_refused(rollout: Any, message: str) -> None:
+    with pytest.raises(ManifestInvalid, match=message):
+        plan.decide(manifest(rollout=rollout), "fleet", "pi-1", active=None, last_serial=-1)
