@@ -1,8 +1,12 @@
-"""A real serving stack on loopback for the HTTP tests: registry, buffer, service, server.
+"""A real serving stack for the HTTP tests: registry, buffer, service, and a server.
 
 Not a fixture module: test files import ``serve`` and ``Client``. Packages are loaded
 with the real runtime (``load_model``) and parity-checked, the buffer is a real SQLite
-file, the server is the real ``HttpServer`` on a free port.
+file. With ``transport=True`` (the default) the server is the real ``HttpServer`` on a
+free loopback port; with ``transport=False`` requests go straight into the routes and
+the inference core in process (``InProcessClient``, the idea of starlette's
+TestClient): protocol tests need no socket, and the transport's own tests (limits,
+auth, compression, keep-alive) keep the real one.
 """
 
 from __future__ import annotations
@@ -87,9 +91,44 @@ class Client:
         self.conn.close()
 
 
+class _Headers(dict[str, str]):
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name.lower(), default)
+
+
+class InProcessClient:
+    """``Client``'s interface over ``Service.handle``: no socket, no transport."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        data = (
+            body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+        )
+        route, _, query = path.partition("?")
+        hdrs = _Headers({k.lower(): v for k, v in (headers or {}).items()})
+        reply = self.service.handle(method, route, query, hdrs, data)
+        out = {"content-type": reply.content_type, "content-length": str(len(reply.body))}
+        out.update({k.lower(): v for k, v in reply.headers.items()})
+        return Response(reply.status, out, reply.body)
+
+    def predict(self, body: Any, query: str = "") -> Response:
+        return self.request("POST", "/predict" + query, body)
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class Served:
-    http: HttpServer
+    http: HttpServer | None
     service: Service
     registry: Registry
     buffer: ResultBuffer
@@ -98,17 +137,22 @@ class Served:
 
     @property
     def host(self) -> str:
+        assert self.http is not None, "served without a transport"
         return self.http.address[0]
 
     @property
     def port(self) -> int:
+        assert self.http is not None, "served without a transport"
         return self.http.address[1]
 
     @property
     def url(self) -> str:
+        assert self.http is not None, "served without a transport"
         return self.http.url
 
-    def client(self, token: str | None = None) -> Client:
+    def client(self, token: str | None = None) -> Client | InProcessClient:
+        if self.http is None:
+            return InProcessClient(self.service)
         return Client(self.host, self.port, token)
 
 
@@ -120,6 +164,7 @@ def serve(
     max_body_bytes: int | None = None,
     default: str | None = None,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    transport: bool = True,
 ) -> Iterator[Served]:
     cfg = Config()
     cfg.state_dir = str(tmp_path / "state")
@@ -136,10 +181,12 @@ def serve(
         registry.swap(load(package))
     buffer = ResultBuffer(cfg.buffer_path, cfg.buffer, metrics)
     service = Service(cfg, registry, buffer, metrics, status=status)
-    server = HttpServer(cfg.http, service)
-    server.start()
+    server = HttpServer(cfg.http, service) if transport else None
+    if server is not None:
+        server.start()
     try:
         yield Served(server, service, registry, buffer, metrics, cfg)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         buffer.close()

@@ -1,4 +1,5 @@
-"""POST /predict over real HTTP: rows, named columns, probabilities, every bad input."""
+"""POST /predict through the routes and the inference core, in process: rows, named
+columns, probabilities, every bad input. (The transport has its own tests in test_http.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.fixtures.rows import all_rows
 
 @pytest.fixture
 def iris(tmp_path: Path, iris_package: Path) -> Any:
-    with serve(tmp_path, iris_package) as served:
+    with serve(tmp_path, iris_package, transport=False) as served:
         yield served
 
 
@@ -55,7 +56,7 @@ def test_named_rows_map_through_feature_names(
     names = ["sepal_l", "sepal_w", "petal_l", "petal_w"]
     est = LogisticRegression(max_iter=500).fit(pd.DataFrame(x, columns=names), y)
     pkg = make_package(est, "named", "1.0.0")
-    with serve(tmp_path, pkg) as served:
+    with serve(tmp_path, pkg, transport=False) as served:
         c = served.client()
         row = dict(zip(names, x[100].tolist(), strict=True))
         assert c.predict({"features": [row]}).json["prediction"] == [y[100]]
@@ -68,7 +69,7 @@ def test_regressor_answers_one_number_per_row(
     tmp_path: Path, regressor_package: Path, regression_data: Any, regressor_estimator: Any
 ) -> None:
     x, _ = regression_data
-    with serve(tmp_path, regressor_package) as served:
+    with serve(tmp_path, regressor_package, transport=False) as served:
         body = served.client().predict({"features": x[:4].tolist()}).json
         assert len(body["prediction"]) == 4
         assert all(isinstance(v, float) for v in body["prediction"])
@@ -87,7 +88,7 @@ def test_named_columns_for_a_column_transformer(
     rows = [
         {"age": float(a), "city": str(c)} for a, c in zip(frame["age"], frame["city"], strict=True)
     ]
-    with serve(tmp_path, columns_package) as served:
+    with serve(tmp_path, columns_package, transport=False) as served:
         c = served.client()
         r = c.predict({"features": rows})
         assert r.status == 200, r.body
@@ -157,7 +158,7 @@ def test_invalid_json_names_the_position(iris: Served) -> None:
 def test_model_is_picked_by_query_and_unknown_is_404(
     tmp_path: Path, iris_package: Path, regressor_package: Path
 ) -> None:
-    with serve(tmp_path, iris_package, regressor_package) as served:
+    with serve(tmp_path, iris_package, regressor_package, transport=False) as served:
         c = served.client()
         ambiguous = c.predict({"features": [[1, 2, 3, 4]]})
         assert ambiguous.status == 400
@@ -173,12 +174,14 @@ def test_model_is_picked_by_query_and_unknown_is_404(
 def test_default_model_from_config(
     tmp_path: Path, iris_package: Path, regressor_package: Path
 ) -> None:
-    with serve(tmp_path, iris_package, regressor_package, default="ridge") as served:
+    with serve(
+        tmp_path, iris_package, regressor_package, default="ridge", transport=False
+    ) as served:
         assert served.client().predict({"features": [[1, 2, 3, 4, 5]]}).json["model"] == "ridge"
 
 
 def test_no_model_is_503(tmp_path: Path) -> None:
-    with serve(tmp_path) as served:
+    with serve(tmp_path, transport=False) as served:
         r = served.client().predict({"features": [[1, 2, 3, 4]]})
         assert r.status == 503
         assert r.error == "no model is loaded yet"
