@@ -9,6 +9,9 @@ element as a 4-byte little-endian length followed by its bytes. Outputs are sent
 same way when asked (``parameters.binary_data`` on an output, or
 ``parameters.binary_data_output`` on the request, which is what ``tritonclient``
 sends when it names no outputs).
+
+``model_config`` answers Triton's model configuration (``GET .../config``, which
+``tritonclient``'s ``get_model_config`` reads), derived from the manifest.
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ from agent.wire.manifest import TensorSpec
 
 SERVER_NAME = "edge-agent"
 EXTENSIONS = ["binary_tensor_data"]
+
+# Triton's model configuration names for the protocol's datatypes (model_config.proto).
+TRITON_DATATYPES: dict[str, str] = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
 
 _LEN = struct.Struct("<I")
 _NUMBERS = frozenset((int, float))
@@ -124,6 +144,30 @@ class OpenInference:
             "outputs": [s.to_dict() for s in m.outputs],
         }
 
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration, as much of it as the manifest says.
+
+        ``max_batch_size`` is 0: the batch dimension is part of ``dims`` (-1), as in
+        the manifest's shapes.
+        """
+        m = self.model(name, version).manifest
+
+        def tensors(specs: list[TensorSpec]) -> list[dict[str, Any]]:
+            return [
+                {"name": s.name, "data_type": TRITON_DATATYPES[s.datatype], "dims": list(s.shape)}
+                for s in specs
+            ]
+
+        return {
+            "name": m.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "version_policy": {"specific": {"versions": [m.version]}},
+            "max_batch_size": 0,
+            "input": tensors(m.inputs),
+            "output": tensors(m.outputs),
+        }
+
     # --- infer -----------------------------------------------------------------------
 
     def infer(
@@ -143,6 +187,8 @@ class OpenInference:
         wanted: list[tuple[str, bool]] = []
 
         def decode(m: LoadedModel) -> Call:
+            if "id" in request and type(request["id"]) is not str:
+                raise BadRequest(f"id: expected a string, got {json.dumps(request['id']):.60}")
             inputs, given = self._inputs(m, request, tail)
             wanted.extend(self._outputs(m, request))
             return Call(inputs, [o for o, _ in wanted], given)
@@ -289,7 +335,7 @@ class OpenInference:
             )
         names = [s.name for s in model.manifest.outputs]
         requested = request.get("outputs")
-        if requested is None:
+        if requested is None or requested == []:  # none named: all, as when absent
             return [(n, default_binary) for n in names]
         if type(requested) is not list:
             raise BadRequest("outputs: expected a list of {name, parameters}")

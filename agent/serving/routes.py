@@ -34,7 +34,7 @@ from agent.wire.errors import BadRequest, EdgeError
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/config)?$")
 
 
 class Headers(Protocol):
@@ -82,6 +82,14 @@ _STATIC: dict[str, tuple[str, ...]] = {
 }
 
 
+def _canonical(path: str) -> str:
+    """The path as routed: one trailing slash under /v2 is dropped (the protocol's OpenAPI
+    file writes ``GET /v2/``), so ``/v2/models/iris/`` is ``/v2/models/iris``."""
+    if path.startswith("/v2/") and path.endswith("/") and not path.endswith("//"):
+        return path[:-1]
+    return path
+
+
 class Service:
     """The routes of the agent's HTTP API, without the HTTP."""
 
@@ -125,7 +133,8 @@ class Service:
         self.metrics.request(reply.route, reply.model, reply.version, reply.status)
         return reply
 
-    def _dispatch(self, method: str, path: str, query: str, headers: Headers, body: bytes) -> Reply:
+    def _dispatch(self, method: str, raw: str, query: str, headers: Headers, body: bytes) -> Reply:
+        path = _canonical(raw)
         methods = _STATIC.get(path)
         if methods is not None:
             if method not in methods:
@@ -133,9 +142,7 @@ class Service:
             return self._static(path, query, body)
         match = _MODEL_ROUTE.match(path)
         if match is None:
-            return error_reply(
-                404, f"path: no route {path!r} (see docs/http-api.md)", route="other"
-            )
+            return error_reply(404, f"path: no route {raw!r} (see docs/http-api.md)", route="other")
         name, version, action = match.groups()
         allowed = ("POST",) if action == "/infer" else ("GET",)
         if method not in allowed:
@@ -156,8 +163,10 @@ class Service:
                 reply.content_type = "application/octet-stream"
                 reply.headers["Inference-Header-Content-Length"] = str(answer.json_length)
         elif action == "/ready":
-            self.oip.model(name, version)
-            reply = Reply(200)
+            self.oip.model(name, version)  # a 404 unless installed
+            reply = json_reply(200, {"ready": True})
+        elif action == "/config":
+            reply = json_reply(200, self.oip.model_config(name, version))
         else:
             reply = json_reply(200, self.oip.model_metadata(name, version))
         reply.route = _route_label(path)
@@ -173,9 +182,10 @@ class Service:
                 200, answer, route=path, model=answer["model"], version=answer["version"]
             )
         if path == "/v2/health/live":
-            return Reply(200, route=path)
+            return json_reply(200, {"live": True}, route=path)
         if path == "/v2/health/ready":
-            return Reply(200 if self.oip.ready() else 503, route=path)
+            ready = self.oip.ready()
+            return json_reply(200 if ready else 503, {"ready": ready}, route=path)
         if path == "/v2":
             return json_reply(200, self.oip.server_metadata(), route=path)
         if path == "/metrics":
@@ -188,6 +198,7 @@ class Service:
         """Model and version labels of a failed request: only names that are installed,
         so a caller's typo cannot grow the metric's label set without bound."""
         name: str | None = None
+        path = _canonical(path)
         match = _MODEL_ROUTE.match(path)
         if match is not None:
             name = match.group(1)
@@ -237,6 +248,7 @@ def _not_allowed(method: str, path: str, allowed: tuple[str, ...]) -> Reply:
 
 def _route_label(path: str) -> str:
     """The route template, never the raw path: label values must stay few."""
+    path = _canonical(path)
     if path in _STATIC:
         return path
     match = _MODEL_ROUTE.match(path)

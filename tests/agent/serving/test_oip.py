@@ -9,7 +9,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
 
+from agent.serving.oip import TRITON_DATATYPES
+from agent.wire.datatypes import DATATYPES
 from tests.agent.serving.stack import Client, Served, serve
 from tests.fixtures.rows import all_rows
 
@@ -46,9 +50,11 @@ def test_server_metadata_and_health(client: Client) -> None:
     assert meta.status == 200
     assert meta.json["name"] == "edge-agent"
     assert "binary_tensor_data" in meta.json["extensions"]
-    for path in ("/v2/health/live", "/v2/health/ready"):
-        r = client.request("GET", path)
-        assert (r.status, r.body) == (200, b""), path
+    live = client.request("GET", "/v2/health/live")
+    assert (live.status, live.json) == (200, {"live": True})
+    ready = client.request("GET", "/v2/health/ready")
+    assert (ready.status, ready.json) == (200, {"ready": True})
+    assert ready.headers["content-type"] == "application/json"
 
 
 def test_ready_is_503_without_a_model(tmp_path: Path) -> None:
@@ -58,7 +64,8 @@ def test_ready_is_503_without_a_model(tmp_path: Path) -> None:
             c.request("GET", "/v2/health/ready").status,
             c.request("GET", "/v2/health/live").status,
         ) == (503, 200)
-        assert c.request("GET", "/v2/health/ready").body == b""
+        assert c.request("GET", "/v2/health/ready").json == {"ready": False}
+        assert c.request("GET", "/v2/health/live").json == {"live": True}
         assert c.request("GET", "/v2/models/iris").status == 404
 
 
@@ -92,8 +99,11 @@ def test_unknown_model_or_version_is_404(client: Client) -> None:
         == 404
     )
     ready = client.request("GET", "/v2/models/iris/versions/1.0.0/ready")
-    assert (ready.status, ready.body) == (200, b"")
-    assert client.request("GET", "/v2/models/iris/ready").status == 200
+    assert (ready.status, ready.json) == (200, {"ready": True})
+    ready = client.request("GET", "/v2/models/iris/ready")
+    assert (ready.status, ready.json) == (200, {"ready": True})
+    unknown = client.request("GET", "/v2/models/nope/ready")
+    assert (unknown.status, unknown.error) == (404, "model 'nope' is not installed")
 
 
 def test_infer_json_flat_and_nested(client: Client, iris_data: Any, iris_estimator: Any) -> None:
@@ -352,3 +362,124 @@ def test_infer_is_recorded_in_the_buffer(served: Served, client: Client) -> None
     outputs = json.loads(row.outputs)
     assert outputs["label"] == ["setosa"]
     assert len(outputs["probabilities"][0]) == 3
+
+
+@pytest.mark.parametrize("binary_output", [False, True])
+def test_empty_outputs_list_means_all_outputs(client: Client, binary_output: bool) -> None:
+    params = {"parameters": {"binary_data_output": True}} if binary_output else {}
+    answers = [
+        client.request(
+            "POST",
+            "/v2/models/iris/infer",
+            infer_body([5.1, 3.5, 1.4, 0.2], [1, 4], **extra, **params),
+        )
+        for extra in ({}, {"outputs": None}, {"outputs": []})
+    ]
+    assert [r.status for r in answers] == [200, 200, 200], answers[-1].body
+    assert answers[2].headers["content-type"] == answers[0].headers["content-type"]
+    assert answers[0].body == answers[1].body == answers[2].body
+    if not binary_output:
+        assert [o["name"] for o in answers[2].json["outputs"]] == ["label", "probabilities"]
+
+
+@pytest.mark.parametrize("bad_id", [7, 1.5, True, {}, None, [], ["r-1"]])
+def test_non_string_id_is_400_naming_the_field(client: Client, bad_id: Any) -> None:
+    r = client.request(
+        "POST", "/v2/models/iris/infer", infer_body([5.1, 3.5, 1.4, 0.2], [1, 4], id=bad_id)
+    )
+    assert r.status == 400, r.body
+    assert r.error == f"id: expected a string, got {json.dumps(bad_id)}"
+
+
+@pytest.mark.parametrize("good_id", ["r-7", "", "7"])
+def test_string_id_is_echoed(client: Client, good_id: str) -> None:
+    r = client.request(
+        "POST", "/v2/models/iris/infer", infer_body([5.1, 3.5, 1.4, 0.2], [1, 4], id=good_id)
+    )
+    assert (r.status, r.json["id"]) == (200, good_id)
+
+
+def test_model_config_is_triton_shaped(client: Client) -> None:
+    expected = {
+        "name": "iris",
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"specific": {"versions": ["1.0.0"]}},
+        "max_batch_size": 0,
+        "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [-1, 4]}],
+        "output": [
+            {"name": "label", "data_type": "TYPE_STRING", "dims": [-1]},
+            {"name": "probabilities", "data_type": "TYPE_FP32", "dims": [-1, 3]},
+        ],
+    }
+    for path in ("/v2/models/iris/config", "/v2/models/iris/versions/1.0.0/config"):
+        r = client.request("GET", path)
+        assert (r.status, r.json) == (200, expected), path
+    columns = client.request("GET", "/v2/models/columns/config").json
+    assert [(i["name"], i["data_type"], i["dims"]) for i in columns["input"]] == [
+        ("age", "TYPE_FP32", [-1, 1]),
+        ("city", "TYPE_STRING", [-1, 1]),
+    ]
+    unknown = client.request("GET", "/v2/models/nope/config")
+    assert (unknown.status, unknown.error) == (404, "model 'nope' is not installed")
+    old = client.request("GET", "/v2/models/iris/versions/9.9.9/config")
+    assert (old.status, old.error) == (404, "model 'iris' version '9.9.9' is not installed")
+    wrong = client.request("POST", "/v2/models/iris/config", b"{}")
+    assert (wrong.status, wrong.headers["allow"]) == (405, "GET")
+    metrics = client.request("GET", "/metrics").body.decode()
+    assert 'route="/v2/models/{model}/config"' in metrics
+    assert 'route="/v2/models/{model}/versions/{version}/config"' in metrics
+
+
+def test_triton_datatype_names_cover_every_datatype() -> None:
+    assert set(TRITON_DATATYPES) == DATATYPES
+    assert TRITON_DATATYPES["BYTES"] == "TYPE_STRING"
+    assert {TRITON_DATATYPES[d] for d in ("BOOL", "UINT8", "INT32", "INT64", "FP16", "FP64")} == {
+        "TYPE_BOOL",
+        "TYPE_UINT8",
+        "TYPE_INT32",
+        "TYPE_INT64",
+        "TYPE_FP16",
+        "TYPE_FP64",
+    }
+
+
+def test_tritonclient_get_model_config(served: Served) -> None:
+    triton_client = triton.InferenceServerClient(f"{served.host}:{served.port}")
+    try:
+        config = triton_client.get_model_config("iris")
+        assert config["name"] == "iris"
+        assert config["max_batch_size"] == 0
+        assert [(i["name"], i["data_type"], i["dims"]) for i in config["input"]] == [
+            ("input", "TYPE_FP32", [-1, 4])
+        ]
+        assert [o["name"] for o in config["output"]] == ["label", "probabilities"]
+        assert triton_client.get_model_config("iris", "1.0.0") == config
+        with pytest.raises(InferenceServerException) as unknown:
+            triton_client.get_model_config("nope")
+        assert "model 'nope' is not installed" in str(unknown.value)
+    finally:
+        triton_client.close()
+
+
+def test_trailing_slash_on_v2_get_routes(client: Client) -> None:
+    for path, plain in [
+        ("/v2/", "/v2"),
+        ("/v2/health/live/", "/v2/health/live"),
+        ("/v2/health/ready/", "/v2/health/ready"),
+        ("/v2/models/iris/", "/v2/models/iris"),
+        ("/v2/models/iris/versions/1.0.0/", "/v2/models/iris/versions/1.0.0"),
+        ("/v2/models/iris/ready/", "/v2/models/iris/ready"),
+        ("/v2/models/iris/config/", "/v2/models/iris/config"),
+    ]:
+        slashed, expected = client.request("GET", path), client.request("GET", plain)
+        assert (slashed.status, slashed.body) == (expected.status, expected.body), path
+        assert slashed.status == 200, path
+    assert client.request("GET", "/v2/").json["name"] == "edge-agent"
+    infer = client.request("POST", "/v2/models/iris/infer/", infer_body([1, 2, 3, 4], [1, 4]))
+    assert infer.status == 200, infer.body  # any method: the slash is not part of the route
+    assert client.request("GET", "/v2//").status == 404  # one slash, not any number
+    assert client.request("GET", "/predict/").status == 404  # only under /v2
+    metrics = client.request("GET", "/metrics").body.decode()
+    assert 'route="/v2/"' not in metrics  # labels stay the templates
+    assert 'route="/v2/models/{model}/"' not in metrics
