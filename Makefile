@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet clean container-e2e pi-e2e install-pi
+.PHONY: setup setup-test demo test test-fast check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet clean container-e2e pi-e2e install-pi
 
 setup:
 	@scripts/setup.sh
@@ -15,6 +15,9 @@ demo: setup  ## start a working agent with the bundled demo model
 	$(VENV)/bin/edge-agent demo
 
 test: setup-test check pytest  ## the whole test suite, lint and types included
+
+test-fast: setup-test check  ## the edit loop: lint, types and the tests not marked slow
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 check: setup lint typecheck
 

@@ -119,6 +119,7 @@ class WatchdogLoop:
         self.watchdog_s = interval_s or notifier.watchdog_interval_s
         self.interval_s = min(self.watchdog_s or status_interval_s, status_interval_s)
         self.pings = 0
+        self.checks = 0  # liveness checks made (pinged or not)
         self._last_status: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,6 +138,7 @@ class WatchdogLoop:
             self._thread = None
 
     def _check(self) -> bool:
+        self.checks += 1
         try:
             return bool(self.alive())
         except Exception:

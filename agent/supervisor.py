@@ -51,6 +51,7 @@ class Supervisor:
         self._stop = threading.Event()
         self._stopped = False
         self.mqtt: Any = None
+        self.delivery: Any = None
 
         self.metrics = Metrics()
         self.store = ModelStore(cfg.models_path, keep_versions=cfg.models.keep_versions)
@@ -91,6 +92,7 @@ class Supervisor:
         delivery = Delivery(
             cfg, self.mqtt, self.installer, self.store, events, metrics=self.metrics
         )
+        self.delivery = delivery
         commands = Commands(cfg, self.mqtt, self.installer)
         self.components += [self.mqtt, forwarder, health, delivery, commands]
         if delivery.probation is not None:
@@ -226,6 +228,8 @@ class Supervisor:
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "models": models,
             "broker": self._broker(),
+            # What the broker says this device should run, and what delivery made of it.
+            "desired": {} if self.delivery is None else self.delivery.desired.snapshot(),
             "buffer": {
                 "rows": stats.rows,
                 "bytes": stats.bytes,

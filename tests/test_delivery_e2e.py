@@ -7,7 +7,6 @@ client sees: the version /predict answers with, /status, and the device's events
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +70,12 @@ def test_staged_rollout_selects_the_bucketed_devices_then_widens(
     publish(ops, iris_package_v2, fleet="f1", percent=30, key=keypair.key)
     for n in low:
         agents[n].wait_for(lambda s: s["models"]["iris"]["version"] == "1.1.0", timeout=30)
-    # The others saw the same manifest and stayed; give them time to have acted wrongly.
-    time.sleep(1.5)
+    # The others saw the same manifest and said why they stay where they are.
     for n in high:
+        event = wait_event(log, "not_in_rollout", device=n, timeout=30)
+        assert event["reason"] == f"not in rollout (bucket {rollout_bucket(salt, n)} >= 30%)"
+        status = agents[n].status()["models"]["iris"]
+        assert status["state"] == "active" and "not in rollout" in status["reason"]
         assert serving(agents[n]) == "1.0.0"
         assert not [e for e in events(log, n) if e["event"] == "activated"]
     rollout(ops, "iris", fleet="f1", percent=100, key=keypair.key)
@@ -117,5 +119,13 @@ def test_device_specific_desired_state_wins_over_the_fleets(
     publish(ops, iris_package_v2, fleet="f1", key=keypair.key)
     other.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.1.0", timeout=30)
     pinned.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
-    time.sleep(1)
+    # The pinned device has weighed the fleet's 1.1.0 too, and its own desired state won.
+    view = pinned.wait_for(
+        lambda s: (
+            s["desired"].get("iris", {}).get("sources", {}).get("fleet", {}).get("version")
+            == "1.1.0"
+        ),
+        timeout=30,
+    )["desired"]["iris"]
+    assert view["applies"] == "device" and view["sources"]["device"]["version"] == "1.0.0"
     assert serving(pinned) == "1.0.0"

@@ -62,6 +62,8 @@ ROUTES = [
     "GET /v2/models/{model}/versions/{version}/ready",
     "POST /v2/models/{model}/infer",
     "POST /v2/models/{model}/versions/{version}/infer",
+    "GET /v2/models/{model}/config",
+    "GET /v2/models/{model}/versions/{version}/config",
     "GET /metrics",
     "GET /status",
 ]

@@ -36,6 +36,7 @@ from agent.disk import atomic_write
 from agent.loops import Loop
 from agent.models.registry import ACTIVE, FAILED, NOT_IN_ROLLOUT, PROBATION, UPDATING
 from agent.updates import plan
+from agent.updates.desired import DesiredView
 from agent.updates.download import PartialDownload, clean_downloads
 from agent.updates.plan import DEVICE, FLEET
 from agent.updates.probation import Probation
@@ -108,6 +109,8 @@ class Delivery:
             self.probation = Probation(
                 cfg.models, metrics.inference, self._probation_failed, self._probation_passed
             )
+        self.desired = DesiredView()
+        self._outcome, self._outcome_reason = "", ""
         self._rejected = self._load_state()
         self._handled.update({m: r["fingerprint"] for m, r in self._rejected.items()})
 
@@ -165,7 +168,10 @@ class Delivery:
         return 1.0
 
     def _reconcile(self, model: str) -> None:
-        current = self._effective(model)
+        with self._lock:
+            by_source = dict(self._desired.get(model, {}))
+        self.desired.weigh(model, by_source)
+        current = plan.effective(by_source)
         if current is None:
             return
         payload, source = current
@@ -192,6 +198,9 @@ class Delivery:
         except PackageError as e:
             self._refused(model, manifest, str(e), final=True)
             self._remember_rejected(model, fingerprint, str(e))
+        else:
+            assert manifest is not None
+            self.desired.decided(model, self._outcome, self._outcome_reason)
         self._handled[model] = fingerprint
 
     def _deliver(self, model: str, manifest: Manifest, source: str) -> None:
@@ -204,6 +213,7 @@ class Delivery:
             active=None if pointer is None else (pointer.version, pointer.serial),
             last_serial=self.store.last_serial(model),
         )
+        self._outcome, self._outcome_reason = decision.action, decision.reason
         if decision.action == plan.OUTSIDE:
             self._outside(model, manifest, decision.reason)
             return
@@ -225,6 +235,7 @@ class Delivery:
             self.probation.begin(model, manifest.version, previous)
             self._set_state(model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s")
         self._event(payloads.ACTIVATED, manifest, previous=previous)
+        self._outcome, self._outcome_reason = payloads.ACTIVATED, ""
         self._rejected.pop(model, None)
         clean_downloads(self.root, keep=set())
 
@@ -330,6 +341,7 @@ class Delivery:
         log.warning("delivery: %s %s refused: %s", model,
                     manifest.version if manifest else "?", reason)  # fmt: skip
         self._event(payloads.REJECTED, manifest, model=model, reason=reason, retry=not final)
+        self.desired.decided(model, payloads.REJECTED if final else "retrying", reason)
         loaded = self.installer.registry.loaded(model)
         what = manifest.version if manifest else "the desired manifest"
         self._set_state(

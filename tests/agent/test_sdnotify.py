@@ -167,8 +167,11 @@ def test_a_failing_liveness_check_counts_as_not_alive(systemd, caplog):
     loop = WatchdogLoop(Notifier({**env, "WATCHDOG_USEC": "100000"}), broken)
     with caplog.at_level(logging.ERROR, logger="agent.sdnotify"):
         loop.start()
-        time.sleep(0.25)
+        deadline = time.monotonic() + 10
+        while loop.checks < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         loop.stop()
+    assert loop.checks >= 3  # it looked three times, and never pinged
     assert loop.pings == 0
     assert "WATCHDOG=1" not in receiver.drain(0.1)
     assert "forwarder state unreadable" in caplog.text
@@ -185,7 +188,7 @@ def test_status_line_is_refreshed_only_when_it_changes(systemd):
     )
     loop.start()
     try:
-        time.sleep(0.25)
+        receiver.wait_for("backlog 0")
         backlog[0] = 7
         receiver.wait_for("backlog 7")
     finally:

@@ -9,7 +9,17 @@ from tests.fixtures.broker import Broker
 # mosquitto writes its database right after the loop iteration that handled the change,
 # just after the PUBACK went out: a crash inside that window (a few milliseconds for a
 # small database) still loses the newest change. Crash after it.
-SAVE_WINDOW_S = 0.2
+
+
+def saved(broker: Broker, marker: bytes, timeout: float = 10) -> None:
+    """Wait until mosquitto's database file holds ``marker``: the save after that change."""
+    db = broker.data_dir / "mosquitto.db"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.is_file() and marker in db.read_bytes():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{db} never held {marker!r}")
 
 
 def test_retained_messages_survive_kill_9(broker: Broker) -> None:
@@ -17,15 +27,15 @@ def test_retained_messages_survive_kill_9(broker: Broker) -> None:
     op.publish("edge/fleets/f1/models/m/desired", b"v1", qos=1, retain=True).wait_for_publish(5)
     # The newer message is the one the default autosave (1800 s) would lose.
     op.publish("edge/fleets/f1/models/m/desired", b"v2", qos=1, retain=True).wait_for_publish(5)
-    op.publish("edge/artifacts/abc/0", b"chunk", qos=1, retain=True).wait_for_publish(5)
-    time.sleep(SAVE_WINDOW_S)
+    op.publish("edge/artifacts/abc/0", b"chunk-9f1e", qos=1, retain=True).wait_for_publish(5)
+    saved(broker, b"chunk-9f1e")  # the last change is on disk: crash now
     broker.kill()
     broker.start()
     seen = broker.subscribe("edge/#")
     msgs = seen.wait_for(lambda m: len(m) >= 2)
     assert {m.topic: m.payload for m in msgs} == {
         "edge/fleets/f1/models/m/desired": b"v2",
-        "edge/artifacts/abc/0": b"chunk",
+        "edge/artifacts/abc/0": b"chunk-9f1e",
     }
     assert all(m.retain for m in msgs)
 
@@ -34,8 +44,8 @@ def test_cleared_retained_message_stays_cleared_after_kill_9(broker: Broker) -> 
     op = broker.client()
     op.publish("edge/devices/d/models/m/desired", b"v1", qos=1, retain=True).wait_for_publish(5)
     op.publish("edge/devices/d/models/m/desired", b"", qos=1, retain=True).wait_for_publish(5)
-    op.publish("edge/devices/d/commands/x", b"marker", qos=1, retain=True).wait_for_publish(5)
-    time.sleep(SAVE_WINDOW_S)
+    op.publish("edge/devices/d/commands/x", b"marker-5c2a", qos=1, retain=True).wait_for_publish(5)
+    saved(broker, b"marker-5c2a")  # saved after the clearing, which came first
     broker.kill()
     broker.start()
     seen = broker.subscribe("edge/#")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +205,10 @@ def test_version_failing_real_requests_is_rolled_back_by_itself(
     activated = len([m for m in log.messages if b'"activated"' in m.payload])
     agent.stop()
     agent.start()
-    time.sleep(2)  # the retained manifest has arrived and been weighed by now
+    # The retained manifest arrives again and is weighed: accepted before, not retried.
+    desired = agent.wait_for(
+        lambda st: st["desired"].get("iris", {}).get("decision") == "accepted", timeout=30
+    )["desired"]["iris"]
+    assert desired["applies"] == "fleet" and desired["sources"]["fleet"]["version"] == "1.1.0"
     assert serving(agent) == "1.0.0"
     assert len([m for m in log.messages if b'"activated"' in m.payload]) == activated
