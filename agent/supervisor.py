@@ -171,9 +171,6 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def alive(self) -> bool:
         """True while every component's loop is running: the watchdog pings only then."""
         return not self._stopped and all(c.alive() for c in self.components)
@@ -219,6 +216,9 @@ class Supervisor:
                 "reason": st["reason"],
                 "activated_at": pointer.activated_at if pointer else None,
             }
+            trial = self._trial(name)
+            if trial is not None:
+                models[name]["probation"] = trial
         stats = self.buffer.stats()
         return {
             "device": self.cfg.device.id,
@@ -236,6 +236,21 @@ class Supervisor:
                 "oldest_age_s": stats.oldest_age_s,
                 "dropped": stats.dropped,
             },
+        }
+
+    def _trial(self, name: str) -> dict[str, Any] | None:
+        """How a version on probation is doing so far, against which version."""
+        probation = None if self.delivery is None else self.delivery.probation
+        if probation is None:
+            return None
+        trial = probation.on_trial(name)
+        if trial is None:
+            return None
+        return {
+            "against": trial.previous,
+            "requests": trial.figures.count,
+            "errors": trial.figures.errors,
+            "remaining_s": round(max(0.0, trial.until - probation.clock()), 1),
         }
 
     def _broker(self) -> dict[str, Any]:

@@ -81,10 +81,6 @@ class Manifest:
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
-    def version_tuple(self) -> tuple[int, ...]:
-        return parse_version(self.version)
-
-    @property
     def signature(self) -> dict[str, Any] | None:
         sig = self.raw.get("signature")
         return sig if isinstance(sig, dict) else None

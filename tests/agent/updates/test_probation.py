@@ -192,6 +192,7 @@ def test_version_failing_real_requests_is_rolled_back_by_itself(
     wait_event(log, "activated", device="prob-0", version="1.1.0")
     status = agent.status()["models"]["iris"]
     assert (status["version"], status["state"]) == ("1.1.0", "probation")
+    assert status["probation"]["against"] == "1.0.0" and status["probation"]["remaining_s"] > 0
     answers = [agent.request("POST", "/predict", {"features": rows})[0] for _ in range(12)]
     assert all(code >= 400 for code in answers)  # the new version really fails them
     event = wait_event(log, "rolled_back", device="prob-0", timeout=15)
