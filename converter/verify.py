@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from agent.wire import parity
 from agent.wire.errors import ModelLoadFailed
 from agent.wire.manifest import Manifest
@@ -52,13 +51,5 @@ def replay_parity(folder: Path, manifest: Manifest) -> int:
         raise ModelLoadFailed(
             f"{manifest.artifact.file}: onnxruntime cannot load it ({one_line(e)})"
         ) from None
-    parity.check_schema(
-        manifest,
-        {i.name: i.type for i in session.get_inputs()},
-        {o.name: o.type for o in session.get_outputs()},
-    )
-
-    def run(feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, feeds), strict=True))
-
-    return parity.check_parity(manifest, run)
+    parity.check_session(manifest, session)
+    return parity.check_parity(manifest, parity.runner(session))

@@ -76,11 +76,7 @@ def load_model(
             f"{manifest.name} {manifest.version}: onnxruntime cannot load "
             f"{manifest.artifact.file}: {one_line(e)}"
         ) from None
-    parity.check_schema(
-        manifest,
-        {i.name: i.type for i in session.get_inputs()},
-        {o.name: o.type for o in session.get_outputs()},
-    )
+    parity.check_session(manifest, session)
     model = LoadedModel(manifest, version_dir, session)
     _warm_up(model)
     return model

@@ -8,8 +8,8 @@ numpy here: the caller hands in the graph's tensor types and a way to run it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,6 +22,37 @@ DEFAULT_ATOL = 1e-6
 
 # (feeds, output names) -> outputs by name
 Runner = Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
+
+
+class _Tensor(Protocol):
+    name: str
+    type: str
+
+
+class Session(Protocol):
+    """What the judge needs of an ``onnxruntime.InferenceSession``."""
+
+    def get_inputs(self) -> Sequence[_Tensor]: ...
+    def get_outputs(self) -> Sequence[_Tensor]: ...
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]: ...
+
+
+def check_session(manifest: Manifest, session: Session) -> None:
+    """``check_schema`` against a loaded session's graph."""
+    check_schema(
+        manifest,
+        {i.name: i.type for i in session.get_inputs()},
+        {o.name: o.type for o in session.get_outputs()},
+    )
+
+
+def runner(session: Session) -> Runner:
+    """A plain session as a ``Runner`` for ``check_parity``."""
+
+    def run(feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, feeds), strict=True))
+
+    return run
 
 
 def check_schema(
