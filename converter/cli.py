@@ -54,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         f"write OUTDIR/model.onnx and OUTDIR/manifest.json. WARNING: {UNPICKLE_WARNING}.",
     )
     convert.add_argument("model", type=Path, metavar="MODEL", help=".joblib, .pkl or .skops file")
-    convert.add_argument("--name", required=True, help="model name ([A-Za-z0-9_.-]+)")
+    convert.add_argument(
+        "--name",
+        required=True,
+        help="model name (letters, digits, _ - and ., not starting with a dot)",
+    )
     convert.add_argument("--version", required=True, help="dotted numbers, e.g. 1.2.0")
     convert.add_argument(
         "--sample", type=Path, help="CSV with a header row, or .npy: rows to check parity on"

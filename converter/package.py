@@ -19,7 +19,7 @@ from agent.wire.manifest import (
     Artifact,
     parse_manifest,
 )
-from agent.wire.names import NAME_RE, parse_version
+from agent.wire.names import name_problem, parse_version
 from agent.wire.package import write_artifact, write_manifest
 from agent.wire.signing import sign_manifest
 from agent.wire.times import rfc3339
@@ -92,8 +92,9 @@ def build(
     double: bool = False,
 ) -> BuildResult:
     """Like build_package, returning the manifest and parity figures for a report."""
-    if not NAME_RE.match(name):
-        raise ManifestInvalid(f"name: {name!r} must match [A-Za-z0-9_.-]+")
+    problem = name_problem("name", name)
+    if problem is not None:
+        raise ManifestInvalid(problem)
     parse_version(version)
     if isinstance(serial, bool) or not isinstance(serial, int) or serial < 0:
         raise ManifestInvalid(f"serial: {serial!r}, expected a non-negative integer")

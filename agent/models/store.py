@@ -33,7 +33,7 @@ from pathlib import Path
 from agent.disk import atomic_write, copy_fsync, fsync_dir, sha256_file
 from agent.wire.errors import EdgeError, ManifestInvalid, PackageError
 from agent.wire.manifest import MANIFEST_FILE, Manifest
-from agent.wire.names import NAME_RE, VERSION_RE, parse_version
+from agent.wire.names import VERSION_RE, is_name, name_problem, parse_version
 from agent.wire.package import read_manifest, write_manifest
 from agent.wire.times import rfc3339
 
@@ -99,12 +99,22 @@ class ModelStore:
 
     # --- reading -------------------------------------------------------------------
 
+    def _dir(self, name: str) -> Path:
+        """``root/name``, for a plain name only: no path the store builds leaves its root.
+
+        The wire validator refuses such names already; this is the store's own guard,
+        whoever calls it.
+        """
+        problem = name_problem("name", name)
+        if problem is not None:
+            raise ManifestInvalid(problem)
+        path = self.root / name
+        if path.resolve().parent != self.root.resolve():
+            raise ManifestInvalid(f"name: {name!r} leads outside the model store {self.root}")
+        return path
+
     def _name_dirs(self) -> list[Path]:
-        return sorted(
-            p
-            for p in self.root.iterdir()
-            if p.is_dir() and NAME_RE.match(p.name) and p.name[0] != "."
-        )
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and is_name(p.name))
 
     def names(self) -> list[str]:
         """Every model with at least one installed version."""
@@ -112,7 +122,7 @@ class ModelStore:
 
     def versions(self, name: str) -> list[str]:
         """Installed versions of ``name``, oldest first (compared numerically)."""
-        d = self.root / name
+        d = self._dir(name)
         if not d.is_dir():
             return []
         found = [
@@ -123,14 +133,16 @@ class ModelStore:
         return sorted(found, key=parse_version)
 
     def version_dir(self, name: str, version: str) -> Path:
-        return self.root / name / version
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise ManifestInvalid(f"version: {version!r} is not dotted numbers like 1.2.0")
+        return self._dir(name) / version
 
     def manifest(self, name: str, version: str) -> Manifest:
         return read_manifest(self.version_dir(name, version))
 
     def active(self, name: str) -> ActivePointer | None:
         """The active pointer of ``name``; None when nothing was ever activated."""
-        path = self.root / name / ACTIVE_FILE
+        path = self._dir(name) / ACTIVE_FILE
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -163,7 +175,7 @@ class ModelStore:
         already installed with the same artifact only gets the new manifest (a rollback
         manifest re-signs an old artifact with a new serial). Call with ``locked()`` held.
         """
-        name_dir = self.root / manifest.name
+        name_dir = self._dir(manifest.name)
         name_dir.mkdir(parents=True, exist_ok=True)
         final = name_dir / manifest.version
         if final.is_dir() and (final / MANIFEST_FILE).is_file():
@@ -223,7 +235,7 @@ class ModelStore:
             activated_at=rfc3339(),
             rolled_back=rolled_back,
         )
-        atomic_write(self.root / name / ACTIVE_FILE, json.dumps(asdict(pointer)).encode() + b"\n")
+        atomic_write(self._dir(name) / ACTIVE_FILE, json.dumps(asdict(pointer)).encode() + b"\n")
         return pointer
 
     def prune(self, name: str) -> list[str]:

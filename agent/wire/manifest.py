@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.wire.datatypes import DATATYPES
 from agent.wire.errors import ManifestInvalid
-from agent.wire.names import NAME_PATTERN, is_name, parse_version
+from agent.wire.names import name_problem, parse_version
 from agent.wire.times import parse_rfc3339
 
 MANIFEST_FILE = "manifest.json"
@@ -162,8 +162,9 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
     if not isinstance(obj, dict):
         raise ManifestInvalid("manifest: expected a JSON object")
     name = _need(obj, "name", str, "")
-    if not is_name(name):
-        raise ManifestInvalid(f"name: {name!r} must match {NAME_PATTERN}")
+    problem = name_problem("name", name)
+    if problem is not None:
+        raise ManifestInvalid(problem)
     version = _need(obj, "version", str, "")
     parse_version(version)
     serial = _need(obj, "serial", int, "")

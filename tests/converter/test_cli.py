@@ -123,6 +123,18 @@ def test_missing_model_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert_one_line_error(err, "nope.joblib", "does not exist")
 
 
+@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+def test_a_name_that_is_not_a_plain_path_component_is_refused(
+    capsys: pytest.CaptureFixture[str], iris_joblib: Path, tmp_path: Path, name: str
+) -> None:
+    code, _, err = run(
+        capsys, "convert", iris_joblib, "--name", name, "--version", "1", "-o", tmp_path / "o"
+    )
+    assert code == 1
+    assert_one_line_error(err, f"name: {name!r} is not a plain name")
+    assert not (tmp_path / "o").exists()
+
+
 def test_file_that_is_not_a_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     junk = tmp_path / "junk.pkl"
     junk.write_text("this is not a pickle\n")

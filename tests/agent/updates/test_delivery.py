@@ -293,3 +293,23 @@ def test_broker_restart_mid_download_resumes_on_reconnect(
     kinds = [json.loads(x.payload)["event"] for x in log.messages]
     assert "rejected" not in kinds
     assert kinds.count("downloading") == 1  # one download, carried across the reconnect
+
+
+def test_a_signed_manifest_named_with_dots_never_leaves_the_model_store(
+    broker: Broker, keypair: Keypair, start_agent: Any, session: Session,
+    iris_package: Path, iris_package_v2: Path,
+) -> None:  # fmt: skip
+    log = broker.subscribe("edge/devices/+/events")
+    agent = start_agent(device_config(broker, keypair, "dots-0"), packages=[iris_package])
+    _upload(session, iris_package_v2)
+    for name in ("..", ".", ".lock"):
+        topic = f"edge/devices/dots-0/models/{name}/desired"
+        body = _signed(iris_package_v2, keypair, name=name)
+        session.wait([session.publish(topic, json.dumps(body).encode())], "desired")
+        event = wait_event(log, "rejected", device="dots-0", model=name, timeout=30)
+        assert f"name: {name!r} is not a plain name" in event["reason"]
+    state = agent.state_dir
+    assert sorted(p.name for p in (state / "models").iterdir() if p.is_dir()) == ["iris"]
+    assert not (state / "active.json").exists() and not (state / "1.1.0").exists()
+    assert not (state.parent / "1.1.0").exists()
+    assert serving(agent) == "1.0.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from agent.models.store import ModelStore
 from agent.updates.installer import Change, Installer
 from agent.wire.errors import (
     ChecksumMismatch,
+    ManifestInvalid,
     PackageError,
     ParityFailed,
     ReplayedSerial,
@@ -350,3 +352,17 @@ def test_a_model_with_no_loadable_version_is_failed_and_others_serve(
     assert (state["version"], state["state"]) == (None, "failed")
     assert "no previous version" not in state["reason"]
     assert "1.0.0 cannot be loaded" in state["reason"]
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_a_signed_package_named_with_dots_is_refused_and_writes_nothing(
+    name: str, tmp_path: Path, make_installer: Callable[..., Installer], iris_package: Path,
+    keypair: Any,
+) -> None:  # fmt: skip
+    installer = make_installer()
+    dots = repackage(iris_package, tmp_path, keypair.key, name=name)
+    with pytest.raises(ManifestInvalid, match=f"name: {re.escape(repr(name))} is not a plain name"):
+        installer.install(dots)
+    state = tmp_path / "state"
+    assert not (state / "active.json").exists() and not (state / "1.0.0").exists()
+    assert [p.name for p in installer.store.root.iterdir() if p.is_dir()] == []

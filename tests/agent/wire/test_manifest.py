@@ -98,3 +98,30 @@ def test_unknown_key_and_missing_signature(tmp_path: Path) -> None:
     with pytest.raises(SignatureMissing):
         verify_signature(parse_manifest(minimal_manifest()), {}, require=True)
     assert verify_signature(parse_manifest(minimal_manifest()), {}, require=False) is None
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".lock", "...", "a/b", "", "iris/../x"])
+def test_a_name_is_one_plain_path_component(name: str) -> None:
+    from agent.wire.manifest import parse_manifest
+
+    body = {
+        "name": name, "version": "1.0.0", "serial": 1, "issued_at": "2026-01-01T00:00:00Z",
+        "artifact": {"file": "model.onnx", "size": 1, "sha256": "a" * 64},
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "label", "datatype": "BYTES", "shape": [-1]}],
+    }  # fmt: skip
+    with pytest.raises(ManifestInvalid, match="is not a plain name"):
+        parse_manifest(body)
+
+
+def test_the_store_builds_no_path_outside_itself(tmp_path: Path) -> None:
+    from agent.models.store import ModelStore
+
+    store = ModelStore(tmp_path / "models")
+    for name in ("..", ".", "../x"):
+        with pytest.raises(ManifestInvalid):
+            store.version_dir(name, "1.0.0")
+        with pytest.raises(ManifestInvalid):
+            store.active(name)
+    with pytest.raises(ManifestInvalid):
+        store.version_dir("iris", "../../etc")
