@@ -2,7 +2,9 @@
 
 Every key can be overridden by ``EDGE_AGENT_<SECTION>_<KEY>`` (``EDGE_AGENT_STATE_DIR``
 for the top-level ``state_dir``). Secrets are never inline: keys ending in ``_file``
-name a file, looked up in systemd's ``$CREDENTIALS_DIRECTORY`` when relative.
+and the TLS files (``mqtt.ca``, ``mqtt.cert``, ``mqtt.key``) name a file, looked up in
+systemd's ``$CREDENTIALS_DIRECTORY`` when relative. ``load_config`` replaces the TLS
+paths with the files it found, so what it checked is what the connection loads.
 Loading fails completely: every bad key is listed with its value and what was expected.
 """
 
@@ -163,6 +165,7 @@ _DURATION_KEYS = {
     "models.delivery_chunk_timeout_s", "models.delivery_retry_s",
 }  # fmt: skip
 _SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
+TLS_FILE_KEYS = ("ca", "cert", "key")  # [mqtt] keys naming files, resolved like secrets
 
 
 def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
@@ -297,6 +300,12 @@ def load_config(path: Path | str | None = None, env: Mapping[str, str] | None = 
     problems.extend(validate(cfg, env))
     if problems:
         raise ConfigError(problems)
+    # paho opens these itself, relative to the working folder: hand it the file that
+    # validate() found, in $CREDENTIALS_DIRECTORY under systemd.
+    for key in TLS_FILE_KEYS:
+        value = getattr(cfg.mqtt, key)
+        if value:
+            setattr(cfg.mqtt, key, str(resolve_secret_path(value, env)))
     return cfg
 
 
@@ -318,24 +327,43 @@ def validate(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
         )
     if bool(cfg.mqtt.cert) != bool(cfg.mqtt.key):
         problems.append("mqtt.cert / mqtt.key: a client certificate needs both cert and key")
-    for key in ("password_file", "ca", "cert", "key"):
+    for key in ("password_file", *TLS_FILE_KEYS):
         value = getattr(cfg.mqtt, key)
         if value and not resolve_secret_path(value, env).is_file():
-            problems.append(f"mqtt.{key}: {value!r} does not exist or is not a file")
+            problems.append(_missing_file(f"mqtt.{key}", value, env))
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append("mqtt.password_file: set, but mqtt.username is empty")
     if cfg.http.token_file and not resolve_secret_path(cfg.http.token_file, env).is_file():
-        problems.append(f"http.token_file: {cfg.http.token_file!r} does not exist or is not a file")
+        problems.append(_missing_file("http.token_file", cfg.http.token_file, env))
     for i, key_path in enumerate(cfg.models.trusted_keys):
         if not resolve_secret_path(key_path, env).is_file():
-            problems.append(
-                f"models.trusted_keys[{i}]: {key_path!r} does not exist or is not a file"
-            )
+            problems.append(_missing_file(f"models.trusted_keys[{i}]", key_path, env))
     return problems
 
 
+def _missing_file(key: str, value: str, env: Mapping[str, str] | None) -> str:
+    """The problem for a file found nowhere, saying where it was looked for."""
+    env = os.environ if env is None else env
+    problem = f"{key}: {value!r} does not exist or is not a file"
+    p = Path(value)
+    if p.is_absolute():
+        return problem
+    creds = env.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        where = (
+            f"looked in $CREDENTIALS_DIRECTORY {creds} as {str(p)!r} and "
+            f"{f'{CREDENTIAL_ID}_{p}'!r}, then in {Path.cwd()}"
+        )
+    else:
+        where = (
+            f"looked in {Path.cwd()}; $CREDENTIALS_DIRECTORY is not set "
+            "(systemd sets it for the unit's LoadCredential=)"
+        )
+    return f"{problem} ({where})"
+
+
 def resolve_secret_path(value: str, env: Mapping[str, str] | None = None) -> Path:
-    """A relative secret path is looked up in systemd's $CREDENTIALS_DIRECTORY first.
+    """A relative secret (or TLS file) path is looked up in $CREDENTIALS_DIRECTORY first.
 
     The unit loads the whole /etc/edge-agent/credentials folder as credential ``edge``,
     which systemd names ``edge_<file>``: both spellings are accepted, so the same

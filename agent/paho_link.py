@@ -13,6 +13,15 @@ failure is logged and counted. A payload over the broker's Maximum Packet Size i
 refused before it reaches paho, which would otherwise resend it after every reconnect
 while the broker cuts the connection each time.
 
+A connection that cannot be made is logged once per cause, not on every retry: the
+cause (the TLS error such as "certificate verify failed", the refused login, the
+unreachable broker) and the config key to fix (``mqtt.ca``, ``mqtt.cert``/``mqtt.key``,
+``mqtt.username``/``mqtt.password_file``, ``mqtt.url``). ``last_error`` keeps it for
+/status until the next connect. paho hands a failed TLS handshake to ``on_connect_fail``
+from inside its ``except OSError``, so ``sys.exc_info()`` there is the ssl error; a TLS
+alert after the handshake (TLS 1.3: the broker refusing our client certificate) only
+reaches ``on_log`` ("failed to receive on socket: ...") before ``on_disconnect``.
+
 Every callback catches and logs its exceptions: one escaping would end paho's network
 thread and with it the connection.
 """
@@ -21,6 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +46,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from prometheus_client import Counter, Gauge
 
-from agent.config import Config, read_secret
+from agent.config import Config, read_secret, resolve_secret_path
 from agent.link import Handler, Message, PublishHandle
 from agent.metrics import Metrics
 from agent.wire import payloads
@@ -45,6 +57,12 @@ log = logging.getLogger(__name__)
 # Room for the fixed header, topic and properties of a PUBLISH next to its payload.
 _HEADER_ROOM = 1024
 _FAILURE_LOG_INTERVAL_S = 30.0
+# X509_V_ERR_HOSTNAME_MISMATCH: the certificate verified, but not for the host in the URL.
+_HOSTNAME_MISMATCH = 62
+# paho's on_log text for a socket error; a TLS alert from the broker arrives this way.
+_SOCKET_ERROR_LOG = "failed to receive on socket: "
+# CONNACK reasons that mean the login: MQTT 5 134/135, MQTT 3.1.1 4/5.
+_LOGIN_REFUSED = {134, 135, 4, 5}
 
 
 class MqttClient:
@@ -74,8 +92,16 @@ class MqttClient:
         self._max_packet: int | None = None
         self._failure_logged: dict[str, float] = {}
         self._started = False
+        self._stopping = False
         self.reconnects = 0
         self.failures: dict[str, int] = {}
+        # Why the last connection attempt failed (or the connection was lost), with the
+        # config key to fix; None once connected. Set on paho's thread, read by /status.
+        self.last_error: str | None = None
+        self.failed_attempts = 0  # connection attempts failed since the last connect
+        self._logged_error: str | None = None  # a repeat of this cause is not logged again
+        self._attempt_error: str | None = None  # socket error seen during this attempt
+        self._connack = False  # this attempt got a CONNACK (success or refusal)
 
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -94,12 +120,16 @@ class MqttClient:
             password = read_secret(cfg.mqtt.password_file) if cfg.mqtt.password_file else None
             self._client.username_pw_set(cfg.mqtt.username, password)
         if self.tls or cfg.mqtt.ca:
+            # load_config has resolved them already; this covers a Config built in code.
             self._client.tls_set(
-                ca_certs=cfg.mqtt.ca or None,  # None: the system's trust store
-                certfile=cfg.mqtt.cert or None,
-                keyfile=cfg.mqtt.key or None,
+                ca_certs=_file(cfg.mqtt.ca),  # None: the system's trust store
+                certfile=_file(cfg.mqtt.cert),
+                keyfile=_file(cfg.mqtt.key),
             )
+        self._client.on_pre_connect = self._on_pre_connect
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_log = self._on_log
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
         self._client.on_subscribe = self._on_subscribe
@@ -127,10 +157,10 @@ class MqttClient:
     def start(self) -> None:
         """Begin connecting in the background; returns at once, broker or not."""
         self._set_will()
+        log.info("mqtt: connecting to %s:%d as %s", self.host, self.port, self.device)
         self._client.connect_async(self.host, self.port, keepalive=self.cfg.mqtt.keepalive)
         self._client.loop_start()
         self._started = True
-        log.info("mqtt: connecting to %s:%d as %s", self.host, self.port, self.device)
 
     def stop(self, timeout: float = 3.0) -> None:
         """Announce ``offline`` (retained) if connected, then disconnect without the will."""
@@ -138,9 +168,11 @@ class MqttClient:
             return
         if self.connected:
             self.publish_status("offline", reason="stopped").wait(timeout)
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._started = False
+        self._stopping = False
         self._set_connected(False)
         with self._lock:
             pending, self._pending = self._pending, {}
@@ -327,16 +359,46 @@ class MqttClient:
 
     # --- connection events -----------------------------------------------------------
 
+    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        self._attempt_error = None
+        self._connack = False
+
+    def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        # Runs for every paho log line, sometimes under paho's locks: only remember.
+        if level == paho.MQTT_LOG_ERR and buf.startswith(_SOCKET_ERROR_LOG):
+            self._attempt_error = _clean(buf[len(_SOCKET_ERROR_LOG) :])
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        try:
+            # Called from paho's `except OSError:` around the TCP connect and TLS handshake.
+            error = sys.exc_info()[1]
+            if isinstance(error, ssl.SSLError):
+                self._connection_failed(*self._explain_tls(error))
+            elif self.tls and isinstance(error, ConnectionResetError):
+                # mosquitto resets a TLS handshake sent to a listener without TLS.
+                self._connection_failed(*self._explain_tls(_clean(str(error))))
+            elif error is not None:
+                self._connection_failed(*self._explain_unreachable(_clean(str(error))))
+            else:
+                self._connection_failed(*self._explain_unreachable("connection failed"))
+        except Exception:
+            log.exception("mqtt: on_connect_fail failed")
+
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
         try:
+            self._connack = True
             if rc.is_failure:
-                log.error(
-                    "mqtt: %s:%d refused the connection: %s (will retry)",
-                    self.host, self.port, rc.getName(),
-                )  # fmt: skip
+                self._connection_failed(*self._explain_refusal(rc))
                 return
+            if self.last_error is not None:
+                log.info(
+                    "mqtt: %s:%d reachable again after %d failed attempt(s)",
+                    self.host, self.port, self.failed_attempts,
+                )  # fmt: skip
+            self.last_error = self._logged_error = None
+            self.failed_attempts = 0
             self._max_packet = getattr(props, "MaximumPacketSize", None)
             if self._ever_connected:
                 self.reconnects += 1
@@ -359,11 +421,89 @@ class MqttClient:
         try:
             was = self.connected
             self._set_connected(False)
+            if self._stopping:
+                return
             if was:
+                self.last_error = f"connection lost: {self._attempt_error or rc.getName()}"
                 log.warning("mqtt: disconnected (%s); reconnecting", rc.getName())
+            elif not self._connack:
+                # Closed before any CONNACK: a TLS alert after the handshake (the broker
+                # refusing our client certificate), or the broker hanging up.
+                error = self._attempt_error
+                if error is None:
+                    self._connection_failed(
+                        f"the broker closed the connection before answering ({rc.getName()})",
+                        "see the broker's log",
+                    )
+                elif "SSL" in error or "TLS" in error.upper():
+                    self._connection_failed(*self._explain_tls(error))
+                else:
+                    self._connection_failed(*self._explain_unreachable(error))
             self._set_will()
         except Exception:
             log.exception("mqtt: on_disconnect failed")
+
+    def _connection_failed(self, cause: str, fix: str, level: int = logging.ERROR) -> None:
+        """Record a failed attempt; log it only when the cause differs from the last one."""
+        self.failed_attempts += 1
+        self.last_error = f"{cause}; {fix}"
+        if cause == self._logged_error:
+            return
+        self._logged_error = cause
+        log.log(
+            level,
+            "mqtt: cannot connect to %s:%d: %s; %s (retrying; logged again when the cause"
+            " changes)",
+            self.host, self.port, cause, fix,
+        )  # fmt: skip
+
+    def _explain_tls(self, error: ssl.SSLError | str) -> tuple[str, str]:
+        """The cause of a TLS failure and the config key that fixes it."""
+        m = self.cfg.mqtt
+        if isinstance(error, ssl.SSLCertVerificationError):
+            cause = f"TLS: certificate verify failed: {str(error.verify_message).rstrip('.')}"
+            if error.verify_code == _HOSTNAME_MISMATCH:
+                return cause, (
+                    f"the host in mqtt.url ({m.url!r}) must be a name the broker's"
+                    " certificate is issued for"
+                )
+            ca = f"now {m.ca!r}" if m.ca else "now empty: the system's trust store"
+            return cause, f"mqtt.ca must be the CA that signed the broker's certificate ({ca})"
+        text = _clean(str(error)) if isinstance(error, ssl.SSLError) else error
+        if "ALERT" in text.upper() and re.search(r"CERTIFICATE|UNKNOWN_CA", text.upper()):
+            have = f"now {m.cert!r} and {m.key!r}" if m.cert else "none is set"
+            return f"TLS: the broker refused the client certificate: {text}", (
+                f"mqtt.cert / mqtt.key must be a certificate the broker's CA signed ({have})"
+            )
+        return f"TLS: handshake failed: {text}", (
+            f"mqtt.url ({m.url!r}) must name the broker's TLS port, mqtt.ca its CA"
+        )
+
+    def _explain_unreachable(self, text: str) -> tuple[str, str, int]:
+        return (
+            f"broker not reachable: {text}",
+            f"is it running, and is mqtt.url ({self.cfg.mqtt.url!r}) right?",
+            logging.WARNING,
+        )
+
+    def _explain_refusal(self, rc: ReasonCode) -> tuple[str, str]:
+        m = self.cfg.mqtt
+        code = int(rc.value)
+        if code not in _LOGIN_REFUSED:
+            return f"the broker refused the connection: {rc.getName()} (reason {code})", (
+                "see the broker's log"
+            )
+        cause = f"the broker refused the login: {rc.getName()} (reason {code})"
+        if not m.username:
+            return cause, (
+                "mqtt.username is empty: set mqtt.username and mqtt.password_file, or a"
+                " client certificate in mqtt.cert / mqtt.key"
+            )
+        password = f"{m.password_file!r}" if m.password_file else "not set"
+        return cause, (
+            f"check user {m.username!r} (mqtt.username) and its password in"
+            f" mqtt.password_file ({password})"
+        )
 
     def _set_connected(self, up: bool) -> None:
         if up:
@@ -377,6 +517,15 @@ class MqttClient:
                 fn(up)
             except Exception:
                 log.exception("mqtt: connection listener failed")
+
+
+def _file(value: str) -> str | None:
+    return str(resolve_secret_path(value)) if value else None
+
+
+def _clean(text: str) -> str:
+    """An ssl error's text without OpenSSL's source location."""
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", text).strip()
 
 
 def _response_properties(correlation_data: bytes) -> Properties:

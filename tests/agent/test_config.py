@@ -153,3 +153,57 @@ def test_secret_from_the_units_credential_folder_by_its_plain_name(tmp_path: Pat
     env = {"CREDENTIALS_DIRECTORY": str(creds)}
     assert resolve_secret_path("mqtt.password", env) == creds / "edge_mqtt.password"
     assert resolve_secret_path("/abs/mqtt.password", env) == Path("/abs/mqtt.password")
+
+
+TLS_CONFIG = (
+    '[mqtt]\nurl = "mqtts://broker:8883"\nca = "ca.crt"\ncert = "client.crt"\nkey = "client.key"\n'
+)
+
+
+def test_tls_files_are_looked_up_among_the_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the unit's LoadCredential= hands over: a file by its own name, or by
+    # systemd's edge_<name> for the files of the credential folder.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    for name in ("ca.crt", "edge_client.crt", "edge_client.key"):
+        (creds / name).write_text("-----BEGIN X-----\n")
+    path = write(tmp_path, TLS_CONFIG)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # none of the names exists relative to the working folder
+    cfg = load_config(path, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    # The files that were checked are the files the connection is handed.
+    assert cfg.mqtt.ca == str(creds / "ca.crt")
+    assert cfg.mqtt.cert == str(creds / "edge_client.crt")
+    assert cfg.mqtt.key == str(creds / "edge_client.key")
+    # An absolute path stays as it is.
+    absolute = write(tmp_path, f'[mqtt]\nurl = "mqtts://broker:8883"\nca = "{creds / "ca.crt"}"\n')
+    assert load_config(absolute, env={}).mqtt.ca == str(creds / "ca.crt")
+
+
+def test_a_tls_file_found_nowhere_is_reported_with_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "edge_client.crt").write_text("x")
+    (creds / "edge_client.key").write_text("x")
+    path = write(tmp_path, TLS_CONFIG)
+    monkeypatch.chdir(creds.parent)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert main(["check-config", "--config", str(path)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert (
+        f"mqtt.ca: 'ca.crt' does not exist or is not a file (looked in $CREDENTIALS_DIRECTORY"
+        f" {creds} as 'ca.crt' and 'edge_ca.crt', then in {tmp_path})" in lines[0]
+    )
+    # By hand, outside the unit: the message says why the credentials were not searched.
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [p.split(":")[0] for p in info.value.problems] == ["mqtt.ca", "mqtt.cert", "mqtt.key"]
+    assert all("$CREDENTIALS_DIRECTORY is not set" in p for p in info.value.problems)

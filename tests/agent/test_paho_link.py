@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -48,6 +50,33 @@ def start(clients: list[MqttClient], cfg: Config, **kw: object) -> MqttClient:
     return c
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float = 15, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+
+
+def connect_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records
+        if r.name == "agent.paho_link" and r.getMessage().startswith("mqtt: cannot connect")
+    ]  # fmt: skip
+
+
+def other_ca(tmp_path: Path) -> Path:
+    """A CA of its own: the broker's certificate does not verify against it."""
+    ca = tmp_path / "other-ca.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(tmp_path / "other-ca.key"), "-subj", "/CN=other", "-out",
+         str(ca)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return ca
+
+
 def test_connect_announces_online_with_models(broker: Broker, clients: list[MqttClient]) -> None:
     creds = broker.add_device("dev-1", fleet="f1")
     seen = broker.subscribe("edge/devices/dev-1/status")
@@ -83,11 +112,15 @@ def test_absent_broker_does_not_delay_start(broker: Broker, clients: list[MqttCl
     assert time.monotonic() - t0 < 0.5
     assert not c.wait_connected(1.5)
     assert c.alive()
+    wait_until(lambda: c.last_error is not None, what="the refused TCP connect recorded")
+    assert c.last_error is not None and "broker not reachable" in c.last_error
+    assert "Connection refused" in c.last_error and "mqtt.url" in c.last_error
     # A QoS 1 publish made while offline is kept and delivered after the connect.
     handle = c.publish("edge/devices/dev-1/events", {"event": "queued"}, qos=1)
     broker.start()
     assert c.wait_connected(15)
     assert handle.wait(10), handle
+    assert c.last_error is None and c.failed_attempts == 0
 
 
 def test_denied_publish_is_reported_with_reason_135(
@@ -248,3 +281,105 @@ def test_agent_serves_at_once_while_its_broker_is_away(
     status = json.loads(msgs[-1].payload)
     assert status["models"]["iris"]["version"] == "1.0.0"
     assert started < 20  # install + start-up; no wait for the broker in it
+
+
+def test_a_wrong_ca_is_logged_once_with_the_reason_and_the_key(
+    tls_broker: Broker,
+    clients: list[MqttClient],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    caplog.set_level(logging.DEBUG)  # as with --verbose: still one line, not one per retry
+    creds = tls_broker.add_device("dev-1", fleet="f1")
+    ca = other_ca(tmp_path)
+    c = start(clients, make_config(tls_broker, creds, tls=True, ca=str(ca)))
+    wait_until(lambda: c.failed_attempts >= 3, what="three failed TLS handshakes")
+    assert not c.connected
+    records = connect_logs(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].levelno == logging.ERROR
+    message = records[0].getMessage()
+    assert "certificate verify failed" in message
+    assert f"mqtt.ca must be the CA that signed the broker's certificate (now {str(ca)!r})" in (
+        message
+    )
+    assert c.last_error is not None
+    assert c.last_error.startswith("TLS: certificate verify failed")
+    assert "mqtt.ca" in c.last_error
+
+
+def test_a_refused_password_is_logged_once_per_change_naming_user_and_file(
+    broker: Broker,
+    clients: list[MqttClient],
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    creds = broker.add_device("dev-1", fleet="f1")
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("not-the-password\n")
+    c = start(clients, make_config(broker, creds, password_file=str(wrong)))
+    wait_until(lambda: c.failed_attempts >= 3, what="three refused logins")
+    records = connect_logs(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert records[0].levelno == logging.ERROR
+    assert "the broker refused the login: Not authorized (reason 135)" in message
+    assert "user 'dev-1' (mqtt.username)" in message
+    assert f"mqtt.password_file ({str(wrong)!r})" in message
+    assert c.last_error is not None and "Not authorized" in c.last_error
+    assert "mqtt.password_file" in c.last_error
+    # Each change of cause is logged once: the broker goes away, then comes back.
+    broker.stop()
+    wait_until(lambda: "not reachable" in (c.last_error or ""), what="broker away")
+    attempts = c.failed_attempts
+    wait_until(lambda: c.failed_attempts > attempts, what="a retry while away")
+    broker.start()
+    wait_until(lambda: "refused the login" in (c.last_error or ""), what="login refused again")
+    attempts = c.failed_attempts
+    wait_until(lambda: c.failed_attempts > attempts, what="a refused retry")
+    causes = [r.getMessage().split(": ", 2)[2].split(";")[0] for r in connect_logs(caplog)]
+    refused = "the broker refused the login: Not authorized (reason 135)"
+    # (A stop that lands between CONNECT and CONNACK may add a cause of its own.)
+    assert causes[0] == causes[-1] == refused and causes.count(refused) == 2, causes
+    assert "broker not reachable: [Errno 111] Connection refused" in causes
+    assert all(a != b for a, b in itertools.pairwise(causes)), causes
+    assert not c.connected
+
+
+def test_a_missing_client_certificate_names_cert_and_key(
+    broker_factory: Callable[..., Broker],
+    clients: list[MqttClient],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # TLS 1.3: the handshake completes, then the broker's alert ends the connection.
+    b = broker_factory(tls=True, require_certificate=True)
+    creds = b.add_device("dev-1", fleet="f1")
+    cfg = make_config(b, creds, tls=True)
+    cfg.mqtt.username = cfg.mqtt.password_file = ""
+    c = start(clients, cfg)
+    wait_until(lambda: c.failed_attempts >= 2, what="two refused handshakes")
+    records = connect_logs(caplog)
+    assert len(records) == 1, [r.getMessage() for r in records]
+    message = records[0].getMessage()
+    assert "TLS: the broker refused the client certificate" in message
+    assert "certificate required" in message
+    assert "mqtt.cert / mqtt.key" in message and "none is set" in message
+    assert c.last_error is not None and "mqtt.cert" in c.last_error
+
+
+def test_tls_ca_from_the_credentials_directory(
+    tls_broker: Broker,
+    clients: list[MqttClient],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Config built in code with a relative name: resolved like a secret.
+    creds = tls_broker.add_device("dev-1", fleet="f1")
+    folder = tmp_path / "creds"
+    folder.mkdir()
+    (folder / "edge_ca.crt").write_bytes(tls_broker.ca.read_bytes())
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(folder))
+    monkeypatch.chdir(tmp_path)
+    c = start(clients, make_config(tls_broker, creds, tls=True, ca="ca.crt"))
+    assert c.wait_connected(10), c.last_error

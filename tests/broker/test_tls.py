@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -72,3 +75,31 @@ def test_client_certificate_is_the_identity(broker_factory: object) -> None:
     assert tls_connect(b, creds, cert=True) == 0
     # Without a certificate the handshake itself fails.
     assert tls_connect(b, creds, cert=False) != 0
+
+
+def test_agent_under_systemd_finds_its_tls_files_among_the_credentials(
+    tls_broker: Broker, start_agent: Callable[..., Any], tmp_path: Path
+) -> None:
+    # As the unit does it: LoadCredential=edge:/etc/edge-agent/credentials hands each
+    # file over as $CREDENTIALS_DIRECTORY/edge_<name>; agent.toml names them plainly,
+    # and no file by those names exists beside the agent.
+    creds = tls_broker.add_device("pi-1", fleet="f1")
+    folder = tmp_path / "credentials"
+    folder.mkdir()
+    (folder / "edge_ca.crt").write_bytes(tls_broker.ca.read_bytes())
+    (folder / "edge_mqtt.password").write_text(creds.password + "\n")
+    assert not Path("ca.crt").exists() and not Path("mqtt.password").exists()
+    config = {
+        "device": {"id": "pi-1", "fleet": "f1"},
+        "mqtt": {"url": tls_broker.tls_url, "username": "pi-1", "password_file": "mqtt.password",
+                 "ca": "ca.crt", "reconnect_min_s": 1, "reconnect_max_s": 1},
+    }  # fmt: skip
+    env = {"CREDENTIALS_DIRECTORY": str(folder)}
+    seen = tls_broker.subscribe("edge/devices/pi-1/status")
+    agent = start_agent(config, env=env, start=False)
+    check = agent.cli("check-config")
+    assert check.returncode == 0, check.stderr
+    agent.start()
+    seen.wait_for(lambda m: any(json.loads(x.payload)["state"] == "online" for x in m), 20)
+    assert agent.wait_for(lambda s: s["broker"]["connected"] is True)["broker"]["connected"]
+    assert "certificate verify failed" not in agent.logs()
