@@ -13,14 +13,49 @@ _WBITS = {"gzip": 31, "x-gzip": 31, "deflate": 15}  # deflate = zlib stream (RFC
 _decode = json.JSONDecoder().decode  # what json.loads uses when given no options
 
 
+class HugeInteger:
+    """A JSON integer longer than Python converts (``sys.get_int_max_str_digits()``).
+
+    It stands where the number was, so the validator that reads that place refuses it
+    and names the field ("features[0][3]: expected a number, got an integer of 5000
+    digits"), instead of the whole request failing inside the parser with a 500.
+    """
+
+    __slots__ = ("digits",)
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"an integer of {self.digits} digits"
+
+
+def _int_or_huge(text: str) -> int | HugeInteger:
+    try:
+        return int(text)
+    except ValueError:
+        return HugeInteger(text)
+
+
+_decode_huge = json.JSONDecoder(parse_int=_int_or_huge).decode
+
+
 def parse_json(data: bytes | memoryview, what: str = "body") -> Any:
     """JSON from a request body; a syntax error names the line, column and offset."""
     try:
-        if type(data) is bytes and data[:1] == b"{" and data[1:2] != b"\x00":
-            # What json.loads does for a body that is plainly UTF-8 (no BOM, not
-            # UTF-16/32), without its encoding detection: a few us per request.
-            return _decode(data.decode("utf-8", "surrogatepass"))
-        return json.loads(bytes(data))
+        try:
+            if type(data) is bytes and data[:1] == b"{" and data[1:2] != b"\x00":
+                # What json.loads does for a body that is plainly UTF-8 (no BOM, not
+                # UTF-16/32), without its encoding detection: a few us per request.
+                return _decode(data.decode("utf-8", "surrogatepass"))
+            return json.loads(bytes(data))
+        except json.JSONDecodeError:
+            raise
+        except ValueError:
+            # Only int() raises a plain ValueError in the parser: a number past the
+            # integer digit limit. Parse again (rare) with such numbers kept as markers.
+            raw = bytes(data)
+            return _decode_huge(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except json.JSONDecodeError as e:
         raise BadRequest(
             f"{what}: invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}"

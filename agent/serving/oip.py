@@ -188,7 +188,9 @@ class OpenInference:
 
         def decode(m: LoadedModel) -> Call:
             if "id" in request and type(request["id"]) is not str:
-                raise BadRequest(f"id: expected a string, got {json.dumps(request['id']):.60}")
+                raise BadRequest(
+                    f"id: expected a string, got {json.dumps(request['id'], default=repr):.60}"
+                )
             inputs, given = self._inputs(m, request, tail)
             wanted.extend(self._outputs(m, request))
             return Call(inputs, [o for o, _ in wanted], given)

@@ -384,3 +384,33 @@ def test_client_leaving_mid_answer_is_not_an_error(
     assert_still_serving(served)
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert "Traceback" not in capfd.readouterr().err
+
+
+HUGE = "9" * 5000  # past Python's 4300-digit limit for int()
+
+HUGE_CASES = [
+    ("/predict", '{"features": [[5.1, 3.5, 1.4, %s]]}',
+     "features[0][3]: expected a number, got an integer of 5000 digits"),
+    ("/predict", '{"features": [[5.1, 3.5, 1.4, 0.2]], "extra": %s}', "extra: unknown field"),
+    ("/predict", '{"features": [[5.1, 3.5, 1.4, 0.2]], "probabilities": -%s}',
+     "probabilities: expected true or false"),
+    ("/v2/models/iris/infer",
+     '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, %s]}]}',
+     "inputs[0] (input).data[3]: expected a number, got an integer of 5000 digits"),
+    ("/v2/models/iris/infer",
+     '{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, %s], "data": [1, 2, 3, 4]}]}',
+     "inputs[0] (input): expected shape [-1, 4]"),
+    ("/v2/models/iris/infer",
+     '{"id": %s, "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}',
+     "id: expected a string"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "template", "message"), HUGE_CASES)
+def test_an_integer_too_long_to_convert_is_a_400_naming_the_field(
+    served: Served, path: str, template: str, message: str
+) -> None:
+    r = served.client().request("POST", path, (template % HUGE).encode())
+    assert r.status == 400, r.body[:300]
+    assert r.error.startswith(message), r.error
+    assert_still_serving(served)
