@@ -25,7 +25,8 @@ from tests.delivery_helpers import (
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
 
-pytestmark = pytest.mark.timeout(180)
+# Real agents delivering over a real broker: `make test-fast` leaves them out.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 def test_fleet_of_agents_converges_and_one_offline_catches_up(

@@ -230,6 +230,7 @@ def test_journald_is_recognised_by_the_stream_identity(tmp_path):
     assert "%(asctime)s" in (log_formatter(sys.__stderr__)._fmt or "")
 
 
+@pytest.mark.slow
 def test_a_real_agent_pings_reports_backlog_and_logs_for_journald(
     start_agent, systemd, iris_package, tmp_path
 ):

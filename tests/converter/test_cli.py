@@ -248,6 +248,7 @@ def test_bad_usage_exits_2_and_help_exits_0(capsys: pytest.CaptureFixture[str]) 
 # --- the installed console script --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_console_script_converts_and_verifies(
     iris_joblib: Path, keypair: Keypair, tmp_path: Path
 ) -> None:

@@ -279,6 +279,7 @@ def test_dashboard_uses_only_metrics_the_exporter_serves() -> None:
 @pytest.mark.skipif(
     shutil.which("prometheus") is None, reason="Debian package prometheus not installed"
 )
+@pytest.mark.slow
 def test_prometheus_scrapes_the_exporter(broker: Broker, tmp_path: Path) -> None:
     client = broker.client()
     publish(client, "edge/devices/pi-1/status", status_payload("pi-1", "north"), retain=True)

@@ -153,6 +153,7 @@ _CHURN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_a_complete_active_version(
     tmp_path: Path, iris_package: Path
 ) -> None:

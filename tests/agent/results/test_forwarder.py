@@ -128,6 +128,7 @@ def test_results_made_while_the_broker_is_down_all_arrive(
     assert agent.buffer.stats().rows == 0
 
 
+@pytest.mark.slow
 def test_kill_9_mid_forwarding_loses_nothing(broker: Broker, tmp_path: Path) -> None:
     cfg = make_config(broker, "dev-1")
     path = tmp_path / "buffer.db"
@@ -193,6 +194,7 @@ def test_refused_batches_stay_buffered_and_are_counted(
     assert 'edge_mqtt_publish_failures_total{reason="not_authorized"}' in text
 
 
+@pytest.mark.slow
 def test_large_results_are_split_below_the_message_limit(
     broker: Broker, tmp_path: Path, agents: list[Agent]
 ) -> None:

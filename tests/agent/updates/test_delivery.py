@@ -31,7 +31,8 @@ from tests.delivery_helpers import device_config, operator, predict_version, ser
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
 
-pytestmark = pytest.mark.timeout(180)
+# Real agents delivering over a real broker: `make test-fast` leaves them out.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
 @pytest.fixture

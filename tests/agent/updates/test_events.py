@@ -11,11 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.wire.payloads import check_event
 from agent.wire.times import parse_rfc3339
 from tests.delivery_helpers import wait_event
 
 DEVICE = "test-device-0"
+# Real agents on a real broker: `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def _agent(start_agent: Any, broker: Any, keypair: Any, *packages: Path, start: bool = True) -> Any:

@@ -175,6 +175,7 @@ def fails_on_large_first_feature(package: Path, out: Path, keypair: Keypair) -> 
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_version_failing_real_requests_is_rolled_back_by_itself(
     broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path,
     iris_package_v2: Path, tmp_path: Path,
