@@ -60,7 +60,8 @@ def format_status(s: dict[str, Any]) -> str:
     lines = [
         f"device   {s.get('device')} (fleet {s.get('fleet')}), agent {s.get('agent_version')}",
         f"uptime   {_duration(float(s.get('uptime_s') or 0))}",
-        f"broker   {broker.get('url') or '-'}: {broker.get('state', '?')}",
+        f"broker   {broker.get('url') or '-'}: {broker.get('state', '?')}"
+        + (f" ({broker['last_error']})" if broker.get("last_error") else ""),
         f"buffer   {buf.get('rows', 0)} results, {_size(int(buf.get('bytes') or 0))}"
         + (f", oldest {_duration(float(oldest))}" if oldest is not None else "")
         + (f"; dropped {', '.join(f'{k} {v}' for k, v in dropped.items())}" if dropped else ""),

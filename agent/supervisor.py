@@ -259,8 +259,11 @@ class Supervisor:
         connected = getattr(self.mqtt, "connected", None)
         if callable(connected):
             connected = connected()
+        error = getattr(self.mqtt, "last_error", None)
         return {
             "url": self.cfg.mqtt.url,
             "connected": bool(connected),
             "state": "connected" if connected else "disconnected",
+            # Why not, in words that name the key to fix (a wrong CA, a refused password).
+            "last_error": None if connected else error,
         }
