@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.wire.errors import ConfigError
+from agent.wire.names import NAME_RULE, is_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 CREDENTIAL_ID = "edge"  # LoadCredential=edge:/etc/edge-agent/credentials in the unit
@@ -131,8 +132,8 @@ SECTIONS: dict[str, type] = {
 
 # Values checked beyond their type: key -> (predicate, what was expected)
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "device.id": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", v)), "[A-Za-z0-9_.-]+"),
-    "device.fleet": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+", v)), "[A-Za-z0-9_.-]+"),
+    "device.id": (is_name, f"a plain name ({NAME_RULE})"),
+    "device.fleet": (is_name, f"a plain name ({NAME_RULE})"),
     "mqtt.url": (
         lambda v: v == "" or bool(re.fullmatch(r"mqtts?://[^/:]+(:\d+)?/?", v)),
         "mqtt://host[:port] or mqtts://host[:port] (or empty for no broker)",

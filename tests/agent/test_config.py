@@ -95,6 +95,15 @@ def test_every_bad_key_is_listed_with_its_value(tmp_path: Path) -> None:
     assert all("expected" in p or "unknown" in p for p in problems)
 
 
+@pytest.mark.parametrize("value", ["..", ".", ".hidden", "a/b"])
+def test_device_and_fleet_are_plain_names(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path, f'[device]\nid = "{value}"\nfleet = "{value}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert [p.split(":")[0] for p in info.value.problems] == ["device.id", "device.fleet"]
+    assert all("not starting with a dot" in p for p in info.value.problems)
+
+
 def test_a_missing_file_asked_for_by_name_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "nope.toml", env={})
