@@ -24,6 +24,19 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/e2e/container-broker.sh
 . scripts/e2e/container-broker.sh
 
+[[ $(id -u) == 0 ]] || {
+    clog "needs root (debootstrap, binfmt_misc, rootful podman)"
+    exit 1
+}
+# ---- 1a. host tools: every one this script and its helpers call ------------------------
+# apt-get installs what is missing; a tool still missing stops here with its name.
+# (coreutils, util-linux, findutils, grep, sed, mawk, tar are part of every Debian.)
+cbase_host_tools   # buildah podman runc qemu-aarch64-static update-binfmts debootstrap
+cbroker_host_tools # mosquitto mosquitto_passwd mosquitto_sub python3
+need git git pip3 python3-pip
+# pip in the build gets this host's CA bundle (below).
+[[ -n ${PIP_CERT:-} || -f /etc/ssl/certs/ca-certificates.crt ]] || need_pkgs ca-certificates
+
 VERSION=$(python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
 IMAGE=localhost/edge-agent:$VERSION
 NAME=edge-agent-e2e-$$
@@ -58,13 +71,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-[[ $(id -u) == 0 ]] || {
-    clog "needs root (debootstrap, binfmt_misc, rootful podman)"
-    exit 1
-}
-
-# ---- 1. tools and base image ----------------------------------------------------------
-cbase_host_tools
+# ---- 1b. binfmt_misc and the base image -------------------------------------------------
 e2e_binfmt
 cbase_image_ensure
 
@@ -85,17 +92,23 @@ cp -L "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$WORK/root/e2e-ca.crt"
     echo "[global]"
     echo "cert = /root/e2e-ca.crt"
     echo "timeout = ${PIP_DEFAULT_TIMEOUT:-180}"
-    index=$(pip3 config get global.index-url 2>/dev/null || true)
-    [[ -n $index ]] && echo "index-url = $index"
+    # The index this host's pip uses (PIP_INDEX_URL first, then the config files);
+    # `pip3 config get` fails both for "not set" and for real errors, `list` does not.
+    index=$(pip3 config list | awk -F"'" '/^:env:\.index-url=/ {e = $2} /^global\.index-url=/ {g = $2} END {print (e != "" ? e : g)}')
+    if [[ -n $index ]]; then echo "index-url = $index"; fi
 } >"$WORK/root/.config/pip/pip.conf"
 
 # ---- 2. build ----------------------------------------------------------------------------
 clog "building $IMAGE for linux/arm64 (RUN steps under qemu)"
 B0=$(date +%s)
+REVISION=$(git rev-parse HEAD) || {
+    clog "not a git checkout: the image's revision label says unknown"
+    REVISION=unknown
+}
 buildah_ bud --isolation chroot --platform linux/arm64 --pull=never --layers --format docker \
     --file Dockerfile.arm64 --tag "$IMAGE" \
     --build-arg "VERSION=$VERSION" \
-    --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+    --build-arg "REVISION=$REVISION" \
     --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     --volume "$WORK/root:/root" \
     "${HIDE_CPU_CACHE[@]}" \
@@ -202,6 +215,7 @@ clog "ok   retained edge/devices/$DEVICE/status after stop: offline"
 # Every answered request is accounted for after SIGTERM: delivered to the broker's
 # results topic, or committed to the SQLite buffer on the volume for the next start.
 sleep 1
+cbroker_subscribed || exit 1
 cbroker_stop
 DELIVERED=$(python3 -c 'import json, sys; print(sum(len(json.loads(l)["results"]) for l in open(sys.argv[1]) if l.strip()))' "$WORK/results.jsonl")
 BUFFERED=$(run_ --rm --no-healthcheck --volume "$VOLUME:/var/lib/edge-agent" --entrypoint python3 "$IMAGE" -c \

@@ -345,7 +345,11 @@ RESTARTS=$(unit_prop NRestarts)
 in_device kill -STOP "$MAIN_PID"
 restarted() { (($(unit_prop NRestarts) > RESTARTS)); }
 wait_until 180 "systemd to restart the frozen agent" restarted
-in_device journalctl -u edge-agent --no-pager -o cat | grep -m1 -i "watchdog timeout" ||
+# Read whole, then searched: `journalctl | grep -m1` under pipefail fails when grep stops
+# reading early and journalctl dies of SIGPIPE, however well the match went.
+in_device journalctl -u edge-agent --no-pager -o cat >"$WORK/journal-watchdog.txt" ||
+    fail "journalctl inside the device failed"
+grep -m1 -i "watchdog timeout" "$WORK/journal-watchdog.txt" ||
     fail "the restart was not caused by the watchdog"
 active_again() { [[ $(unit_prop ActiveState) == active && $(unit_prop MainPID) != "$MAIN_PID" ]]; }
 wait_until "$READY_TIMEOUT" "the restarted agent to be READY" active_again
@@ -354,7 +358,9 @@ check_predict 1.1.0 || fail "/predict after the watchdog restart"
 step "4e. systemctl stop: STOPPING=1, buffer flushed, exit 0"
 in_device systemctl stop edge-agent.service
 RESULT=$(unit_prop Result)
-in_device journalctl -u edge-agent --no-pager -o cat -n 30 | grep -q "edge-agent stopped" ||
+in_device journalctl -u edge-agent --no-pager -o cat -n 30 >"$WORK/journal-stop.txt" ||
+    fail "journalctl inside the device failed"
+grep -q "edge-agent stopped" "$WORK/journal-stop.txt" ||
     fail "no clean shutdown in the journal"
 [[ $RESULT == success ]] || fail "stop result $RESULT (expected success)"
 e2e_log "stopped cleanly (Result=$RESULT)"

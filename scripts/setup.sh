@@ -1,29 +1,34 @@
 #!/usr/bin/env bash
 # Set up everything the project needs on a fresh Debian (bookworm) machine:
-# the system packages (python3-venv, mosquitto), a virtualenv in .venv with the
-# project installed editable with its converter and dev extras.
+# the system packages, a virtualenv in .venv with the project installed editable with
+# its converter and dev extras.
+#   mosquitto (mosquitto, mosquitto_passwd): the broker the agent and the tests talk to;
+#   openssl: broker-config/mkca.sh (TLS); curl: the line `edge-agent demo` prints;
+#   python3-venv: the virtualenv.
 # `setup.sh --test` also installs what only the test suite uses: Prometheus (a real
 # scrape of the fleet exporter) and systemd-analyze (the unit's security score).
-# Idempotent: a second run only checks.
+# A tool still missing after apt-get stops the set-up with its name
+# (scripts/e2e/need.sh); scripts/e2e/fresh-machine.sh proves the list on a bare
+# debootstrap. Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/e2e/need.sh
+. scripts/e2e/need.sh
+NEED_LOG_PREFIX=setup
 
-want_pkgs=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || want_pkgs+=(mosquitto)
-command -v mosquitto_passwd >/dev/null 2>&1 || want_pkgs+=(mosquitto)
-command -v openssl >/dev/null 2>&1 || want_pkgs+=(openssl)
-python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || want_pkgs+=(python3-venv python3-pip)
+tools=(python3 python3 sha256sum coreutils mosquitto mosquitto mosquitto_passwd mosquitto
+    openssl openssl curl curl)
 if [ "${1:-}" = "--test" ]; then
-    command -v prometheus >/dev/null 2>&1 || want_pkgs+=(prometheus)
-    command -v systemd-analyze >/dev/null 2>&1 || want_pkgs+=(systemd)
+    tools+=(prometheus prometheus systemd-analyze systemd)
 fi
-if [ ${#want_pkgs[@]} -gt 0 ]; then
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    echo "setup: installing ${want_pkgs[*]}" >&2
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${want_pkgs[@]}" >/dev/null
-fi
+# The venv module and its ensurepip are a separate Debian package; installed together
+# with the tools, in one apt-get run.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || NEED_ALSO=(python3-venv)
+need "${tools[@]}"
+python3 -c 'import ensurepip, venv' || {
+    echo "setup: python3 has no venv/ensurepip even after installing python3-venv" >&2
+    exit 1
+}
 # The packaged broker and Prometheus are not needed as services: tests start their own.
 
 EXTRAS="${EDGE_EXTRAS:-dev}"

@@ -19,19 +19,16 @@ E2E_PACKAGES=${E2E_PACKAGES:-systemd,systemd-sysv,dbus,python3,python3-venv,ca-c
 
 e2e_log() { printf '[e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
-# Host tools, installed through apt when missing (CI machines start bare).
+# shellcheck source=scripts/e2e/need.sh
+. "$(dirname "${BASH_SOURCE[0]}")/need.sh"
+
+# Host tools, installed through apt when missing (CI machines start bare): these and
+# what pi-e2e.sh calls on the host (pgrep; nsenter, flock, mount: util-linux, always
+# there). mosquitto: the host's broker in pi-e2e.
 e2e_host_packages() {
-    local missing=()
-    command -v debootstrap >/dev/null || missing+=(debootstrap)
-    command -v qemu-aarch64-static >/dev/null || missing+=(qemu-user-static)
-    command -v update-binfmts >/dev/null || missing+=(binfmt-support)
-    command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-    command -v mosquitto >/dev/null || missing+=(mosquitto)
-    if ((${#missing[@]})); then
-        e2e_log "installing host packages: ${missing[*]}"
-        apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-    fi
+    need debootstrap debootstrap qemu-aarch64-static qemu-user-static \
+        update-binfmts binfmt-support systemd-nspawn systemd-container \
+        mosquitto mosquitto pgrep procps git git
 }
 
 # Run arm64 binaries through qemu-user-static. The F (fix-binary) flag of the Debian
@@ -81,8 +78,8 @@ e2e_rootfs_build() {
     echo edge-pi >"$tmp/etc/hostname"
     # The container's own systemd would otherwise wait for a console login and a
     # network it cannot configure; the agent needs neither.
-    chroot "$tmp" systemctl mask getty@tty1.service console-getty.service \
-        systemd-networkd-wait-online.service systemd-timesyncd.service >/dev/null 2>&1 || true
+    chroot "$tmp" systemctl --quiet mask getty@tty1.service console-getty.service \
+        systemd-networkd-wait-online.service systemd-timesyncd.service
     mv "$tmp" "$E2E_ROOTFS"
     touch "$E2E_ROOTFS/.edge-e2e-base"
 }

@@ -28,19 +28,14 @@ clog() { printf '[container-e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 # binfmt_misc registration and the host's Debian mirror are shared with the Pi e2e.
 # shellcheck source=scripts/e2e/arm64-rootfs.sh
 . "$(dirname "${BASH_SOURCE[0]}")/arm64-rootfs.sh"
+# shellcheck source=scripts/e2e/need.sh
+. "$(dirname "${BASH_SOURCE[0]}")/need.sh"
 
 # Host tools from Debian (CI machines start bare). crun fails in this sandbox; runc works.
+# (tar, flock, chroot, find: part of every Debian.)
 cbase_host_tools() {
-    local want=(buildah podman runc qemu-user-static binfmt-support debootstrap)
-    local missing=() pkg
-    for pkg in "${want[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'ok installed' || missing+=("$pkg")
-    done
-    if ((${#missing[@]})); then
-        clog "installing host packages: ${missing[*]}"
-        apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
-    fi
+    need buildah buildah podman podman runc runc qemu-aarch64-static qemu-user-static \
+        update-binfmts binfmt-support debootstrap debootstrap
 }
 
 # What makes the official slim image slim: dpkg drops docs, man pages and translations,
