@@ -61,6 +61,12 @@ class HttpConfig:
     port: int = 8080
     token_file: str = ""
     max_body_bytes: int = 10 * 1024 * 1024
+    # Connections served at once; one more gets a fast 503. A thread each: 64 is far
+    # more than the local callers of a Pi need, and bounded whatever a client does.
+    max_connections: int = 64
+    idle_timeout_s: float = 30.0  # a keep-alive connection waiting for its next request
+    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers
+    body_timeout_s: float = 30.0  # to receive a whole body
 
 
 @dataclass
@@ -143,6 +149,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mqtt.topic_prefix": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", v)), "a topic prefix like 'edge'"),
     "http.port": (lambda v: 0 <= v <= 65535, "0..65535"),
     "http.max_body_bytes": (lambda v: v >= 1024, "at least 1024"),
+    "http.max_connections": (lambda v: 1 <= v <= 10_000, "1..10000"),
+    "http.idle_timeout_s": (lambda v: 0.1 <= v <= 3600, "0.1..3600 seconds"),
+    "http.header_timeout_s": (lambda v: 0.1 <= v <= 600, "0.1..600 seconds"),
+    "http.body_timeout_s": (lambda v: 0.1 <= v <= 3600, "0.1..3600 seconds"),
     "models.keep_versions": (lambda v: v >= 2, "at least 2 (the active one and one to roll back to)"),
     "models.intra_op_threads": (lambda v: 0 <= v <= 64, "0..64 (0: onnxruntime decides)"),
     "models.inter_op_threads": (lambda v: 0 <= v <= 64, "0..64 (0: onnxruntime decides)"),
@@ -164,6 +174,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 _DURATION_KEYS = {
     "buffer.max_age", "health.interval_s", "models.probation_s",
     "models.delivery_chunk_timeout_s", "models.delivery_retry_s",
+    "http.idle_timeout_s", "http.header_timeout_s", "http.body_timeout_s",
 }  # fmt: skip
 _SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
 TLS_FILE_KEYS = ("ca", "cert", "key")  # [mqtt] keys naming files, resolved like secrets

@@ -14,7 +14,7 @@ import random
 import threading
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Sub-millisecond to seconds: an RF on a desktop core answers in ~0.1 ms, on a Pi in
 # ~1 ms, and a slow model or a swapping device in seconds.
@@ -159,6 +159,22 @@ class Metrics:
             registry=self.registry,
         )
         self.inference = InferenceStats(self.latency)
+        # The transport's own refusals and closes (agent/serving/connections.py).
+        self.connections_refused = Counter(
+            "edge_http_connections_refused",
+            "Connections answered 503 at once, by reason (limit, descriptors)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "edge_http_connections_closed",
+            "Connections the server closed for overstaying a phase (idle, head, body)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections_open = Gauge(
+            "edge_http_connections_open", "Connections being served", registry=self.registry
+        )
         self._request_children: dict[tuple[str, str, str, int], tuple[object, object | None]] = {}
 
     def request(self, route: str, model: str, version: str, status: int) -> None:

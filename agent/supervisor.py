@@ -22,8 +22,8 @@ from agent.models.registry import Registry
 from agent.models.store import ModelStore
 from agent.results.buffer import ResultBuffer
 from agent.sdnotify import Notifier, WatchdogLoop
-from agent.serving.http import HttpServer
 from agent.serving.routes import Service
+from agent.serving.server import HttpServer
 from agent.updates.installer import Change, Installer
 from agent.updates.watcher import StoreWatcher
 from agent.wire.errors import EdgeError

@@ -13,29 +13,29 @@ single send.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hmac
 import logging
 import socket
-import sys
-import threading
 import time
 import zlib
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import TYPE_CHECKING, Any
 
-from agent.config import HttpConfig, read_secret
 from agent.serving.codecs import choose_encoding, decompress
-from agent.serving.routes import Reply, Service, error_reply
+from agent.serving.connections import BODY, BUSY, HEAD, IDLE
+from agent.serving.routes import Reply, error_reply
 from agent.wire.errors import (
     BadRequest,
     EdgeError,
     PayloadTooLarge,
     Unauthorized,
 )
+
+if TYPE_CHECKING:
+    from agent.serving.server import _Server
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class _Headers(dict[str, str]):
 _header: Callable[..., Any] = dict.get
 
 
-class _Handler(BaseHTTPRequestHandler):
+class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT_S
     server: _Server
@@ -74,10 +74,23 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self.connection)
+
+    def handle_one_request(self) -> None:
+        """Wait for a request (idle deadline), then read it (header deadline)."""
+        conns = self.server.conns
+        conns.enter(self.connection, IDLE)
+        try:
+            if not self.rfile.peek(1):  # type: ignore[attr-defined]
+                self.close_connection = True  # the client closed, or the reaper did
+                return
+        except OSError:
+            self.close_connection = True
+            return
+        conns.enter(self.connection, HEAD)
+        super().handle_one_request()
 
     def finish(self) -> None:
-        self.server.connections.discard(self.connection)
+        self.server.conns.leave(self.connection)
         super().finish()
 
     def handle_expect_100(self) -> bool:
@@ -247,6 +260,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _body(self) -> bytes:
+        conns = self.server.conns
+        conns.enter(self.connection, BODY)
+        try:
+            return self._read_body()
+        finally:
+            conns.enter(self.connection, BUSY)
+
+    def _read_body(self) -> bytes:
         limit = self.server.max_body
         headers = self.headers
         transfer = _header(headers, "transfer-encoding")
@@ -317,99 +338,3 @@ class _Handler(BaseHTTPRequestHandler):
         # One send per answer: with TCP_NODELAY two sends would be two packets.
         self.wfile.write(b"".join(head) + body)
         self.log_request(reply.status, len(body))
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address: tuple[str, int], service: Service, cfg: HttpConfig) -> None:
-        self.service = service
-        self.max_body = cfg.max_body_bytes
-        self.token = read_secret(cfg.token_file).encode() if cfg.token_file else None
-        self.connections: set[socket.socket] = set()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that goes away mid-answer is routine; anything else is a bug to log."""
-        error = sys.exc_info()[1]
-        if isinstance(error, ConnectionError | TimeoutError):
-            log.debug("%s: connection ended: %s", client_address, error)
-        else:
-            log.exception("HTTP connection from %s failed", client_address)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host's FQDN, which can stall for seconds
-        # on a device without DNS; the name is never used.
-        # SO_REUSEADDR as TCPServer.server_bind would set it: a restart after a crash
-        # must not fail on the old connections' TIME_WAIT.
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind(self.server_address)
-        self.server_address = self.socket.getsockname()
-        self.server_name = str(self.server_address[0])
-        self.server_port = int(self.server_address[1])
-
-
-class HttpServer:
-    """The agent's HTTP listener: ``start()``, ``stop()``, ``alive()``, ``.address``."""
-
-    def __init__(self, cfg: HttpConfig, service: Service) -> None:
-        self.cfg = cfg
-        self.service = service
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        if self._server is None:
-            return (self.cfg.host, self.cfg.port)
-        host, port = self._server.server_address[:2]
-        return (str(host), int(port))
-
-    @property
-    def url(self) -> str:
-        host, port = self.address
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-    def start(self) -> None:
-        try:
-            self._server = _Server((self.cfg.host, self.cfg.port), self.service, self.cfg)
-        except OSError as e:
-            raise EdgeError(
-                f"http.host/http.port: cannot listen on {self.cfg.host}:{self.cfg.port} "
-                f"({e.strerror or e})"
-            ) from None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.5},
-            name="http",
-            daemon=True,
-        )
-        self._thread.start()
-        log.info("serving HTTP on %s", self.url)
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        server = self._server
-        server.shutdown()  # no new connections
-        # Idle keep-alive connections would otherwise outlive the server (and the buffer
-        # the supervisor closes next): end their reading side; an answer in flight is
-        # still written, then the handler sees EOF and returns.
-        for conn in list(server.connections):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RD)
-        deadline = time.monotonic() + STOP_GRACE_S
-        while server.connections and time.monotonic() < deadline:
-            time.sleep(0.01)
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        log.info("HTTP server stopped")
-        self._server = None
-
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()

@@ -24,8 +24,8 @@ from agent.metrics import Metrics
 from agent.models.registry import Registry
 from agent.models.runtime import LoadedModel, check_parity, load_model
 from agent.results.buffer import ResultBuffer
-from agent.serving.http import HttpServer
 from agent.serving.routes import Service
+from agent.serving.server import HttpServer
 from agent.wire.package import read_manifest
 
 

@@ -58,15 +58,12 @@ def assert_still_serving(served: Served) -> None:
 
 def test_keep_alive_answers_are_not_delayed(served: Served) -> None:
     c = served.client()
-    c.predict(ROW)  # connect and warm up
-    start = time.perf_counter()
-    for _ in range(50):
+    for _ in range(5):
         assert c.predict(ROW).status == 200
-    # Without TCP_NODELAY each keep-alive answer waits ~40 ms for a delayed ACK.
-    assert (time.perf_counter() - start) / 50 < 0.02
-    server = served.http._server
-    assert server is not None
-    [conn] = server.connections  # the server side of this keep-alive connection
+    # Without TCP_NODELAY each keep-alive answer waits ~40 ms for a delayed ACK (the
+    # figure itself is bench/http.py's): the server side of this connection has it set.
+    assert served.http is not None and served.http._server is not None
+    [conn] = served.http._server.conns.sockets()
     assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
@@ -358,7 +355,7 @@ def test_answered_predictions_survive_kill_9(start_agent: Any, iris_package: Pat
 
 
 def test_port_in_use_is_a_one_line_error(served: Served) -> None:
-    from agent.serving.http import HttpServer
+    from agent.serving.server import HttpServer
     from agent.wire.errors import EdgeError
 
     cfg = served.cfg.http.__class__(host=served.host, port=served.port)
