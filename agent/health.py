@@ -158,6 +158,8 @@ class HealthReporter:
                 if stats.oldest_age_s is None
                 else round(stats.oldest_age_s, 3),
                 "dropped": dict(stats.dropped),
+                # Delivered, but a full disk kept them from being deleted yet.
+                "delivered_undeleted": stats.delivered,
             },
             "mqtt": {
                 "connected": bool(self.mqtt and self.mqtt.connected),

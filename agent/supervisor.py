@@ -235,6 +235,7 @@ class Supervisor:
                 "bytes": stats.bytes,
                 "oldest_age_s": stats.oldest_age_s,
                 "dropped": stats.dropped,
+                "delivered_undeleted": stats.delivered,
             },
         }
 

@@ -7,6 +7,11 @@ import importlib.util
 # Fixture modules are loaded as plugins so each concern keeps its own file.
 pytest_plugins = [
     name
-    for name in ("tests.fixtures.models", "tests.fixtures.broker", "tests.fixtures.agent")
+    for name in (
+        "tests.fixtures.models",
+        "tests.fixtures.broker",
+        "tests.fixtures.agent",
+        "tests.fixtures.disk",
+    )
     if importlib.util.find_spec(name) is not None
 ]

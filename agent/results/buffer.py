@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 from agent.config import BufferConfig
 from agent.loops import Loop
 from agent.results import schema
+from agent.results.bounds import AGE_CHECK_INTERVAL_S, Bounds
+from agent.results.drops import Drops
 from agent.results.rows import (
     DISK_FULL,
     IO_ERROR,
     MAX_AGE,
-    MAX_BYTES,
-    MAX_ROWS,
     BufferCollector,
     BufferedRow,
     BufferStats,
@@ -53,9 +53,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BufferStats", "BufferedRow", "JsonBatch", "Result", "ResultBuffer"]
 
-_AGE_CHECK_INTERVAL_S = 1.0
-_EXPIRE_BATCH = 10_000
-_DROP_LOG_INTERVAL_S = 60.0
 # Fixed per-row cost added to the payload size so max_bytes tracks the file, not just JSON.
 _ROW_OVERHEAD = 64
 
@@ -89,9 +86,7 @@ class ResultBuffer:
         self._flush_lock = threading.Lock()
         self._open = _Batch(self._lock)  # rows queued for the next commit
         self._leader = False  # a caller is committing (commit durability)
-        self._last_age_check = 0.0
-        self._drop_logged_at = -_DROP_LOG_INTERVAL_S
-        self._drop_log_pending = 0
+        self._bounds = Bounds(cfg)
         self._recorded = 0
 
         # The high-water mark: the newest row, or what meta kept when rows were deleted.
@@ -102,11 +97,11 @@ class ResultBuffer:
         self._next_seq = int(row[0]) + 1
         self._committed_seq = self._next_seq - 1  # every seq <= this is settled
         self._rows, self._bytes = self._count()
-        self._dropped: dict[str, int] = dict(
-            self._conn.execute("SELECT reason, count FROM drops").fetchall()
-        )
-        self._unsaved_drops: dict[str, int] = {}
+        self._drops = Drops(self._conn)
 
+        self._undeleted: list[tuple[int, int]] = []  # delivered ranges a full disk kept
+        self._undeleted_rows = self._undeleted_bytes = 0
+        self._undeleted_tried = 0.0
         self._flusher: Loop | None = None
         if cfg.durability == "batched":
             interval = cfg.flush_interval_ms / 1000
@@ -119,10 +114,7 @@ class ResultBuffer:
             metrics.registry.register(BufferCollector(self))
 
     def _count(self) -> tuple[int, int]:
-        rows, nbytes = self._conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM results"
-        ).fetchone()
-        return int(rows), int(nbytes)
+        return schema.count_range(self._conn, 0, 2**63 - 1)
 
     # --- the hot path ------------------------------------------------------------
 
@@ -197,22 +189,9 @@ class ResultBuffer:
         except sqlite3.Error as e:
             reason = DISK_FULL if _is_disk_full(e) else IO_ERROR
             batch.failed = True
-            with self._lock:
-                self._dropped[reason] = self._dropped.get(reason, 0) + len(batch.rows)
-                self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(batch.rows)
-            self._log_drop(reason, len(batch.rows), e)
+            self._drops.not_recorded(reason, len(batch.rows), e)
         with self._lock:
             self._committed_seq = max(self._committed_seq, batch.rows[-1][0])
-
-    def _log_drop(self, reason: str, count: int, error: Exception) -> None:
-        # Once a minute at most: a full SD card must not also fill the journal.
-        now = time.monotonic()
-        self._drop_log_pending += count
-        if now - self._drop_logged_at >= _DROP_LOG_INTERVAL_S:
-            log.warning(
-                "buffer: %d results not recorded (%s): %s", self._drop_log_pending, reason, error
-            )
-            self._drop_logged_at, self._drop_log_pending = now, 0
 
     def _insert(self, batch: list[tuple[Any, ...]]) -> None:
         def insert() -> None:
@@ -232,9 +211,13 @@ class ResultBuffer:
         """Run ``work`` in one write transaction (the caller holds the write lock)."""
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
+        # Delivered rows a full disk kept from being deleted ride along with every write.
+        settled = list(self._undeleted)
         try:
+            for first, last in settled:
+                self._delete_range(first, last)
             work()
-            self._save_drops()
+            self._drops.save(c)
             c.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself on some errors (SQLITE_FULL among them).
@@ -243,6 +226,10 @@ class ResultBuffer:
             # Counters moved inside the failed transaction: read back what the file holds.
             self._rows, self._bytes = self._count()
             raise
+        if settled:
+            self._undeleted = [r for r in self._undeleted if r not in settled]
+            self._undeleted_rows, self._undeleted_bytes = self._count_ranges(self._undeleted)
+            log.info("buffer: %d delivered ranges deleted now that there is room", len(settled))
 
     def _delete(self, work: Callable[[], None]) -> bool:
         """A deleting transaction; on a full disk the rows stay (nothing is lost).
@@ -261,64 +248,21 @@ class ResultBuffer:
     # --- bounds ------------------------------------------------------------------
 
     def _enforce_bounds(self) -> None:
-        """Drop the oldest rows past max_rows / max_bytes / max_age (inside a transaction)."""
-        excess_rows = self._rows - self.cfg.max_rows
-        if excess_rows > 0:
-            self._drop_oldest(excess_rows, MAX_ROWS)
-        if self._bytes > self.cfg.max_bytes:
-            excess = self._bytes - self.cfg.max_bytes
-            self._drop_oldest(schema.oldest_covering(self._conn, excess), MAX_BYTES)
-        if time.time() - self._last_age_check >= _AGE_CHECK_INTERVAL_S:
-            self._expire()
-
-    def _keep_high_water(self) -> None:
-        """Before deleting rows, remember the newest seq so it is never reused.
-
-        Done on deletes only, not on every insert: the newest row is the mark while it
-        exists, which saves a page write per commit on the hot path.
-        """
-        schema.keep_high_water(self._conn)
-
-    def _expire(self) -> None:
-        """Drop rows older than max_age, oldest first, a bounded number per call."""
-        now = time.time()
-        self._last_age_check = now
-        if not self._oldest_before(now - self.cfg.max_age):
-            return
-        self._keep_high_water()
-        deleted = schema.delete_oldest(self._conn, _EXPIRE_BATCH, before=now - self.cfg.max_age)
-        self._account_drop(deleted, MAX_AGE)
+        """Drop the oldest rows past the bounds (inside a transaction)."""
+        for reason, deleted in self._bounds.enforce(self._conn, self._rows, self._bytes):
+            self._account_drop(deleted, reason)
 
     def _expire_idle(self) -> None:
         """Expire from the forwarder's side too, so an idle device's backlog ages out."""
-        now = time.time()
-        if now - self._last_age_check < _AGE_CHECK_INTERVAL_S:
-            return
-        if self._oldest_before(now - self.cfg.max_age):
-            self._delete(self._expire)
-        self._last_age_check = now
-
-    def _oldest_before(self, cutoff: float) -> bool:
-        oldest = schema.oldest_time(self._conn)
-        return oldest is not None and oldest < cutoff
-
-    def _drop_oldest(self, count: int, reason: str) -> None:
-        self._keep_high_water()
-        self._account_drop(schema.delete_oldest(self._conn, count), reason)
+        if self._bounds.age_due() and self._bounds.expired_waiting(self._conn):
+            self._delete(lambda: self._account_drop(self._bounds.expire(self._conn), MAX_AGE))
 
     def _account_drop(self, deleted: list[int], reason: str) -> None:
         if not deleted:
             return
         self._rows -= len(deleted)
         self._bytes -= sum(deleted)
-        with self._lock:
-            self._dropped[reason] = self._dropped.get(reason, 0) + len(deleted)
-            self._unsaved_drops[reason] = self._unsaved_drops.get(reason, 0) + len(deleted)
-
-    def _save_drops(self) -> None:
-        with self._lock:
-            unsaved, self._unsaved_drops = self._unsaved_drops, {}
-        schema.add_drops(self._conn, unsaved)
+        self._drops.add(reason, len(deleted))
 
     # --- batched durability ------------------------------------------------------
 
@@ -358,10 +302,13 @@ class ResultBuffer:
 
     def stats(self) -> BufferStats:
         with self._write_lock:
-            oldest = schema.oldest_time(self._conn)
-            rows, nbytes = self._rows, self._bytes
+            oldest = schema.oldest_time(self._conn, outside=self._undeleted)
+            # Delivered rows waiting for their delete are not backlog.
+            rows = self._rows - self._undeleted_rows
+            nbytes = self._bytes - self._undeleted_bytes
+            delivered = self._undeleted_rows
+        dropped = self._drops.counts()
         with self._lock:
-            dropped = dict(self._dropped)
             last_seq = self._committed_seq
         return BufferStats(
             rows=rows,
@@ -370,6 +317,7 @@ class ResultBuffer:
             dropped=dropped,
             recorded=self._recorded,
             last_seq=last_seq,
+            delivered=delivered,
         )
 
     def take_batch_json(self, limit: int, after: int = 0) -> JsonBatch | None:
@@ -382,23 +330,39 @@ class ResultBuffer:
         return JsonBatch(first, last, count, text) if count else None
 
     def mark_sent_range(self, first: int, last: int) -> bool:
-        """Delete every row with ``first <= seq <= last``: the broker acknowledged them.
+        """Delete every row with ``first <= seq <= last``: they were delivered.
 
-        False when the disk is too full to delete: the rows stay, to be sent again.
+        False when the disk is too full to delete. The rows are then remembered as
+        delivered: not backlog in ``stats``, not sent again while the agent runs, and
+        deleted with the next write that succeeds, or by ``retry_deletes`` (after a
+        restart they are sent again; consumers drop duplicates by seq).
         """
-
-        def delete() -> None:
-            self._keep_high_water()
-            rows, size = self._conn.execute(
-                "SELECT count(*), total(size) FROM results WHERE seq BETWEEN ? AND ?",
-                (first, last),
-            ).fetchone()
-            self._conn.execute("DELETE FROM results WHERE seq BETWEEN ? AND ?", (first, last))
-            self._rows -= int(rows)
-            self._bytes -= int(size)
-
         with self._write_lock:
-            return self._delete(delete)
+            if self._delete(lambda: self._delete_range(first, last)):
+                return True
+            self._undeleted.append((first, last))
+            self._undeleted_rows, self._undeleted_bytes = self._count_ranges(self._undeleted)
+            return False
+
+    def retry_deletes(self) -> None:
+        """Try the remembered deletes again (at most once a second); the forwarder calls it."""
+        now = time.monotonic()
+        if not self._undeleted or now - self._undeleted_tried < AGE_CHECK_INTERVAL_S:
+            return
+        self._undeleted_tried = now
+        with self._write_lock:
+            if self._undeleted:
+                self._delete(lambda: None)  # the transaction carries them
+
+    def _delete_range(self, first: int, last: int) -> None:
+        schema.keep_high_water(self._conn)
+        rows, size = schema.delete_range(self._conn, first, last)
+        self._rows -= rows
+        self._bytes -= size
+
+    def _count_ranges(self, ranges: list[tuple[int, int]]) -> tuple[int, int]:
+        counts = [schema.count_range(self._conn, first, last) for first, last in ranges]
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     # --- lifecycle -----------------------------------------------------------------
 

@@ -168,6 +168,7 @@ class Forwarder:
         linger = self._linger_until - time.monotonic()
         if linger > 0:
             return linger
+        self.buffer.retry_deletes()
         batch = self.buffer.take_batch_json(self.batch_size, after=self._after)
         if batch is None:
             return _IDLE_POLL_S

@@ -100,6 +100,7 @@ class BufferStats:
     dropped: dict[str, int] = field(default_factory=dict)
     recorded: int = 0
     last_seq: int = 0
+    delivered: int = 0  # delivered rows a full disk kept from being deleted (not backlog)
 
 
 class _HasStats(Protocol):

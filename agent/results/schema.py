@@ -142,8 +142,14 @@ def oldest_covering(conn: sqlite3.Connection, excess: int) -> int:
     return count
 
 
-def oldest_time(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute("SELECT time FROM results ORDER BY seq LIMIT 1").fetchone()
+def oldest_time(
+    conn: sqlite3.Connection, outside: list[tuple[int, int]] | None = None
+) -> float | None:
+    """Time of the oldest row, leaving out the seq ranges in ``outside``."""
+    where = " AND ".join("NOT (seq BETWEEN ? AND ?)" for _ in outside or [])
+    sql = f"SELECT time FROM results {'WHERE ' + where if where else ''} ORDER BY seq LIMIT 1"
+    params = [n for r in outside or [] for n in r]
+    row = conn.execute(sql, params).fetchone()
     return None if row is None else float(row[0])
 
 
@@ -154,3 +160,18 @@ def add_drops(conn: sqlite3.Connection, drops: dict[str, int]) -> None:
             " ON CONFLICT(reason) DO UPDATE SET count = count + excluded.count",
             (reason, n),
         )
+
+
+def count_range(conn: sqlite3.Connection, first: int, last: int) -> tuple[int, int]:
+    """Rows and bytes with ``first <= seq <= last``."""
+    rows, size = conn.execute(
+        "SELECT count(*), total(size) FROM results WHERE seq BETWEEN ? AND ?", (first, last)
+    ).fetchone()
+    return int(rows), int(size)
+
+
+def delete_range(conn: sqlite3.Connection, first: int, last: int) -> tuple[int, int]:
+    """Delete ``first <= seq <= last``; returns the rows and bytes deleted."""
+    counted = count_range(conn, first, last)
+    conn.execute("DELETE FROM results WHERE seq BETWEEN ? AND ?", (first, last))
+    return counted

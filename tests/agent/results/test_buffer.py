@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import BufferConfig
 from agent.results.buffer import BufferCollector, Result, ResultBuffer
+from tests.fixtures.disk import fill_disk
 from tests.fixtures.rows import all_rows
 
 
@@ -120,7 +121,7 @@ def test_max_age_expires_old_results(tmp_path: Path) -> None:
     old = time.time() - 3600
     for i in range(5):
         b.record(result(i, at=old))
-    b._last_age_check = 0  # the check runs at most once a second; make it due now
+    b._bounds._age_checked = 0  # the check runs at most once a second; make it due now
     b.record(result(99))
     stats = b.stats()
     assert stats.dropped["max_age"] == 5
@@ -198,31 +199,6 @@ def test_kill_9_loses_no_committed_result(tmp_path: Path) -> None:
     b.close()
 
 
-@pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill needs root")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Fill the file system until a write fails, as another program on the device would."""
-    f = path.open("wb", buffering=0)
-    try:
-        while True:
-            f.write(b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        f.close()
-
-
 def test_full_disk_drops_and_counts_never_raises_and_loses_nothing_stored(
     tiny_disk: Path,
 ) -> None:
@@ -230,7 +206,7 @@ def test_full_disk_drops_and_counts_never_raises_and_loses_nothing_stored(
     stored = [b.record(result(i, payload=1000)) for i in range(200)]
     assert None not in stored
     filler = tiny_disk / "someone-elses-log"
-    fill(filler)
+    fill_disk(filler)
 
     outcomes = [b.record(result(i, payload=1000)) for i in range(300)]  # never raises
     stats = b.stats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ from agent.paho_link import MqttClient
 from agent.results.buffer import Result, ResultBuffer
 from agent.results.forwarder import Forwarder
 from tests.fixtures.broker import ROOT, Broker, MessageLog
+from tests.fixtures.disk import fill_disk
 
 
 def make_config(broker: Broker, device: str, username: str | None = None) -> Config:
@@ -112,6 +114,10 @@ def test_results_made_while_the_broker_is_down_all_arrive(
     assert agent.mqtt.wait_connected(10)
     fill(agent.buffer, 300)
     consumer.wait_for(lambda m: len(seqs_of(consumer)) >= 300)
+    deadline = time.monotonic() + 10  # and acknowledged: the first 300 are deleted
+    while agent.buffer.stats().rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.buffer.stats().rows == 0
     broker.stop()
     deadline = time.monotonic() + 10
     while agent.mqtt.connected and time.monotonic() < deadline:
@@ -267,3 +273,30 @@ def test_running_agent_forwards_results_made_while_the_broker_was_down(
     consumer.wait_for(lambda m: len(set(seqs_of(consumer))) >= 50, timeout=30)
     assert sorted(set(seqs_of(consumer))) == list(range(1, 51))
     agent.wait_for(lambda s: s["buffer"]["rows"] == 0)
+
+
+def test_rows_delivered_on_a_full_disk_are_deleted_once_there_is_room(
+    broker: Broker, tiny_disk: Path, agents: list[Agent]
+) -> None:
+    cfg = make_config(broker, "dev-1")
+    consumer = broker.subscribe("edge/devices/dev-1/results", persistent=True)
+    agent = Agent(cfg, tiny_disk / "buffer.db")
+    fill(agent.buffer, 2000)
+    filler = tiny_disk / "someone-elses-log"
+    fill_disk(filler)
+    agents.append(agent.start())
+    consumer.wait_for(lambda m: len(set(seqs_of(consumer))) >= 2000, timeout=30)
+    # Delivered, but the deletes failed: no backlog reported, not sent again.
+    deadline = time.monotonic() + 15
+    while agent.buffer.stats().delivered < 2000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = agent.buffer.stats()
+    assert (stats.rows, stats.delivered) == (0, 2000)
+    filler.unlink()  # room again: the remembered deletes go through
+    deadline = time.monotonic() + 15
+    while agent.buffer.stats().delivered and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.buffer.stats().delivered == 0
+    with sqlite3.connect(tiny_disk / "buffer.db") as db:
+        assert db.execute("SELECT count(*) FROM results").fetchone() == (0,)
+    assert sorted(seqs_of(consumer)) == list(range(1, 2001))  # each sent once
