@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,7 +74,7 @@ def open_package(path: Path, scratch: Path) -> Path:
         raise ManifestInvalid(f"{path}: no such package (expected a folder or a .tar)")
     try:
         with tarfile.open(path) as tar:
-            tar.extractall(scratch, filter="data")
+            _unpack(tar, scratch, path)
     except (tarfile.TarError, OSError) as e:
         raise ManifestInvalid(f"{path}: not a package folder or readable .tar ({e})") from None
     if (scratch / MANIFEST_FILE).exists():
@@ -82,3 +83,31 @@ def open_package(path: Path, scratch: Path) -> Path:
     if len(subdirs) != 1:
         raise ManifestInvalid(f"{path}: the .tar holds no manifest.json")
     return subdirs[0]
+
+
+def _unpack(tar: tarfile.TarFile, scratch: Path, path: Path) -> None:
+    """Regular files and folders only, each inside ``scratch``.
+
+    Done by hand rather than with ``extractall(filter="data")``: Debian bookworm's
+    Python 3.11.2 (Raspberry Pi OS too) has no ``filter`` argument, and a package needs
+    no links, devices or modes of its own.
+    """
+    root = scratch.resolve()
+    for member in tar.getmembers():
+        parts = Path(member.name).parts
+        target = (scratch / member.name).resolve()
+        if Path(member.name).is_absolute() or ".." in parts or not target.is_relative_to(root):
+            raise ManifestInvalid(f"{path}: member {member.name!r} would land outside the package")
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        if not member.isfile():
+            raise ManifestInvalid(
+                f"{path}: member {member.name!r} is not a plain file (links and devices have no "
+                "place in a package)"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = tar.extractfile(member)
+        assert source is not None  # a regular file always has one
+        with source, target.open("wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)

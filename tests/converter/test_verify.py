@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -88,6 +89,29 @@ def test_verify_a_tar_package(
     code, out, err = run(capsys, "verify", tar_path, "--pub", keypair.pub)
     assert code == 0, err
     assert "ok: iris 1.0.0" in out
+
+
+@pytest.mark.parametrize("kind", ["symlink", "escape", "absolute"])
+def test_a_tar_with_links_or_escaping_names_is_refused(
+    capsys: pytest.CaptureFixture[str], package: Path, tmp_path: Path, kind: str
+) -> None:
+    """Unpacked by hand, without tarfile's filter= (absent from Debian's Python 3.11.2)."""
+    tar_path = tmp_path / "evil.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(package, arcname="iris")
+        member = tarfile.TarInfo({"symlink": "iris/link", "escape": "../outside",
+                                  "absolute": "/tmp/edge-absolute"}[kind])  # fmt: skip
+        if kind == "symlink":
+            member.type, member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(member)
+        else:
+            member.size = 1
+            tar.addfile(member, io.BytesIO(b"x"))
+    code, _, err = run(capsys, "verify", tar_path)
+    assert code == 1
+    what = "is not a plain file" if kind == "symlink" else "would land outside the package"
+    assert_one_line_error(err, what)
+    assert not (tmp_path / "outside").exists()
 
 
 def test_sign_an_unsigned_package_with_a_new_serial(
