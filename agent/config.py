@@ -48,7 +48,9 @@ class MqttConfig:
     cert: str = ""
     key: str = ""
     client_id: str = ""  # empty: the device id
-    keepalive: int = 60
+    # Short for a flaky link: a silent cut is noticed after about two keepalives (paho
+    # pings after one, gives up after another), the broker's will after 1.5.
+    keepalive: int = 15
     topic_prefix: str = "edge"
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0

@@ -127,6 +127,18 @@ class MqttClient:
                 keyfile=_file(cfg.mqtt.key),
             )
         self._client.on_pre_connect = self._on_pre_connect
+        # When the broker last sent anything (a PINGRESP included): on a silent network
+        # cut the socket stays open and "connected" holds until the keepalive runs out,
+        # so /status shows this too. paho has no hook for it: every incoming packet goes
+        # through Client._packet_handle, which this wraps (a test keeps us honest).
+        self._last_in: float | None = None
+        handle_packet = self._client._packet_handle
+
+        def counted_packet() -> Any:
+            self._last_in = time.monotonic()
+            return handle_packet()
+
+        self._client._packet_handle = counted_packet  # type: ignore[method-assign]
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_log = self._on_log
@@ -184,6 +196,11 @@ class MqttClient:
         """paho's network thread is running (it reconnects by itself while it runs)."""
         thread = getattr(self._client, "_thread", None)
         return self._started and thread is not None and thread.is_alive()
+
+    def silent_s(self) -> float | None:
+        """Seconds since the last packet from the broker; None before the first."""
+        last = self._last_in
+        return None if last is None else round(time.monotonic() - last, 1)
 
     @property
     def connected(self) -> bool:

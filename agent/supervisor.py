@@ -267,4 +267,8 @@ class Supervisor:
             "state": "connected" if connected else "disconnected",
             # Why not, in words that name the key to fix (a wrong CA, a refused password).
             "last_error": None if connected else error,
+            # Seconds since the broker last sent anything (PINGRESPs included): a
+            # "connected" link that has gone quiet shows here before the keepalive ends it.
+            "last_packet_s": self.mqtt.silent_s() if hasattr(self.mqtt, "silent_s") else None,
+            "keepalive_s": self.cfg.mqtt.keepalive,
         }

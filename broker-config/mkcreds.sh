@@ -5,8 +5,9 @@
 #   mkcreds.sh [--conf-dir DIR] [--out DIR] operator NAME
 #   mkcreds.sh [--conf-dir DIR] remove NAME
 #
-# Adds the account with a fresh random password to DIR/passwd (mosquitto_passwd) and
-# its ACL block to DIR/acl, and writes the password to OUT/NAME.password (mode 0600)
+# Adds the account with a fresh random password to DIR/passwd (devices; they log in on
+# the device listeners) or DIR/passwd-operators (operators; the operator listeners),
+# with mosquitto_passwd, and its ACL block to DIR/acl, and writes the password to OUT/NAME.password (mode 0600)
 # for the device's mqtt.password_file or edge-fleet --password-file. Running it again
 # for the same name renews the password and replaces the block (e.g. a new fleet).
 # Afterwards reload the broker: systemctl reload mosquitto (or kill -HUP its pid).
@@ -36,11 +37,17 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-# Names become topic segments and ACL lines: no wildcards, slashes or spaces.
-valid='^[A-Za-z0-9_.-]+$'
-[[ "$name" =~ $valid ]] || { echo "mkcreds.sh: name: '$name' must match [A-Za-z0-9_.-]+" >&2; exit 2; }
+# Names become topic segments, folder names and ACL lines: no wildcards, slashes or
+# spaces, and no leading dot (the rule of agent/wire/names.py).
+valid='^[A-Za-z0-9_-][A-Za-z0-9_.-]*$'
+[[ "$name" =~ $valid ]] || { echo "mkcreds.sh: name: '$name' is not a plain name (letters, digits, _ - and ., not starting with a dot)" >&2; exit 2; }
 acl="$conf_dir/acl"
-passwd="$conf_dir/passwd"
+devices="$conf_dir/passwd"
+operators="$conf_dir/passwd-operators"
+[ -f "$operators" ] || : > "$operators"
+# An account lives in one password file; its ACL block is found by name, so a device
+# and an operator may not share one.
+has() { grep -q "^$2:" "$1" 2>/dev/null; }
 [ -f "$acl" ] || { echo "mkcreds.sh: $acl: no ACL file (run mkconf.sh first)" >&2; exit 1; }
 if [ -z "$prefix" ]; then
     # The prefix the ACL was rendered with: taken from its first pattern line.
@@ -64,16 +71,22 @@ remove_block() {
 
 case "$kind" in
     device)
-        [[ "$fleet" =~ $valid ]] || { echo "mkcreds.sh: --fleet: '$fleet' must match [A-Za-z0-9_.-]+" >&2; exit 2; }
+        [[ "$fleet" =~ $valid ]] || { echo "mkcreds.sh: --fleet: '$fleet' is not a plain name" >&2; exit 2; }
+        has "$operators" "$name" && { echo "mkcreds.sh: '$name' is an operator account already" >&2; exit 1; }
+        passwd="$devices"
         block="user $name
 topic read $prefix/fleets/$fleet/models/+/desired
 topic read $prefix/artifacts/#" ;;
     operator)
+        has "$devices" "$name" && { echo "mkcreds.sh: '$name' is a device account already" >&2; exit 1; }
+        passwd="$operators"
         block="user $name
 topic readwrite #" ;;
     remove)
         remove_block "$name"
-        mosquitto_passwd -D "$passwd" "$name" >/dev/null 2>&1 || true
+        for file in "$devices" "$operators"; do
+            if has "$file" "$name"; then mosquitto_passwd -D "$file" "$name" >/dev/null; fi
+        done
         echo "removed $name"
         exit 0 ;;
     *) echo "mkcreds.sh: '$kind': expected device, operator or remove" >&2; usage ;;

@@ -28,7 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BROKER = "mqtt://localhost:1883"
+# The operator listener of broker-config/ (devices have 1883/8883 to themselves).
+DEFAULT_BROKER = "mqtt://localhost:1884"
 _PORTS = {"mqtt": 1883, "mqtts": 8883}
 # option dest -> (flag, environment variable)
 _ENV = {

@@ -14,7 +14,7 @@ from tests.fixtures.models import Keypair
 
 def operator(broker: Broker) -> BrokerOptions:
     ns = argparse.Namespace(
-        broker=broker.url,
+        broker=broker.operator_url,
         username=broker.operator.username,
         password_file=str(broker.operator.password_file),
         ca=None,

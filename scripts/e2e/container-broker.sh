@@ -5,7 +5,8 @@
 # interfaces of this host for the few seconds of the check.
 #
 #   . scripts/e2e/container-broker.sh
-#   cbroker_start DIR DEVICE FLEET   # sets CBROKER_PORT, CBROKER_PID, CBROKER_DEVICE_PW_FILE
+#   cbroker_start DIR DEVICE FLEET   # sets CBROKER_PORT (devices), CBROKER_OPERATOR_PORT,
+#                                    # CBROKER_PID, CBROKER_DEVICE_PW_FILE
 #   cbroker_retained TOPIC           # the retained payload, read as the operator
 #   cbroker_subscribe TOPIC FILE     # every payload on TOPIC into FILE, one a line
 #   cbroker_stop
@@ -29,8 +30,12 @@ cbroker_start() {
     chmod 0755 "$dir"
     CBROKER_DIR=$dir
     CBROKER_PORT=$(python3 -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
+    CBROKER_OPERATOR_PORT=$(python3 -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
+    # Devices on all interfaces (the container), the operator listener on loopback.
     broker-config/mkconf.sh --conf-dir "$dir/conf" --data-dir "$dir/data" \
-        --port "$CBROKER_PORT" --bind 0.0.0.0 --log-dest stderr >/dev/null
+        --port "$CBROKER_PORT" --bind 0.0.0.0 \
+        --operator-port "$CBROKER_OPERATOR_PORT" --operator-bind 127.0.0.1 \
+        --log-dest stderr >/dev/null
     out=$(broker-config/mkcreds.sh --conf-dir "$dir/conf" --out "$dir/creds" operator e2e-operator)
     CBROKER_OPERATOR_PW=$(cat "$(tail -n1 <<<"$out")")
     out=$(broker-config/mkcreds.sh --conf-dir "$dir/conf" --out "$dir/creds" device "$device" --fleet "$fleet")
@@ -40,7 +45,8 @@ cbroker_start() {
     CBROKER_PID=$!
     local i
     for i in $(seq 50); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$CBROKER_PORT") 2>/dev/null && return 0
+        (exec 3<>"/dev/tcp/127.0.0.1/$CBROKER_PORT") 2>/dev/null &&
+            (exec 3<>"/dev/tcp/127.0.0.1/$CBROKER_OPERATOR_PORT") 2>/dev/null && return 0
         kill -0 "$CBROKER_PID" 2>/dev/null || break
         sleep 0.2
     done
@@ -54,7 +60,7 @@ cbroker_start() {
 # authorised) fails with mosquitto_sub's own message.
 cbroker_retained() {
     local out rc=0
-    out=$(mosquitto_sub -h 127.0.0.1 -p "$CBROKER_PORT" -u e2e-operator -P "$CBROKER_OPERATOR_PW" \
+    out=$(mosquitto_sub -h 127.0.0.1 -p "$CBROKER_OPERATOR_PORT" -u e2e-operator -P "$CBROKER_OPERATOR_PW" \
         -t "$1" -C 1 -W 5 --retained-only 2>"$CBROKER_DIR/retained.err") || rc=$?
     case $rc in
         0) printf '%s\n' "$out" ;;
@@ -69,7 +75,7 @@ cbroker_retained() {
 # Payloads only in FILE; mosquitto_sub's errors go to its own log, so a failure shows
 # as itself and not as a line of bad JSON. cbroker_subscribed checks it is still there.
 cbroker_subscribe() {
-    mosquitto_sub -h 127.0.0.1 -p "$CBROKER_PORT" -u e2e-operator -P "$CBROKER_OPERATOR_PW" \
+    mosquitto_sub -h 127.0.0.1 -p "$CBROKER_OPERATOR_PORT" -u e2e-operator -P "$CBROKER_OPERATOR_PW" \
         -i e2e-results -q 1 -t "$1" >"$2" 2>"$CBROKER_DIR/subscribe.log" &
     CBROKER_SUB_PID=$!
     sleep 1

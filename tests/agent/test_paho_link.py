@@ -384,3 +384,29 @@ def test_tls_ca_from_the_credentials_directory(
     monkeypatch.chdir(tmp_path)
     c = start(clients, make_config(tls_broker, creds, tls=True, ca="ca.crt"))
     assert c.wait_connected(10), c.last_error
+
+
+@pytest.mark.slow
+def test_a_silent_broker_shows_in_status_and_is_left_within_two_keepalives(
+    broker: Broker, start_agent: Callable[..., Any], iris_package: Path
+) -> None:
+    """The broker's host stops answering (SIGSTOP: its sockets stay open, nothing moves)."""
+    creds = broker.add_device("pi-s", fleet="f1")
+    agent = start_agent(
+        {"device": {"id": "pi-s", "fleet": "f1"},
+         "mqtt": {**broker.mqtt_settings(creds), "keepalive": 5}},
+        packages=[iris_package],
+    )  # fmt: skip
+    up = agent.wait_for(lambda s: s["broker"]["connected"], timeout=15)["broker"]
+    assert up["keepalive_s"] == 5 and up["last_packet_s"] is not None
+    assert up["last_packet_s"] < 10  # PINGRESPs count: a quiet but live link stays fresh
+    assert broker.proc is not None
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        quiet = agent.wait_for(lambda s: (s["broker"]["last_packet_s"] or 0) > 5, timeout=15)
+        assert quiet["broker"]["connected"] is True  # not yet noticed: this is why it shows
+        gone = agent.wait_for(lambda s: not s["broker"]["connected"], timeout=20)["broker"]
+        assert gone["last_packet_s"] >= 5
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    agent.wait_for(lambda s: s["broker"]["connected"], timeout=30)

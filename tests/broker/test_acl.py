@@ -7,7 +7,7 @@ import threading
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.fixtures.broker import Broker
+from tests.fixtures.broker import Broker, Creds
 
 
 def publish_reason(client: mqtt.Client, topic: str, payload: bytes = b"x") -> int:
@@ -111,3 +111,35 @@ def test_anonymous_and_wrong_password_are_refused(broker: Broker) -> None:
     assert not broker.can_login(wrong)
     assert not broker.can_login(Creds("", "", creds.password_file))
     assert broker.can_login(creds)
+
+
+def test_a_device_cannot_take_another_devices_client_id(broker: Broker) -> None:
+    """Device A connecting with B's client id gets its own id; B stays connected."""
+    a = broker.add_device("pi-a", fleet="f1")
+    b = broker.add_device("pi-b", fleet="f1")
+    lost: list[object] = []
+    real_b = broker.client(b, client_id="pi-b")
+    real_b.on_disconnect = lambda *args: lost.append(args)
+    status = broker.subscribe("edge/devices/+/status")
+    impostor = broker.client(a, client_id="pi-b")  # CONNACK received: it is in
+    # Before the fix the broker dropped the real pi-b right here, ahead of that CONNACK.
+    assert publish_reason(real_b, "edge/devices/pi-b/status", b"still here") == 0
+    assert not lost and real_b.is_connected()
+    # The impostor speaks as pi-a (its own topics), not as pi-b.
+    assert publish_reason(impostor, "edge/devices/pi-b/status", b"fake") == 135
+    status.wait_for(lambda ms: any(m.payload == b"still here" for m in ms))
+    assert not [m for m in status.messages if m.payload == b"fake"]
+    assert "as pi-a" in broker.log()  # mosquitto logs the client id it gave
+    for c in (impostor, real_b):
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_devices_cannot_log_in_on_the_operator_listener(broker: Broker) -> None:
+    device = broker.add_device("pi-c", fleet="f1")
+    as_operator = Creds(device.username, device.password, device.password_file, role="operator")
+    assert not broker.can_login(as_operator)
+    operator = Creds(broker.operator.username, broker.operator.password,
+                     broker.operator.password_file, role="device")  # fmt: skip
+    assert not broker.can_login(operator)  # and operators stay off the device listener
+    assert broker.can_login(device) and broker.can_login(broker.operator)

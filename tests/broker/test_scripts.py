@@ -23,11 +23,11 @@ def test_removed_device_can_no_longer_log_in(broker: Broker) -> None:
 
 
 def test_names_that_would_escape_the_acl_are_refused(broker: Broker) -> None:
-    for name in ["dev/1", "dev+", "#", "a b"]:
+    for name in ["dev/1", "dev+", "#", "a b", "..", "."]:
         done = run(str(CONFIG / "mkcreds.sh"), "--conf-dir", str(broker.conf_dir),
                    "device", name, "--fleet", "f1")  # fmt: skip
         assert done.returncode == 2
-        assert f"name: '{name}' must match [A-Za-z0-9_.-]+" in done.stderr
+        assert f"name: '{name}' is not a plain name" in done.stderr
     done = run(str(CONFIG / "mkcreds.sh"), "--conf-dir", str(broker.conf_dir),
                "device", "dev-1", "--fleet", "f/1")  # fmt: skip
     assert done.returncode == 2 and "--fleet: 'f/1'" in done.stderr

@@ -107,7 +107,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_defaults_without_flags_or_environment() -> None:
     o = broker_options(parse(), environ={})
     assert (o.url, o.host, o.port, o.tls, o.username, o.password) == (
-        "mqtt://localhost:1883", "localhost", 1883, False, None, None,
+        "mqtt://localhost:1884", "localhost", 1884, False, None, None,
     )  # fmt: skip
     assert o.topics.status("pi-1") == "edge/devices/pi-1/status"
 

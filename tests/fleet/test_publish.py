@@ -24,7 +24,8 @@ from tests.fixtures.models import Keypair
 
 def cli(broker: Broker, keypair: Keypair, *args: str, creds: Any = None) -> list[str]:
     creds = creds or broker.operator
-    return [*args, "--broker", broker.url, "--username", creds.username,
+    url = broker.operator_url if creds.role == "operator" else broker.url
+    return [*args, "--broker", url, "--username", creds.username,
             "--password-file", str(creds.password_file),
             *(["--signing-key", str(keypair.key)] if args[0] != "gc" else [])]  # fmt: skip
 

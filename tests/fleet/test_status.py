@@ -94,7 +94,7 @@ def publish(client: mqtt.Client, topic: str, payload: Any, *, retain: bool = Fal
 def broker_args(broker: Broker) -> list[str]:
     return [
         "--broker",
-        broker.url,
+        broker.operator_url,
         "--username",
         broker.operator.username,
         "--password-file",
@@ -168,7 +168,7 @@ def test_json_lists_every_device_with_status_and_latest_health(
     assert code == 0, err
     doc = json.loads(out)
     assert doc["schema"] == 1
-    assert doc["broker"] == broker.url
+    assert doc["broker"] == broker.operator_url
     devices = {d["device"]: d for d in doc["devices"]}
     assert [d["device"] for d in doc["devices"]] == ["pi-1", "pi-2", "pi-3"]  # fleet, then id
     pi1, pi2, pi3 = devices["pi-1"], devices["pi-2"], devices["pi-3"]
@@ -286,7 +286,7 @@ def test_broker_options_come_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     broker, _ = fleet_on_broker
-    monkeypatch.setenv("EDGE_BROKER", broker.url)
+    monkeypatch.setenv("EDGE_BROKER", broker.operator_url)
     monkeypatch.setenv("EDGE_USERNAME", broker.operator.username)
     monkeypatch.setenv("EDGE_PASSWORD_FILE", str(broker.operator.password_file))
     code, out, err = run_status(capsys, "--json", "--wait", "0.1")
@@ -312,12 +312,18 @@ def test_wrong_password_is_one_line_and_exit_1(
     wrong = tmp_path / "pw"
     wrong.write_text("not-the-password\n")
     code, out, err = run_status(
-        capsys, "--broker", broker.url, "--username", "operator", "--password-file", str(wrong)
+        capsys,
+        "--broker",
+        broker.operator_url,
+        "--username",
+        "operator",
+        "--password-file",
+        str(wrong),
     )
     assert code == 1 and out == ""
     assert err.strip().count("\n") == 0
     assert err.startswith(
-        f"edge-fleet: error: broker {broker.url}: connection refused (user 'operator')"
+        f"edge-fleet: error: broker {broker.operator_url}: connection refused (user 'operator')"
     )
 
 
@@ -328,12 +334,15 @@ def test_unreachable_broker_is_one_line_and_exit_1(
     broker.stop()
     code, _, err = run_status(capsys, *args)
     assert code == 1
-    assert err == f"edge-fleet: error: broker {broker.url}: cannot connect: Connection refused\n"
+    assert (
+        err
+        == f"edge-fleet: error: broker {broker.operator_url}: cannot connect: Connection refused\n"
+    )
 
 
 def test_tls_with_the_scripts_ca(tls_broker: Broker, capsys: pytest.CaptureFixture[str]) -> None:
     creds = tls_broker.operator
-    common = ["--broker", tls_broker.tls_url, "--username", creds.username,
+    common = ["--broker", tls_broker.operator_tls_url, "--username", creds.username,
               "--password-file", str(creds.password_file)]  # fmt: skip
     code, out, err = run_status(
         capsys, "--json", "--wait", "0.1", "--ca", str(tls_broker.ca), *common
