@@ -20,7 +20,7 @@ EXPIRE_BATCH = 10_000  # rows expired per transaction at most
 class Bounds:
     def __init__(self, cfg: BufferConfig) -> None:
         self.cfg = cfg
-        self._age_checked = 0.0
+        self.next_age_check = 0.0  # time.time() from which age_due() is true
 
     def enforce(
         self, conn: sqlite3.Connection, rows: int, nbytes: int
@@ -38,12 +38,12 @@ class Bounds:
         return out
 
     def age_due(self) -> bool:
-        return time.time() - self._age_checked >= AGE_CHECK_INTERVAL_S
+        return time.time() >= self.next_age_check
 
     def expired_waiting(self, conn: sqlite3.Connection) -> bool:
         """Whether the oldest row is past max_age (marks the age as checked)."""
         now = time.time()
-        self._age_checked = now
+        self.next_age_check = now + AGE_CHECK_INTERVAL_S
         oldest = schema.oldest_time(conn)
         return oldest is not None and oldest < now - self.cfg.max_age
 

@@ -217,7 +217,8 @@ class ResultBuffer:
             for first, last in settled:
                 self._delete_range(first, last)
             work()
-            self._drops.save(c)
+            if self._drops.unsaved:
+                self._drops.save(c)
             c.execute("COMMIT")
         except BaseException:
             # SQLite rolls back by itself on some errors (SQLITE_FULL among them).
@@ -249,6 +250,13 @@ class ResultBuffer:
 
     def _enforce_bounds(self) -> None:
         """Drop the oldest rows past the bounds (inside a transaction)."""
+        cfg = self.cfg
+        if (
+            self._rows <= cfg.max_rows
+            and self._bytes <= cfg.max_bytes
+            and time.time() < self._bounds.next_age_check
+        ):
+            return  # every commit comes here: the usual case costs no call
         for reason, deleted in self._bounds.enforce(self._conn, self._rows, self._bytes):
             self._account_drop(deleted, reason)
 

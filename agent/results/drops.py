@@ -25,7 +25,7 @@ class Drops:
         self._counts: dict[str, int] = dict(
             conn.execute("SELECT reason, count FROM drops").fetchall()
         )
-        self._unsaved: dict[str, int] = {}
+        self.unsaved: dict[str, int] = {}
         self._logged_at = -LOG_INTERVAL_S
         self._log_pending = 0
 
@@ -34,7 +34,7 @@ class Drops:
             return
         with self._lock:
             self._counts[reason] = self._counts.get(reason, 0) + count
-            self._unsaved[reason] = self._unsaved.get(reason, 0) + count
+            self.unsaved[reason] = self.unsaved.get(reason, 0) + count
 
     def not_recorded(self, reason: str, count: int, error: Exception) -> None:
         """Rows that never made it into the file (a full disk, an I/O error)."""
@@ -50,7 +50,7 @@ class Drops:
     def save(self, conn: sqlite3.Connection) -> None:
         """Write the unsaved counts inside the caller's transaction."""
         with self._lock:
-            unsaved, self._unsaved = self._unsaved, {}
+            unsaved, self.unsaved = self.unsaved, {}
         schema.add_drops(conn, unsaved)
 
     def counts(self) -> dict[str, int]:

@@ -54,7 +54,8 @@ class Connections:
             BODY: cfg.body_timeout_s,
         }
         self._lock = threading.Lock()
-        self._phase: dict[socket.socket, tuple[str, float]] = {}
+        # The handler writes (phase, since) here itself, once per phase: a hot path.
+        self.phases: dict[socket.socket, tuple[str, float]] = {}
         self.active = 0  # admitted, counted before their thread starts
         self._reserve: int | None = os.open(os.devnull, os.O_RDONLY)
         self.loop = Loop("http-reaper", self._reap, stall_s=60.0, first_wait_s=REAP_INTERVAL_S)
@@ -114,21 +115,18 @@ class Connections:
 
     # --- phases ----------------------------------------------------------------------
 
-    def enter(self, conn: socket.socket, phase: str) -> None:
-        self._phase[conn] = (phase, time.monotonic())
-
     def leave(self, conn: socket.socket) -> None:
-        self._phase.pop(conn, None)
+        self.phases.pop(conn, None)
 
     def sockets(self) -> list[socket.socket]:
-        return list(self._phase)
+        return list(self.phases)
 
     def _reap(self) -> float:
         now = time.monotonic()
-        for conn, (phase, since) in list(self._phase.items()):
+        for conn, (phase, since) in list(self.phases.items()):
             limit = self.deadlines.get(phase)
             if limit is not None and now - since > limit:
-                self._phase.pop(conn, None)
+                self.phases.pop(conn, None)
                 self.metrics.connections_closed.labels(phase).inc()
                 log.debug("http: closing a connection %s for %.1f s", phase, now - since)
                 with contextlib.suppress(OSError):

@@ -27,7 +27,9 @@ T = TypeVar("T")
 Tensors = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
+# Plain slotted classes, not frozen dataclasses: built twice per request, and a frozen
+# dataclass's __init__ costs a setattr call per field.
+@dataclass(slots=True)
 class Call:
     """A decoded request: the input tensors, the outputs wanted (None: all), and the
     inputs as the result buffer records them (the caller's own JSON where there is one)."""
@@ -37,7 +39,7 @@ class Call:
     recorded: Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Answer(Generic[T]):
     """What a codec makes of the outputs: its reply, and the outputs as recorded."""
 
@@ -73,10 +75,14 @@ class InferenceCore:
     def infer(
         self,
         model: LoadedModel,
-        decode: Callable[[LoadedModel], Call],
+        decode: Callable[[LoadedModel, Any], Call],
         encode: Callable[[LoadedModel, Tensors], Answer[T]],
+        request: Any = None,
     ) -> T:
-        """Decode, run and encode one request on ``model``, timed and recorded.
+        """Decode ``request``, run and encode it on ``model``, timed and recorded.
+
+        ``decode(model, request)`` takes the request as an argument rather than in a
+        closure: this runs on every request, and a closure per request costs.
 
         A refused input and a model failure both count as failed inferences; only an
         answered one is buffered.
@@ -84,7 +90,7 @@ class InferenceCore:
         m = model.manifest
         start = time.perf_counter()
         try:
-            call = decode(model)
+            call = decode(model, request)
             outputs = model.run(call.inputs, call.outputs)
             answer = encode(model, outputs)
         except Exception:

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from agent.serving.server import _Server
 
 log = logging.getLogger(__name__)
+_monotonic = time.monotonic
+_BUSY = (BUSY, 0.0)  # no deadline while the agent works on an answer
 
 # Liveness and readiness stay open without the token: probes (systemd, Docker
 # HEALTHCHECK, a load balancer) have no secret, and an empty 200/503 reveals nothing.
@@ -76,18 +78,32 @@ class Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def handle_one_request(self) -> None:
-        """Wait for a request (idle deadline), then read it (header deadline)."""
-        conns = self.server.conns
-        conns.enter(self.connection, IDLE)
+        """Wait for a request (idle deadline), read it (header deadline), answer it.
+
+        The standard library's loop body, with the phases the reaper watches written
+        inline (this runs once per request) and every method going to ``_handle``.
+        """
+        phases, conn = self.server.conns.phases, self.connection
+        phases[conn] = (IDLE, _monotonic())
         try:
             if not self.rfile.peek(1):  # type: ignore[attr-defined]
                 self.close_connection = True  # the client closed, or the reaper did
                 return
-        except OSError:
+            phases[conn] = (HEAD, _monotonic())
+            self.raw_requestline = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(self.raw_requestline) > MAX_HEADER_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414, "request line too long")
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            phases[conn] = _BUSY
+            self._handle()
+        except OSError:  # a timeout, a reset, or the reaper's shutdown
             self.close_connection = True
-            return
-        conns.enter(self.connection, HEAD)
-        super().handle_one_request()
 
     def finish(self) -> None:
         self.server.conns.leave(self.connection)
@@ -103,12 +119,6 @@ class Handler(BaseHTTPRequestHandler):
             self._write(error_reply(error.status, error.message))
             return False
         return super().handle_expect_100()
-
-    def __getattr__(self, name: str) -> Any:
-        # Every method reaches the service, so an unknown one is a 405, never a 501.
-        if name.startswith("do_"):
-            return self._handle
-        raise AttributeError(name)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         # Formatting an access line costs more than some inferences: only when asked.
@@ -208,10 +218,6 @@ class Handler(BaseHTTPRequestHandler):
                 reply.headers["Vary"] = "Accept-Encoding"
         self._write(reply)
 
-    # The usual methods found without __getattr__ (which handle_one_request would call
-    # twice, through hasattr and getattr, on every request).
-    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
-
     def _linger(self) -> None:
         """Read and discard what the client still sends of a refused body, then close.
 
@@ -260,12 +266,18 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _body(self) -> bytes:
-        conns = self.server.conns
-        conns.enter(self.connection, BODY)
+        headers = self.headers
+        if (
+            _header(headers, "content-length") is None
+            and _header(headers, "transfer-encoding") is None
+        ):
+            return self._read_body()  # no body to wait for (a GET): no deadline to set
+        phases, conn = self.server.conns.phases, self.connection
+        phases[conn] = (BODY, _monotonic())
         try:
             return self._read_body()
         finally:
-            conns.enter(self.connection, BUSY)
+            phases[conn] = _BUSY
 
     def _read_body(self) -> bytes:
         limit = self.server.max_body

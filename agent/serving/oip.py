@@ -186,7 +186,7 @@ class OpenInference:
         tail = memoryview(body)[header_length or len(body) :]
         wanted: list[tuple[str, bool]] = []
 
-        def decode(m: LoadedModel) -> Call:
+        def decode(m: LoadedModel, _: Any) -> Call:
             if "id" in request and type(request["id"]) is not str:
                 raise BadRequest(
                     f"id: expected a string, got {json.dumps(request['id'], default=repr):.60}"

@@ -40,6 +40,7 @@ class Schema:
     columns: list[str]  # names a dict row uses: feature names, or the input names
     datatypes: list[str]  # per column
     specs: list[TensorSpec]  # column models: one input per column
+    dtype: Any = None  # the matrix input's numpy type
 
     @property
     def expected_columns(self) -> str:
@@ -53,7 +54,9 @@ def _schema_of(manifest: Manifest) -> Schema:
         width = spec.shape[1] if spec.shape[1] > 0 else None
         names = manifest.feature_names or []
         columns = [str(n) for n in names] if width is not None and len(names) == width else []
-        return Schema(spec, width, columns, [spec.datatype] * len(columns), [])
+        return Schema(
+            spec, width, columns, [spec.datatype] * len(columns), [], numpy_dtype(spec.datatype)
+        )
     return Schema(None, len(inputs), [i.name for i in inputs], [i.datatype for i in inputs], inputs)
 
 
@@ -172,7 +175,7 @@ def decode_features(manifest: Manifest, features: Any) -> dict[str, np.ndarray]:
         if datatype in _SMALL_FLOATS and _plain_small_floats(rows):
             # Every value a finite number well inside FP32's range: the cast cannot
             # overflow and the result is finite, so neither check has anything to find.
-            return {schema.matrix.name: np.array(rows, dtype=numpy_dtype(datatype))}
+            return {schema.matrix.name: np.array(rows, dtype=schema.dtype)}
         arr = _to_array(rows, datatype, "features")
         if not allows_nan(manifest):
             _check_finite(arr, rows, schema, manifest.name)
@@ -266,11 +269,12 @@ class Predictor:
             raise BadRequest(
                 f"body: expected a JSON object with 'features', got {_type_name(body)}"
             )
-        loaded = self.core.model(model)
-        return self.core.infer(loaded, lambda m: _decode(m.manifest, body), _encode)
+        loaded = self.core.registry.get(model)
+        return self.core.infer(loaded, _decode, _encode, body)
 
 
-def _decode(manifest: Manifest, body: dict[str, Any]) -> Call:
+def _decode(model: LoadedModel, body: dict[str, Any]) -> Call:
+    manifest = model.manifest
     if not _BODY_KEYS.issuperset(body):
         unknown = [k for k in body if k not in _BODY_KEYS]
         raise BadRequest(f"{unknown[0]}: unknown field (expected 'features', 'probabilities')")
@@ -301,12 +305,9 @@ def _encode(model: LoadedModel, outputs: Tensors) -> Answer[dict[str, Any]]:
         "version": manifest.version,
     }
     recorded: dict[str, Any] = {"prediction": prediction}
-    proba_name = probabilities_output(manifest)
-    if (
-        proba_name is not None
-        and proba_name != manifest.prediction_output
-        and proba_name in outputs
-    ):
+    # Only asked-for outputs come back: more than one means probabilities were asked.
+    proba_name = probabilities_output(manifest) if len(outputs) > 1 else None
+    if proba_name is not None and proba_name in outputs:
         answer["probabilities"] = recorded["probabilities"] = outputs[proba_name].tolist()
         if manifest.classes is not None:
             answer["classes"] = manifest.classes

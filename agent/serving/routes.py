@@ -134,8 +134,10 @@ class Service:
         return reply
 
     def _dispatch(self, method: str, raw: str, query: str, headers: Headers, body: bytes) -> Reply:
-        path = _canonical(raw)
-        methods = _STATIC.get(path)
+        methods = _STATIC.get(raw)  # the common case first: no canonical form to make
+        path = raw if methods is not None else _canonical(raw)
+        if methods is None:
+            methods = _STATIC.get(path)
         if methods is not None:
             if method not in methods:
                 return _not_allowed(method, path, methods)

@@ -51,14 +51,19 @@ FLOATS = frozenset(d.name for d in _ROWS if d.kind == "float")
 INTS = frozenset(d.name for d in _ROWS if d.kind == "int")
 
 
+# Looked up on every request: computed once.
+_NUMPY: dict[str, Any] = {d.name: d.numpy for d in _ROWS}
+_WIRE: dict[str, np.dtype[Any]] = {d.name: np.dtype(d.wire) for d in _ROWS}
+
+
 def numpy_dtype(datatype: str) -> Any:
     """The numpy type a tensor of ``datatype`` is held in (``object`` for BYTES)."""
-    return TABLE[datatype].numpy
+    return _NUMPY[datatype]
 
 
 def wire_dtype(datatype: str) -> np.dtype[Any]:
     """The little-endian numpy dtype of ``datatype`` in binary tensor data (not BYTES)."""
-    return np.dtype(TABLE[datatype].wire)
+    return _WIRE[datatype]
 
 
 def expected_value(datatype: str) -> str:

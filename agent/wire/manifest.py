@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from agent.wire.datatypes import DATATYPES
@@ -100,13 +101,15 @@ class Manifest:
         f = self.raw.get("feature_names")
         return f if isinstance(f, list) else None
 
-    @property
+    # Read on every request: computed once per manifest (cached_property writes the
+    # instance dict directly, which a frozen dataclass allows).
+    @cached_property
     def prediction_output(self) -> str:
         """Which output ``/predict`` answers with (``label`` for classifiers)."""
         value = self.raw.get("prediction_output")
         return value if isinstance(value, str) else self.outputs[0].name
 
-    @property
+    @cached_property
     def probabilities_output(self) -> str | None:
         value = self.raw.get("probabilities_output")
         return value if isinstance(value, str) else None

@@ -121,7 +121,7 @@ def test_max_age_expires_old_results(tmp_path: Path) -> None:
     old = time.time() - 3600
     for i in range(5):
         b.record(result(i, at=old))
-    b._bounds._age_checked = 0  # the check runs at most once a second; make it due now
+    b._bounds.next_age_check = 0  # the check runs at most once a second; make it due now
     b.record(result(99))
     stats = b.stats()
     assert stats.dropped["max_age"] == 5
