@@ -94,6 +94,7 @@ class MqttClient:
         self._started = False
         self._stopping = False
         self.reconnects = 0
+        self.subscriptions_granted = 0  # SUBACKs that granted a filter, over all connects
         self.failures: dict[str, int] = {}
         # Why the last connection attempt failed (or the connection was lost), with the
         # config key to fix; None once connected. Set on paho's thread, read by /status.
@@ -371,6 +372,8 @@ class MqttClient:
             for rc in rcs:
                 if rc.is_failure:
                     log.error("mqtt: subscription refused by the broker: %s", rc.getName())
+                else:
+                    self.subscriptions_granted += 1
         except Exception:
             log.exception("mqtt: on_subscribe failed")
 

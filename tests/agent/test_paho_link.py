@@ -178,7 +178,10 @@ def test_handlers_survive_exceptions_and_reconnects(
     c.subscribe("edge/devices/dev-1/commands/+", 1, handler)
     c.subscribe("edge/fleets/f1/models/+/desired", 1, handler)
     assert c.wait_connected(10)
-    time.sleep(0.3)  # the SUBSCRIBE goes out right after CONNACK
+    deadline = time.monotonic() + 10  # the SUBSCRIBEs go out right after CONNACK
+    while c.subscriptions_granted < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert c.subscriptions_granted == 2
     op = broker.client()
     op.publish("edge/devices/dev-1/commands/x", b"boom", qos=1).wait_for_publish(5)
     op.publish("edge/devices/dev-1/commands/x", b"after", qos=1).wait_for_publish(5)
