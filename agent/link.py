@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -111,3 +112,50 @@ class Link(Protocol):
     def unsubscribe(self, topic: str) -> None: ...
 
     def add_connection_listener(self, fn: Callable[[bool], None]) -> None: ...
+
+
+def dispatcher(topic: str, handler: Handler) -> Callable[..., None]:
+    """A paho message callback for ``topic`` that hands ``handler`` a ``Message``.
+
+    A handler's exception is logged, never raised: it would end paho's network thread.
+    """
+
+    def dispatch(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            props = getattr(msg, "properties", None)
+            handler(
+                Message(
+                    topic=msg.topic,
+                    payload=bytes(msg.payload),
+                    qos=msg.qos,
+                    retain=bool(msg.retain),
+                    response_topic=getattr(props, "ResponseTopic", None),
+                    correlation_data=getattr(props, "CorrelationData", None),
+                )
+            )
+        except Exception:
+            log.exception("mqtt: handler for %s failed on %s", topic, msg.topic)
+
+    return dispatch
+
+
+class Refusals:
+    """Publishes the broker refused or that could not be sent: counted by reason, logged
+    once per reason and interval (a denied topic must not flood the journal)."""
+
+    LOG_INTERVAL_S = 30.0
+
+    def __init__(self, metrics: Any = None) -> None:
+        self.counts: dict[str, int] = {}
+        self._metrics = metrics  # agent.metrics.LinkMetrics, or None
+        self._logged: dict[str, float] = {}
+
+    def fail(self, handle: PublishHandle, reason: str, message: str, code: int = -1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if self._metrics is not None:
+            self._metrics.failures.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._logged.get(reason, -self.LOG_INTERVAL_S) >= self.LOG_INTERVAL_S:
+            self._logged[reason] = now
+            log.warning("mqtt: publish to %s refused: %s", handle.topic, message)
+        handle._complete(code, message)

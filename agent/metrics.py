@@ -188,3 +188,21 @@ class Metrics:
         pair[0].inc()  # type: ignore[attr-defined]
         if pair[1] is not None:
             pair[1].inc()  # type: ignore[attr-defined]
+
+
+class LinkMetrics:
+    """The broker link's own metrics, registered when the agent has a broker."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            "edge_mqtt_connected", "1 while connected to the broker", registry=registry
+        )
+        self.reconnects = Counter(
+            "edge_mqtt_reconnects", "Connections re-established after a loss", registry=registry
+        )
+        self.failures = Counter(
+            "edge_mqtt_publish_failures",
+            "Publishes the broker refused (PUBACK reason) or that could not be sent",
+            ["reason"],
+            registry=registry,
+        )

@@ -6,14 +6,13 @@ never wait for a download, a hash or a model load. For each model the worker tak
 device's own desired manifest if there is one, else the fleet's, and:
 
 1. parses it (``rejected`` if it is not a manifest) and checks its signature;
-2. decides rollout membership (``rollout.percent``/``rollout.salt``, inside the signed
-   manifest) and stays on the current version when outside it;
-3. ignores the manifest already accepted, refuses an older serial (replay);
-4. downloads the missing chunks (``downloading``), resumable across reconnects and
-   restarts (agent/download.py), after checking free disk;
-5. checks size and sha256 (``verified``), then ``Installer.install`` (serial, schema,
+2. asks the plan (agent/updates/plan.py): outside the rollout (``not_in_rollout``),
+   already served or accepted, a replayed serial (``rejected``), or install;
+3. downloads the missing chunks (``downloading``), resumable across reconnects and
+   restarts (agent/updates/download.py), after checking free disk;
+4. checks size and sha256 (``verified``), then ``Installer.install`` (serial, schema,
    load, parity, atomic activation): ``activated``, else ``rejected`` with the reason;
-6. puts the new version on probation (agent/probation.py): ``rolled_back`` on regression.
+5. puts the new version on probation (agent/updates/probation.py).
 
 A refusal of the manifest itself is final for that payload (remembered across restarts);
 a missing chunk, a corrupt artifact or a full disk is retried after ``delivery_retry_s``.
@@ -362,12 +361,7 @@ class Delivery:
 
     def _set_state(self, model: str, state: str, reason: str) -> None:
         self.installer.registry.set_state(model, state, reason)
-        self._publish_status()
-
-    def _publish_status(self) -> None:
-        publish_status = getattr(self.mqtt, "publish_status", None)
-        if callable(publish_status):
-            publish_status()
+        self.mqtt.publish_status()
 
     def _event(self, event: str, manifest: Manifest | None, **extra: Any) -> None:
         self.events.publish(event, manifest, **extra)
