@@ -66,11 +66,6 @@ class Loop:
         running = self._thread is not None and self._thread.is_alive()
         return running and time.monotonic() - self._beat < self.stall_s
 
-    @property
-    def native_id(self) -> int | None:
-        """The thread's kernel id (for /proc), None before start."""
-        return None if self._thread is None else self._thread.native_id
-
     def beat(self) -> None:
         """Progress: the loop is not stuck, whatever its step is doing."""
         self._beat = time.monotonic()

@@ -57,10 +57,6 @@ class InferenceCore:
         self.buffer = buffer
         self.stats = stats
 
-    def model(self, name: str | None, version: str | None = None) -> LoadedModel:
-        """The model that serves ``name`` (None: the default); ModelNotFound/NotReady."""
-        return self.registry.get(name, version)
-
     def model_by_name(self, name: str, version: str | None) -> LoadedModel:
         """A named model for the V2 routes, where no model loaded yet is a 404 too."""
         try:
