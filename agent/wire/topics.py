@@ -40,6 +40,10 @@ class Topics:
     def results(self, device: str) -> str:
         return f"{self.prefix}/devices/{device}/results"
 
+    def results_ack(self, device: str) -> str:
+        """Collector -> device: which result seqs are committed centrally (docs/collector.md)."""
+        return f"{self.prefix}/devices/{device}/results/ack"
+
     def command(self, device: str, command: str) -> str:
         return f"{self.prefix}/devices/{device}/commands/{command}"
 
@@ -62,6 +66,12 @@ class Topics:
 
     def all_health(self) -> str:
         return f"{self.prefix}/devices/+/health"
+
+    def all_events(self) -> str:
+        return f"{self.prefix}/devices/+/events"
+
+    def all_results(self) -> str:
+        return f"{self.prefix}/devices/+/results"
 
     def device_of(self, topic: str) -> str | None:
         """``edge/devices/{device}/...`` -> device, else None."""
