@@ -8,8 +8,9 @@
 #
 # Writes DIR/mosquitto.conf (from mosquitto.conf, plus tls.conf with --tls-port and
 # operator-tls.conf with --operator-tls-port), DIR/acl (from acl, only if absent:
-# mkcreds.sh appends accounts to it) and empty DIR/passwd (devices) and
-# DIR/passwd-operators. Run mosquitto with: mosquitto -c DIR/mosquitto.conf
+# mkcreds.sh appends accounts to it; an existing one only gains the header patterns it
+# lacks) and empty DIR/passwd (devices) and DIR/passwd-operators.
+# Run mosquitto with: mosquitto -c DIR/mosquitto.conf
 # Started as root, mosquitto drops to user "mosquitto": files it reads are made
 # root:mosquitto 0640 and the data folder mosquitto-owned.
 set -euo pipefail
@@ -72,7 +73,25 @@ render() {
     if [ -n "$tls_port" ]; then echo; render "$here/tls.conf"; fi
     if [ -n "$operator_tls_port" ]; then echo; render "$here/operator-tls.conf"; fi
 } > "$conf_dir/mosquitto.conf"
-[ -f "$conf_dir/acl" ] || render "$here/acl" > "$conf_dir/acl"
+if [ ! -f "$conf_dir/acl" ]; then
+    render "$here/acl" > "$conf_dir/acl"
+else
+    # An ACL rendered by an older version keeps its accounts but gains the header
+    # patterns added since (e.g. results/ack: without it no device hears its acks),
+    # inserted after its last pattern line.
+    missing="$(render "$here/acl" | grep '^pattern ' | grep -vxF -f <(grep '^pattern ' "$conf_dir/acl") || true)"
+    if [ -n "$missing" ]; then
+        tmp="$(mktemp "$conf_dir/acl.XXXXXX")"
+        awk -v add="$missing" '
+            { lines[NR] = $0; if ($0 ~ /^pattern /) last = NR }
+            END { for (i = 1; i <= NR; i++) { print lines[i]; if (i == last) print add }
+                  if (!last) print add }
+        ' "$conf_dir/acl" > "$tmp"
+        chmod --reference="$conf_dir/acl" "$tmp"
+        chown --reference="$conf_dir/acl" "$tmp" 2>/dev/null || true
+        mv "$tmp" "$conf_dir/acl"
+    fi
+fi
 [ -f "$conf_dir/passwd" ] || : > "$conf_dir/passwd"
 [ -f "$conf_dir/passwd-operators" ] || : > "$conf_dir/passwd-operators"
 

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Create (or renew) broker accounts for edge-agent devices and operators.
+# Create (or renew) broker accounts: devices, operators, collectors and readers.
 #
 #   mkcreds.sh [--conf-dir DIR] [--out DIR] device DEVICE_ID --fleet FLEET
 #   mkcreds.sh [--conf-dir DIR] [--out DIR] operator NAME
+#   mkcreds.sh [--conf-dir DIR] [--out DIR] collector NAME
+#   mkcreds.sh [--conf-dir DIR] [--out DIR] reader NAME
 #   mkcreds.sh [--conf-dir DIR] remove NAME
 #
 # Adds the account with a fresh random password to DIR/passwd (devices; they log in on
-# the device listeners) or DIR/passwd-operators (operators; the operator listeners),
-# with mosquitto_passwd, and its ACL block to DIR/acl, and writes the password to OUT/NAME.password (mode 0600)
-# for the device's mqtt.password_file or edge-fleet --password-file. Running it again
-# for the same name renews the password and replaces the block (e.g. a new fleet).
+# the device listeners) or DIR/passwd-operators (operators, collectors and readers; the
+# operator listeners), with mosquitto_passwd, and its ACL block to DIR/acl, and writes
+# the password to OUT/NAME.password (mode 0600) for the device's mqtt.password_file or
+# edge-fleet --password-file. A collector (edge-fleet collect) reads every device's
+# results, health, events and status and writes result acks; a reader (the exporter,
+# edge-fleet status) only reads status, health, events and desired state. Running it
+# again for the same name renews the password and replaces the block (e.g. a new fleet).
 # Afterwards reload the broker: systemctl reload mosquitto (or kill -HUP its pid).
 set -euo pipefail
 
 conf_dir=/etc/mosquitto/edge
 out_dir=.
 prefix=""
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --conf-dir) conf_dir="$2"; shift 2 ;;
@@ -46,7 +51,7 @@ devices="$conf_dir/passwd"
 operators="$conf_dir/passwd-operators"
 [ -f "$operators" ] || : > "$operators"
 # An account lives in one password file; its ACL block is found by name, so a device
-# and an operator may not share one.
+# and an operator, collector or reader may not share one.
 has() { grep -q "^$2:" "$1" 2>/dev/null; }
 [ -f "$acl" ] || { echo "mkcreds.sh: $acl: no ACL file (run mkconf.sh first)" >&2; exit 1; }
 if [ -z "$prefix" ]; then
@@ -72,7 +77,7 @@ remove_block() {
 case "$kind" in
     device)
         [[ "$fleet" =~ $valid ]] || { echo "mkcreds.sh: --fleet: '$fleet' is not a plain name" >&2; exit 2; }
-        has "$operators" "$name" && { echo "mkcreds.sh: '$name' is an operator account already" >&2; exit 1; }
+        has "$operators" "$name" && { echo "mkcreds.sh: '$name' is an operator-listener account already" >&2; exit 1; }
         passwd="$devices"
         block="user $name
 topic read $prefix/fleets/$fleet/models/+/desired
@@ -82,6 +87,32 @@ topic read $prefix/artifacts/#" ;;
         passwd="$operators"
         block="user $name
 topic readwrite #" ;;
+    # The header's device patterns (%u) apply to every account, so without its deny line
+    # a collector or reader named c1 could publish edge/devices/c1/status and pass for a
+    # device; a deny line wins over every grant. Shared subscriptions need no line of
+    # their own: mosquitto checks a $share/GROUP/... delivery against the real topic.
+    collector)
+        has "$devices" "$name" && { echo "mkcreds.sh: '$name' is a device account already" >&2; exit 1; }
+        passwd="$operators"
+        block="user $name
+topic deny $prefix/devices/$name/#
+topic read $prefix/devices/+/results
+topic read $prefix/devices/+/health
+topic read $prefix/devices/+/events
+topic read $prefix/devices/+/status
+topic write $prefix/devices/+/results/ack" ;;
+    reader)
+        has "$devices" "$name" && { echo "mkcreds.sh: '$name' is a device account already" >&2; exit 1; }
+        passwd="$operators"
+        block="user $name
+topic deny $prefix/devices/$name/#
+topic read $prefix/devices/+/status
+topic read $prefix/devices/+/health
+topic read $prefix/devices/+/events
+topic read $prefix/fleets/+/models/+/desired
+topic read $prefix/fleets/+/models/+/history
+topic read $prefix/devices/+/models/+/desired
+topic read $prefix/devices/+/models/+/history" ;;
     remove)
         remove_block "$name"
         for file in "$devices" "$operators"; do
@@ -89,7 +120,7 @@ topic readwrite #" ;;
         done
         echo "removed $name"
         exit 0 ;;
-    *) echo "mkcreds.sh: '$kind': expected device, operator or remove" >&2; usage ;;
+    *) echo "mkcreds.sh: '$kind': expected device, operator, collector, reader or remove" >&2; usage ;;
 esac
 
 mkdir -p "$out_dir"

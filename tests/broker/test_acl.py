@@ -51,6 +51,8 @@ def test_device_may_publish_its_own_topics(broker: Broker, topic: str) -> None:
         "edge/devices/dev-1/models/m/desired",  # its own desired state
         "edge/artifacts/abc/0",  # an artifact chunk
         "edge/devices/dev-1/commands/rollback",
+        "edge/devices/dev-1/results/ack",  # acking its own results: only a collector may
+        "edge/devices/dev-2/results/ack",
     ],
 )
 def test_device_cannot_publish_elsewhere_and_is_told(broker: Broker, topic: str) -> None:
@@ -88,6 +90,18 @@ def test_device_reads_its_own_and_its_fleets_desired_state_only(broker: Broker) 
         "edge/devices/dev-1/models/m/desired",
         "edge/fleets/f1/models/m/desired",
     ]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "shared"])
+def test_device_reads_its_own_results_acks_only(broker: Broker, shared: bool) -> None:
+    creds = broker.add_device("dev-1", fleet="f1")
+    acks = "edge/devices/+/results/ack"
+    seen = broker.subscribe(f"$share/dev-1/{acks}" if shared else acks, creds=creds)
+    op = broker.client()
+    op.publish("edge/devices/dev-2/results/ack", b"not yours", qos=1).wait_for_publish(5)
+    op.publish("edge/devices/dev-1/results/ack", b"marker", qos=1).wait_for_publish(5)
+    msgs = seen.wait_for(lambda m: any(x.payload == b"marker" for x in m))
+    assert [m.topic for m in msgs] == ["edge/devices/dev-1/results/ack"]
 
 
 def test_rerunning_mkcreds_moves_a_device_to_another_fleet(broker: Broker) -> None:
