@@ -95,9 +95,22 @@ class BufferConfig:
     max_age: float = 7 * 86400.0
     batch_size: int = 1000
     record: str = "all"  # all | sample | none
+    # What of a request's inputs leaves the device: all, hash (sha256 of their JSON, so
+    # equal inputs can still be matched centrally) or none. Outputs are always kept.
+    record_inputs: str = "all"
     sample_rate: float = 0.1
     durability: str = "commit"  # commit: committed before the answer; batched: bounded loss window
     flush_interval_ms: int = 200  # the loss window when durability = "batched"
+
+
+@dataclass
+class ForwardConfig:
+    # collector: a row leaves the buffer only once the collector acknowledged it is
+    # committed centrally (nothing is lost when no one listens). broker: on the broker's
+    # PUBACK, for users who run their own consumer of the results topic.
+    ack: str = "collector"
+    ack_timeout_s: float = 60.0  # no ack this long after the PUBACK: send again
+    cpu_share: float = 0.06  # of one core, while draining a backlog (serving comes first)
 
 
 @dataclass
@@ -112,6 +125,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     state_dir: str = ""
     source: str = field(default="defaults", compare=False)
@@ -135,6 +149,7 @@ SECTIONS: dict[str, type] = {
     "http": HttpConfig,
     "models": ModelsConfig,
     "buffer": BufferConfig,
+    "forward": ForwardConfig,
     "health": HealthConfig,
 }
 
@@ -167,6 +182,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "buffer.max_age": (lambda v: v > 0, "a positive duration"),
     "buffer.batch_size": (lambda v: 1 <= v <= 100_000, "1..100000"),
     "buffer.record": (lambda v: v in {"all", "sample", "none"}, "'all', 'sample' or 'none'"),
+    "buffer.record_inputs": (lambda v: v in {"all", "hash", "none"}, "'all', 'hash' or 'none'"),
+    "forward.ack": (lambda v: v in {"collector", "broker"}, "'collector' or 'broker'"),
+    "forward.ack_timeout_s": (lambda v: 1 <= v <= 86400, "1 s..1 day"),
+    "forward.cpu_share": (lambda v: 0 < v <= 1, "0 < share <= 1"),
     "buffer.sample_rate": (lambda v: 0 < v <= 1, "0 < rate <= 1"),
     "buffer.durability": (lambda v: v in {"commit", "batched"}, "'commit' or 'batched'"),
     "buffer.flush_interval_ms": (lambda v: 1 <= v <= 60_000, "1..60000"),
@@ -177,6 +196,7 @@ _DURATION_KEYS = {
     "buffer.max_age", "health.interval_s", "models.probation_s",
     "models.delivery_chunk_timeout_s", "models.delivery_retry_s",
     "http.idle_timeout_s", "http.header_timeout_s", "http.body_timeout_s",
+    "forward.ack_timeout_s",
 }  # fmt: skip
 _SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
 TLS_FILE_KEYS = ("ca", "cert", "key")  # [mqtt] keys naming files, resolved like secrets

@@ -19,13 +19,14 @@ disk never stops serving: the rows that cannot be written are dropped and counte
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,16 +135,39 @@ class ResultBuffer:
         """
         if not self.wants():
             return None
-        inputs, outputs = dumps(result.inputs), dumps(result.outputs)
-        size = len(inputs) + len(outputs) + len(result.model) + len(result.version) + _ROW_OVERHEAD
+        inputs: str | None = None
+        if self.cfg.record_inputs == "all":
+            inputs = dumps(result.inputs)
+        elif self.cfg.record_inputs == "hash":
+            # Equal inputs hash equally, so duplicates can still be found centrally.
+            digest = hashlib.sha256(dumps(result.inputs).encode()).hexdigest()
+            inputs = f'{{"sha256":"{digest}"}}'
+        outputs = dumps(result.outputs)
+        size = len(outputs) + len(result.model) + len(result.version) + _ROW_OVERHEAD
+        size += len(inputs) if inputs is not None else 0
+        return self._queue(
+            [result.time, result.model, result.version, inputs, outputs, result.latency_ms,
+             size, result.request_id, None]
+        )  # fmt: skip
+
+    def record_feedback(self, feedback: Mapping[str, Any], t: float | None = None) -> int | None:
+        """Queue the ground truth for an earlier result (``payloads.feedback()``).
+
+        It takes the next seq and travels like a result; never sampled away.
+        """
+        text = dumps(feedback)
+        return self._queue(
+            [time.time() if t is None else t, "", "", None, None, None,
+             len(text) + _ROW_OVERHEAD, None, text]
+        )  # fmt: skip
+
+    def _queue(self, fields: list[Any]) -> int | None:
+        """Give a row its seq and queue it; in ``commit`` durability wait for the commit."""
         with self._lock:
             seq = self._next_seq
             self._next_seq += 1
             batch = self._open
-            batch.rows.append(
-                (seq, result.time, result.model, result.version, inputs, outputs,
-                 result.latency_ms, size)
-            )  # fmt: skip
+            batch.rows.append((seq, *fields))
             if self.cfg.durability == "batched":
                 return seq
             if self._leader:
@@ -197,7 +221,7 @@ class ResultBuffer:
         def insert() -> None:
             self._conn.executemany(
                 "INSERT INTO results (seq, time, model, version, inputs, outputs, latency_ms,"
-                " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " size, request_id, feedback) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 batch,
             )
             self._rows += len(batch)
@@ -302,7 +326,8 @@ class ResultBuffer:
         with self._write_lock:
             self._expire_idle()
             rows = self._conn.execute(
-                "SELECT seq, time, model, version, inputs, outputs, latency_ms FROM results"
+                "SELECT seq, time, model, version, inputs, outputs, latency_ms, request_id,"
+                " feedback FROM results"
                 " WHERE seq > ? ORDER BY seq LIMIT ?",
                 (after, limit),
             ).fetchall()
@@ -349,6 +374,22 @@ class ResultBuffer:
             if self._delete(lambda: self._delete_range(first, last)):
                 return True
             self._undeleted.append((first, last))
+            self._undeleted_rows, self._undeleted_bytes = self._count_ranges(self._undeleted)
+            return False
+
+    def mark_sent_ranges(self, ranges: list[tuple[int, int]]) -> bool:
+        """``mark_sent_range`` for several ranges in one transaction (one SD card write)."""
+        if len(ranges) == 1:
+            return self.mark_sent_range(*ranges[0])
+
+        def delete_all() -> None:
+            for first, last in ranges:
+                self._delete_range(first, last)
+
+        with self._write_lock:
+            if self._delete(delete_all):
+                return True
+            self._undeleted.extend(ranges)
             self._undeleted_rows, self._undeleted_bytes = self._count_ranges(self._undeleted)
             return False
 

@@ -55,6 +55,7 @@ class Result:
     inputs: Any
     outputs: Any
     latency_ms: float
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,25 @@ class BufferedRow:
     time: float
     model: str
     version: str
-    inputs: str
+    inputs: str | None  # None: not recorded (buffer.record_inputs = "none")
     outputs: str
     latency_ms: float
+    request_id: str | None = None
+    feedback: str | None = None  # a feedback row: the JSON of payloads.feedback()
 
     def to_json(self) -> str:
-        """The result object of the ``results`` payload, built without re-parsing."""
+        """The row object of the ``results`` payload, built without re-parsing."""
+        if self.feedback is not None:
+            return payloads.feedback_json(self.seq, t=self.time, feedback=self.feedback)
         return payloads.result_json(
             self.seq,
             t=self.time,
             model=self.model,
             version=self.version,
-            inputs=self.inputs,
-            outputs=self.outputs,
+            inputs="null" if self.inputs is None else self.inputs,
+            outputs="null" if self.outputs is None else self.outputs,
             latency_ms=self.latency_ms,
+            request_id=self.request_id,
         )
 
 

@@ -86,16 +86,30 @@ def _m1_initial(db: sqlite_utils.Database) -> None:
     db.table("meta").insert({"key": "last_seq", "value": 0})
 
 
+@_migration
+def _m2_request_ids_and_feedback(db: sqlite_utils.Database) -> None:
+    # request_id: the caller's id for the request, when it gave one. feedback: set on a
+    # feedback row (POST /feedback), the JSON of payloads.feedback(); such a row has no
+    # model, inputs or outputs of its own, and shares the seq sequence with results.
+    db.table("results").add_column("request_id", str)
+    db.table("results").add_column("feedback", str)
+
+
 # The forwarder's fast path: SQLite writes each result's JSON and joins the batch,
 # and a range delete settles it. Half the CPU of take_batch + a delete per seq per result,
 # which is what lets a backlog drain without slowing /predict (bench/forward.py).
 BATCH_JSON = (
     "SELECT count(*), min(seq), max(seq), group_concat(j, ',') FROM (SELECT seq,"
+    """ CASE WHEN feedback IS NOT NULL THEN"""
+    """ '{"seq":' || seq || ',"time":' || coalesce(time, 'null') || ',"feedback":'"""
+    """ || feedback || '}' ELSE"""
     # coalesce: one NULL would make the whole object NULL and group_concat skip it.
     """ '{"seq":' || seq || ',"time":' || coalesce(time, 'null') || ',"model":'"""
     """ || json_quote(model) || ',"version":' || json_quote(version) || ',"inputs":'"""
     """ || coalesce(inputs, 'null') || ',"outputs":' || coalesce(outputs, 'null')"""
-    """ || ',"latency_ms":' || coalesce(latency_ms, 'null') || '}' AS j"""
+    """ || ',"latency_ms":' || coalesce(latency_ms, 'null')"""
+    """ || CASE WHEN request_id IS NULL THEN '' ELSE ',"request_id":'"""
+    """ || json_quote(request_id) END || '}' END AS j"""
     " FROM results WHERE seq > ? ORDER BY seq LIMIT ?)"
 )
 

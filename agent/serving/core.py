@@ -37,6 +37,7 @@ class Call:
     inputs: Tensors
     outputs: list[str] | None
     recorded: Any
+    request_id: str | None = None  # the caller's, recorded with the result
 
 
 @dataclass(slots=True)
@@ -97,6 +98,6 @@ class InferenceCore:
         if self.buffer is not None:
             self.buffer.record(
                 Result(time.time(), m.name, m.version, call.recorded, answer.recorded,
-                       latency * 1000)
+                       latency * 1000, call.request_id)
             )  # fmt: skip
         return answer.reply

@@ -27,7 +27,8 @@ from agent import __version__
 from agent.models.runtime import LoadedModel
 from agent.serving.codecs import parse_json
 from agent.serving.core import Answer, Call, InferenceCore, Tensors
-from agent.serving.predict import allows_nan
+from agent.serving.predict import allows_nan, one_per_row
+from agent.wire import payloads
 from agent.wire.datatypes import FLOATS, expected_value, value_ok, wire_dtype
 from agent.wire.errors import BadRequest
 from agent.wire.manifest import TensorSpec
@@ -187,17 +188,21 @@ class OpenInference:
         wanted: list[tuple[str, bool]] = []
 
         def decode(m: LoadedModel, _: Any) -> Call:
-            if "id" in request and type(request["id"]) is not str:
+            request_id = request.get("id")
+            if "id" in request and type(request_id) is not str:
                 raise BadRequest(
                     f"id: expected a string, got {json.dumps(request['id'], default=repr):.60}"
                 )
+            # An empty id is echoed (the protocol allows it) but names no request.
+            request_id = request_id or None
+            if request_id is not None and (problem := payloads.request_id_problem(request_id)):
+                raise BadRequest(f"id: {problem}")
             inputs, given = self._inputs(m, request, tail)
             wanted.extend(self._outputs(m, request))
-            return Call(inputs, [o for o, _ in wanted], given)
+            return Call(inputs, [o for o, _ in wanted], given, request_id)
 
         def encode(m: LoadedModel, outputs: Tensors) -> Answer[InferResponse]:
-            recorded = {k: v.tolist() for k, v in outputs.items()}
-            return Answer(self._encode(m, request, wanted, outputs), recorded)
+            return Answer(self._encode(m, request, wanted, outputs), _recorded(m, outputs))
 
         return self.core.infer(model, decode, encode)
 
@@ -396,3 +401,17 @@ class OpenInference:
         if not blobs:
             return InferResponse(head, None)
         return InferResponse(b"".join([head, *blobs]), len(head))
+
+
+def _recorded(model: LoadedModel, outputs: Tensors) -> dict[str, Any]:
+    """The outputs as the result buffer keeps them, in the shape ``/predict`` records:
+    the prediction output as ``prediction`` (one value per row, which the collector
+    compares with ground truth), the other outputs asked for under their own names."""
+    pred = model.manifest.prediction_output
+    recorded: dict[str, Any] = {}
+    for name, arr in outputs.items():
+        if name == pred:
+            recorded["prediction"] = one_per_row(arr)
+        else:
+            recorded[name] = arr.tolist()
+    return recorded

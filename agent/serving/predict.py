@@ -16,6 +16,7 @@ import numpy as np
 
 from agent.models.runtime import LoadedModel
 from agent.serving.core import Answer, Call, InferenceCore, Tensors
+from agent.wire import payloads
 from agent.wire.datatypes import FLOATS, INTS, expected_value, numpy_dtype, value_ok
 from agent.wire.errors import BadRequest
 from agent.wire.manifest import Manifest, TensorSpec
@@ -23,7 +24,7 @@ from agent.wire.manifest import Manifest, TensorSpec
 _NUMBER_TYPES = frozenset((int, float))
 # Below this magnitude every number fits FP32 (max ~3.4e38): no overflow to check for.
 _FP32_SAFE = 3.0e38
-_BODY_KEYS = frozenset(("features", "probabilities"))
+_BODY_KEYS = frozenset(("features", "probabilities", "request_id"))
 
 
 def allows_nan(manifest: Manifest) -> bool:
@@ -264,20 +265,30 @@ class Predictor:
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
-    def predict(self, body: Any, model: str | None = None) -> dict[str, Any]:
+    def predict(
+        self, body: Any, model: str | None = None, request_id: str | None = None
+    ) -> dict[str, Any]:
+        """``request_id``: the X-Request-Id header; a ``request_id`` field in the body wins."""
         if type(body) is not dict:
             raise BadRequest(
                 f"body: expected a JSON object with 'features', got {_type_name(body)}"
             )
+        if request_id is not None and "request_id" not in body:
+            body["request_id"] = request_id
         loaded = self.core.registry.get(model)
-        return self.core.infer(loaded, _decode, _encode, body)
+        answer = self.core.infer(loaded, _decode, _encode, body)
+        if body.get("request_id") is not None:
+            answer["request_id"] = body["request_id"]
+        return answer
 
 
 def _decode(model: LoadedModel, body: dict[str, Any]) -> Call:
     manifest = model.manifest
     if not _BODY_KEYS.issuperset(body):
         unknown = [k for k in body if k not in _BODY_KEYS]
-        raise BadRequest(f"{unknown[0]}: unknown field (expected 'features', 'probabilities')")
+        raise BadRequest(
+            f"{unknown[0]}: unknown field (expected 'features', 'probabilities', 'request_id')"
+        )
     if "features" not in body:
         raise BadRequest("features: missing (expected a list of rows)")
     want_proba = body.get("probabilities", False)
@@ -293,7 +304,10 @@ def _decode(model: LoadedModel, body: dict[str, Any]) -> Call:
             )
         wanted.append(proba_name)
     features = body["features"]
-    return Call(decode_features(manifest, features), wanted, features)
+    request_id = body.get("request_id")
+    if request_id is not None and (problem := payloads.request_id_problem(request_id)):
+        raise BadRequest(f"request_id: {problem}")
+    return Call(decode_features(manifest, features), wanted, features, request_id)
 
 
 def _encode(model: LoadedModel, outputs: Tensors) -> Answer[dict[str, Any]]:

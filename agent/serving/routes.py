@@ -29,7 +29,8 @@ from agent.serving.codecs import parse_json
 from agent.serving.core import InferenceCore
 from agent.serving.oip import OpenInference
 from agent.serving.predict import Predictor
-from agent.wire.errors import BadRequest, EdgeError
+from agent.wire import payloads
+from agent.wire.errors import BadRequest, EdgeError, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def error_reply(status: int, message: str, **kw: Any) -> Reply:
 # Static routes: path -> (methods, route label).
 _STATIC: dict[str, tuple[str, ...]] = {
     "/predict": ("POST",),
+    "/feedback": ("POST",),
     "/v2": ("GET",),
     "/v2/health/live": ("GET",),
     "/v2/health/ready": ("GET",),
@@ -141,7 +143,7 @@ class Service:
         if methods is not None:
             if method not in methods:
                 return _not_allowed(method, path, methods)
-            return self._static(path, query, body)
+            return self._static(path, query, headers, body)
         match = _MODEL_ROUTE.match(path)
         if match is None:
             return error_reply(404, f"path: no route {raw!r} (see docs/http-api.md)", route="other")
@@ -176,13 +178,16 @@ class Service:
         reply.model, reply.version = model.manifest.name, model.manifest.version
         return reply
 
-    def _static(self, path: str, query: str, body: bytes) -> Reply:
+    def _static(self, path: str, query: str, headers: Headers, body: bytes) -> Reply:
         if path == "/predict":
             model = parse_qs(query).get("model", [None])[-1] if query else None
-            answer = self.predictor.predict(parse_json(body), model)
+            rid = headers.get("x-request-id")
+            answer = self.predictor.predict(parse_json(body), model, rid)
             return json_reply(
                 200, answer, route=path, model=answer["model"], version=answer["version"]
             )
+        if path == "/feedback":
+            return json_reply(200, self.feedback(parse_json(body)), route=path)
         if path == "/v2/health/live":
             return json_reply(200, {"live": True}, route=path)
         if path == "/v2/health/ready":
@@ -195,6 +200,33 @@ class Service:
                 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST, route=path
             )
         return json_reply(200, self.status_report(), route=path)
+
+    def feedback(self, body: Any) -> dict[str, Any]:
+        """``POST /feedback``: the true outcome of an earlier request, buffered like a
+        result (its own seq, forwarded and acknowledged the same way); the collector
+        joins it to the result by request id or seq."""
+        if type(body) is not dict:
+            raise BadRequest("body: expected a JSON object with 'label' and 'request_id' or 'seq'")
+        unknown = sorted(set(body) - {"label", "request_id", "seq"})
+        if unknown:
+            raise BadRequest(f"{unknown[0]}: unknown field (expected label, request_id, seq)")
+        if "label" not in body:
+            raise BadRequest("label: missing (the true outcome)")
+        try:
+            fb = payloads.feedback(
+                body.get("label"), request_id=body.get("request_id"), result_seq=body.get("seq")
+            )
+        except payloads.InvalidPayload as e:
+            # The wire's words, with the HTTP field names.
+            raise BadRequest(
+                e.message.removeprefix("feedback: ").replace("result_seq", "seq")
+            ) from None
+        if self.buffer is None:
+            raise StorageFull("feedback: this agent keeps no result buffer")
+        seq = self.buffer.record_feedback(fb)
+        if seq is None:
+            raise StorageFull("feedback: not recorded: the result buffer cannot write (disk full?)")
+        return {"recorded": True, "seq": seq}
 
     def _labels(self, path: str, query: str) -> tuple[str, str]:
         """Model and version labels of a failed request: only names that are installed,

@@ -1,4 +1,8 @@
-"""The forwarder against a real mosquitto: in order, nothing lost, duplicates by seq."""
+"""The forwarder against a real mosquitto: in order, nothing lost, duplicates by seq.
+
+These run with ``forward.ack = "broker"`` (rows deleted on PUBACK): the transport's own
+guarantees. Deletion on the collector's ack is in test_forwarder_acks.py.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def make_config(broker: Broker, device: str, username: str | None = None) -> Con
         setattr(cfg.mqtt, key, value)
     cfg.mqtt.reconnect_min_s, cfg.mqtt.reconnect_max_s = 1, 1
     cfg.buffer.batch_size = 100
+    cfg.forward.ack = "broker"
     return cfg
 
 
@@ -154,6 +159,7 @@ def test_kill_9_mid_forwarding_loses_nothing(broker: Broker, tmp_path: Path) -> 
         cfg.mqtt.url, cfg.mqtt.username = {cfg.mqtt.url!r}, "dev-1"
         cfg.mqtt.password_file = {cfg.mqtt.password_file!r}
         cfg.buffer.batch_size = 50
+        cfg.forward.ack = "broker"
         buf = ResultBuffer({str(path)!r}, BufferConfig())
         mqtt = MqttClient(cfg)
         mqtt.start()
@@ -260,7 +266,8 @@ def test_running_agent_forwards_results_made_while_the_broker_was_down(
     broker.stop()
     agent = start_agent(
         {"device": {"id": "pi-1", "fleet": "f1"},
-         "mqtt": {**broker.mqtt_settings(creds), "reconnect_min_s": 1, "reconnect_max_s": 1}},
+         "mqtt": {**broker.mqtt_settings(creds), "reconnect_min_s": 1, "reconnect_max_s": 1},
+         "forward": {"ack": "broker"}},
         packages=[iris_package],
     )  # fmt: skip
     for i in range(50):

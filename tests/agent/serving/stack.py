@@ -165,10 +165,13 @@ def serve(
     default: str | None = None,
     status: Callable[[], Mapping[str, Any]] | None = None,
     transport: bool = True,
+    configure: Callable[[Config], None] | None = None,
 ) -> Iterator[Served]:
     cfg = Config()
     cfg.state_dir = str(tmp_path / "state")
     cfg.http.port = 0
+    if configure is not None:
+        configure(cfg)
     if token is not None:
         token_file = tmp_path / "token"
         token_file.write_text(token + "\n")

@@ -124,7 +124,10 @@ def test_named_columns_for_a_column_transformer(
         ({"features": [1, 2, 3, 4]}, "features[0]: expected a list of 4 values, got 1"),
         ({"features": []}, "features: expected at least one row, got an empty list"),
         ({"features": "1,2,3,4"}, "features: expected a list of rows, got a string"),
-        ({"rows": [[1, 2, 3, 4]]}, "rows: unknown field (expected 'features', 'probabilities')"),
+        (
+            {"rows": [[1, 2, 3, 4]]},
+            "rows: unknown field (expected 'features', 'probabilities', 'request_id')",
+        ),
         ({}, "features: missing (expected a list of rows)"),
         ([[1, 2, 3, 4]], "body: expected a JSON object with 'features', got a list"),
         (
