@@ -167,6 +167,10 @@ class HealthReporter:
             },
             "forwarded": self._sample("edge_forwarded_results_total"),
             "forward_rate": self._sample("edge_forward_rate"),
+            # Who deletes a forwarded row: the collector's ack (rows = unacked backlog)
+            # or the broker's PUBACK; and how often no collector answered in time.
+            "forward_ack": self.cfg.forward.ack,
+            "forward_ack_timeouts": self._sample("edge_forward_ack_timeouts_total"),
         }
         return payloads.health(self.cfg.device.id, self.cfg.device.fleet, fields)
 
