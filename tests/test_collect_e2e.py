@@ -1,0 +1,196 @@
+"""Every answered prediction reaches PostgreSQL exactly once, whatever is killed.
+
+The real programs: ``edge-agent`` serving the iris model, mosquitto from broker-config/,
+``edge-fleet collect`` as a process with the collector's own broker account, and
+PostgreSQL started by the suite. Traffic runs throughout; the collector, the broker and
+the agent are each killed with SIGKILL in the middle of it and started again, and the
+database is stopped for a while. At the end every request that got an answer is in the
+database exactly once, and the device's buffer is empty (everything acknowledged).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.agent import RunningAgent
+from tests.fixtures.broker import ROOT, Broker, Creds
+from tests.fixtures.postgres import Postgres
+
+pytestmark = pytest.mark.slow
+
+
+class CollectorProcess:
+    """``edge-fleet collect`` as its own process, restartable under the same session."""
+
+    def __init__(self, broker: Broker, creds: Creds, db: str, log: Path, name: str) -> None:
+        self.command = [
+            sys.executable, "-m", "fleet", "-v", "collect", "--db", db,
+            "--broker", broker.operator_url, "--username", creds.username,
+            "--password-file", str(creds.password_file), "--client-id", name,
+        ]  # fmt: skip
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+class Traffic:
+    """Requests with request ids in a thread; remembers the ids that got an answer."""
+
+    def __init__(self, agent: RunningAgent) -> None:
+        self.agent = agent
+        self.answered: list[str] = []
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._n = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._n += 1
+            rid = f"r-{self._n}"
+            body = {"features": [[5.1, 3.5, 1.4, 0.1 * (self._n % 20)]], "request_id": rid}
+            try:
+                code, answer = self.agent.request("POST", "/predict", body, timeout=2)
+            except OSError:
+                code, answer = 0, None  # the agent is down (killed): not answered
+            if code == 200 and answer.get("request_id") == rid:
+                self.answered.append(rid)
+            else:
+                self.refused += 1
+                time.sleep(0.05)
+            time.sleep(0.002)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def collectors() -> Iterator[list[CollectorProcess]]:
+    made: list[CollectorProcess] = []
+    yield made
+    for c in made:
+        if c.proc is not None and c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def stored(postgres: Postgres, database: str) -> dict[str, int]:
+    rows = postgres.sql(
+        "SELECT request_id, count(*) FROM results WHERE request_id IS NOT NULL GROUP BY request_id",
+        database,
+    )
+    return {str(rid): int(n) for rid, n in rows}
+
+
+def test_kill_9_of_collector_broker_and_agent_loses_and_doubles_nothing(
+    broker: Broker,
+    postgres: Postgres,
+    start_agent: Callable[..., RunningAgent],
+    iris_package: Path,
+    tmp_path: Path,
+    collectors: list[CollectorProcess],
+) -> None:
+    db = postgres.create_database()
+    database = db.rsplit("/", 1)[1]
+    device = broker.add_device("pi-1", fleet="f1")
+    collector = CollectorProcess(
+        broker, broker.add_collector("central"), db, tmp_path / "collect.log", "collect-1"
+    )
+    collectors.append(collector)
+    collector.start()
+    agent = start_agent(
+        {"device": {"id": "pi-1", "fleet": "f1"},
+         "mqtt": {**broker.mqtt_settings(device), "reconnect_min_s": 1, "reconnect_max_s": 1},
+         # Short, so the resends after each kill come within the test's time.
+         "forward": {"ack_timeout_s": 3},
+         "buffer": {"batch_size": 50}},
+        packages=[iris_package],
+    )  # fmt: skip
+
+    with Traffic(agent) as traffic:
+        wait(lambda: len(stored(postgres, database)) >= 50, 60, "first results stored")
+
+        collector.kill()  # mid-transaction or mid-ack: the broker keeps its session
+        time.sleep(2)
+        collector.start()
+        wait(lambda: len(traffic.answered) >= 400, 60, "traffic after the collector's kill")
+
+        broker.kill()  # what it held in memory is gone; the devices still have the rows
+        time.sleep(2)
+        broker.start()
+        wait(lambda: len(traffic.answered) >= 800, 60, "traffic after the broker's kill")
+
+        agent.kill()  # committed rows outlive the process; unanswered requests do not count
+        agent.start()
+        wait(lambda: len(traffic.answered) >= 1200, 60, "traffic after the agent's kill")
+
+        postgres.stop()  # the database away for a while: nothing is acked meanwhile
+        time.sleep(4)
+        assert agent.status()["buffer"]["rows"] > 0
+        postgres.start()
+        wait(lambda: len(traffic.answered) >= 1500, 60, "traffic after the database's return")
+
+    answered = set(traffic.answered)
+    assert len(answered) == len(traffic.answered)
+
+    def all_in() -> bool:
+        return answered <= set(stored(postgres, database))
+
+    try:
+        wait(all_in, 120, "every answered prediction stored")
+        agent.wait_for(lambda s: s["buffer"]["rows"] == 0, timeout=60)
+    except (AssertionError, TimeoutError):
+        missing = sorted(answered - set(stored(postgres, database)))[:20]
+        raise AssertionError(
+            f"missing {missing}\ncollector log:\n{collector.tail()}\nagent log:\n{agent.logs()[-3000:]}"
+        ) from None
+    counts = stored(postgres, database)
+    doubled = {rid: n for rid, n in counts.items() if n != 1}
+    assert doubled == {}, f"stored more than once: {list(doubled.items())[:10]}"
+    # Stored by (device, seq) once: a request id appears once, and seqs have no twins.
+    [(rows, distinct)] = postgres.sql(
+        "SELECT count(*), count(DISTINCT (device, seq)) FROM results", database
+    )
+    assert rows == distinct
+    assert collector.stop() == 0
