@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test test-fast check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet clean container-e2e pi-e2e install-pi
+.PHONY: setup setup-test demo test test-fast check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet bench-collect clean container-e2e pi-e2e install-pi
 
 setup:
 	@scripts/setup.sh
@@ -31,7 +31,7 @@ typecheck:
 pytest:
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: bench-http bench-forward bench-delivery bench-fleet  ## every benchmark; each prints its figures
+bench: bench-http bench-forward bench-delivery bench-fleet bench-collect  ## every benchmark; each prints its figures
 
 bench-http: setup
 	$(PY) bench/http.py
@@ -44,6 +44,9 @@ bench-delivery: setup
 
 bench-fleet: setup
 	$(PY) bench/fleet.py
+
+bench-collect: setup-test
+	$(PY) bench/collect.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

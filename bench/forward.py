@@ -85,6 +85,9 @@ def write_config(work: Path, port: int, mqtt: dict[str, str] | None) -> Path:
         f'[http]\nhost = "127.0.0.1"\nport = {port}',
         '[buffer]\nrecord = "all"\ndurability = "commit"\nmax_rows = 10000000',
         "[health]\ninterval_s = 5",
+        # The transport alone: rows deleted on PUBACK (bench/collect.py measures the
+        # collector's acknowledgements).
+        '[forward]\nack = "broker"',
     ]
     if mqtt:
         lines.append("[mqtt]\n" + "\n".join(f'{k} = "{v}"' for k, v in mqtt.items()))
