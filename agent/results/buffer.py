@@ -1,4 +1,5 @@
-"""The result buffer: every answered prediction kept in SQLite until the broker has it.
+"""The result buffer: every answered prediction kept in SQLite until it is delivered
+(committed centrally, by the collector's ack; or the broker's PUBACK, ``forward.ack``).
 
 One module owns the database. WAL mode with ``synchronous=NORMAL``: a committed row
 survives a kill -9 of the agent (the WAL is in the OS page cache and is replayed on
@@ -6,9 +7,8 @@ open); only a power cut can lose the last commits before a checkpoint, the price
 not fsyncing an SD card on every request.
 
 Durability ``commit`` (the default) returns from ``record`` only once the row is
-committed, with *group commit*: the first waiting caller becomes the leader and writes
-everyone's pending rows in one transaction, so sixteen concurrent requests cost one
-commit, not sixteen. Durability ``batched`` returns at once and a writer thread commits
+committed, with *group commit* (``agent/results/commits.py``): sixteen concurrent
+requests cost one commit, not sixteen. Durability ``batched`` returns at once and a writer thread commits
 every ``flush_interval_ms``: that interval is the loss window on a crash.
 
 Bounds (``max_rows``, ``max_bytes``, ``max_age``) drop the oldest rows first, and every
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import sqlite3
 import threading
@@ -34,6 +33,7 @@ from agent.config import BufferConfig
 from agent.loops import Loop
 from agent.results import schema
 from agent.results.bounds import AGE_CHECK_INTERVAL_S, Bounds
+from agent.results.commits import GroupCommit
 from agent.results.drops import Drops
 from agent.results.rows import (
     DISK_FULL,
@@ -58,19 +58,6 @@ __all__ = ["BufferStats", "BufferedRow", "JsonBatch", "Result", "ResultBuffer"]
 _ROW_OVERHEAD = 64
 
 
-class _Batch:
-    """Rows committed together, and the waiters of that one commit."""
-
-    __slots__ = ("cond", "done", "failed", "lead", "rows")
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self.rows: list[tuple[Any, ...]] = []
-        self.cond = threading.Condition(lock)
-        self.done = False
-        self.failed = False
-        self.lead = False  # handed the lead: one of its waiters commits it
-
-
 class ResultBuffer:
     """SQLite-backed, bounded, crash-safe queue of inference results."""
 
@@ -80,13 +67,8 @@ class ResultBuffer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = schema.connect(self.path)
 
-        # _write_lock: one writer on the connection. _lock: the queue state.
-        # Order when both are needed: _write_lock, then _lock.
+        # One writer on the connection (the group commit calls _write under it too).
         self._write_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._open = _Batch(self._lock)  # rows queued for the next commit
-        self._leader = False  # a caller is committing (commit durability)
         self._bounds = Bounds(cfg)
         self._recorded = 0
 
@@ -95,8 +77,7 @@ class ResultBuffer:
             "SELECT max((SELECT value FROM meta WHERE key='last_seq'),"
             " (SELECT coalesce(max(seq), 0) FROM results))"
         ).fetchone()
-        self._next_seq = int(row[0]) + 1
-        self._committed_seq = self._next_seq - 1  # every seq <= this is settled
+        self._commits = GroupCommit(int(row[0]) + 1, cfg.durability == "batched", self._write)
         self._rows, self._bytes = self._count()
         self._drops = Drops(self._conn)
 
@@ -145,7 +126,7 @@ class ResultBuffer:
         outputs = dumps(result.outputs)
         size = len(outputs) + len(result.model) + len(result.version) + _ROW_OVERHEAD
         size += len(inputs) if inputs is not None else 0
-        return self._queue(
+        return self._commits.queue(
             [result.time, result.model, result.version, inputs, outputs, result.latency_ms,
              size, result.request_id, None]
         )  # fmt: skip
@@ -156,66 +137,22 @@ class ResultBuffer:
         It takes the next seq and travels like a result; never sampled away.
         """
         text = dumps(feedback)
-        return self._queue(
+        return self._commits.queue(
             [time.time() if t is None else t, "", "", None, None, None,
              len(text) + _ROW_OVERHEAD, None, text]
         )  # fmt: skip
 
-    def _queue(self, fields: list[Any]) -> int | None:
-        """Give a row its seq and queue it; in ``commit`` durability wait for the commit."""
-        with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            batch = self._open
-            batch.rows.append((seq, *fields))
-            if self.cfg.durability == "batched":
-                return seq
-            if self._leader:
-                # Someone is committing: wait for our batch to be written, or to be
-                # handed the lead for it. Only this batch's waiters wake.
-                while not (batch.done or batch.lead):
-                    batch.cond.wait()
-                if batch.done:
-                    return None if batch.failed else seq
-                batch.lead = False
-            self._leader = True
-        # Give the threads that are ready to run a moment to join this batch: on one
-        # core the leader would otherwise commit before anyone else got the CPU, and
-        # every request would pay a whole transaction (measured: 1.1 rows per commit).
-        os.sched_yield()
-        with self._lock:
-            self._open = _Batch(self._lock)
-        self._commit(batch)
-        return None if batch.failed else seq
-
-    def _commit(self, batch: _Batch) -> None:
-        """Write one batch in one transaction, wake its waiters, pass the lead on."""
-        try:
-            self._write(batch)
-        finally:
-            self._finish(batch)
-
-    def _finish(self, batch: _Batch) -> None:
-        with self._lock:
-            batch.done = True
-            batch.cond.notify_all()
-            if self._open.rows and self.cfg.durability == "commit":
-                # Group commit: one waiter of the next batch writes it for everyone.
-                self._open.lead = True
-                self._open.cond.notify()
-            else:
-                self._leader = False
-
-    def _write(self, batch: _Batch) -> None:
+    def _write(self, rows: list[tuple[Any, ...]]) -> bool:
+        """The group commit's writer: one transaction; False (rows counted as dropped)
+        when it cannot be written."""
         try:
             with self._write_lock:
-                self._insert(batch.rows)
+                self._insert(rows)
         except sqlite3.Error as e:
             reason = DISK_FULL if _is_disk_full(e) else IO_ERROR
-            batch.failed = True
-            self._drops.not_recorded(reason, len(batch.rows), e)
-        with self._lock:
-            self._committed_seq = max(self._committed_seq, batch.rows[-1][0])
+            self._drops.not_recorded(reason, len(rows), e)
+            return False
+        return True
 
     def _insert(self, batch: list[tuple[Any, ...]]) -> None:
         def insert() -> None:
@@ -300,17 +237,7 @@ class ResultBuffer:
 
     def flush(self) -> None:
         """Commit what is queued now (the batched mode's writer; also used at close)."""
-        # One flusher at a time, held from taking the batch to writing it, so batches
-        # are committed in the order they were taken.
-        with self._flush_lock:
-            with self._lock:
-                if self._leader or not self._open.rows:
-                    return  # in commit durability a leader is already on its way
-                batch, self._open = self._open, _Batch(self._lock)
-            try:
-                self._write(batch)
-            finally:
-                self._finish(batch)
+        self._commits.flush()
 
     def _flush_step(self) -> float:
         self.flush()
@@ -341,8 +268,7 @@ class ResultBuffer:
             nbytes = self._bytes - self._undeleted_bytes
             delivered = self._undeleted_rows
         dropped = self._drops.counts()
-        with self._lock:
-            last_seq = self._committed_seq
+        last_seq = self._commits.committed_seq
         return BufferStats(
             rows=rows,
             bytes=nbytes,
