@@ -25,6 +25,8 @@ import paho.mqtt.client as mqtt
 from agent.wire.errors import BrokerUnavailable, UsageError
 from agent.wire.topics import DEFAULT_PREFIX, Topics
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ _ENV = {
 }
 
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
+SessionHandler = Callable[[mqtt.Client, bool], None]
 
 
 @dataclass(frozen=True)
@@ -167,17 +170,30 @@ def connect(
     subscriptions: Sequence[tuple[str, int]] = (),
     on_message: MessageHandler | None = None,
     timeout: float = 10.0,
+    client_id: str | None = None,
+    session_expiry_s: int | None = None,
+    receive_maximum: int | None = None,
+    manual_ack: bool = False,
+    on_session: SessionHandler | None = None,
 ) -> mqtt.Client:
     """Connect, wait for the broker's CONNACK and return the running client.
 
     ``subscriptions`` are (re)made on every connect. Raises ``BrokerUnavailable`` with
     one line naming the broker when it cannot be reached, the TLS handshake fails or
     the broker refuses the credentials. Call ``disconnect`` when done.
+
+    A long-running consumer (the collector) passes a stable ``client_id`` and
+    ``session_expiry_s``: the session (subscriptions, unacknowledged and queued QoS 1
+    messages) then outlives the connection. ``manual_ack``: paho sends no PUBACK by
+    itself, the caller sends it with ``client.ack(mid, qos)``. ``on_session(client,
+    session_present)`` runs on the network thread at every CONNACK, before the
+    subscriptions are renewed and before the first message of the connection.
     """
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"edge-fleet-{purpose}-{secrets.token_hex(4)}",
+        client_id=client_id or f"edge-fleet-{purpose}-{secrets.token_hex(4)}",
         protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
     )
     # Our callbacks catch their own exceptions, but a bug must not end the network thread.
     client.suppress_exceptions = True
@@ -197,12 +213,14 @@ def connect(
     connected = threading.Event()
     outcome: dict[str, Any] = {}
 
-    def on_connect(c: mqtt.Client, _u: object, _f: object, reason: Any, _p: object) -> None:
+    def on_connect(c: mqtt.Client, _u: object, flags: Any, reason: Any, _p: object) -> None:
         try:
             if reason.is_failure:
                 outcome.setdefault("refused", str(reason))
                 connected.set()
                 return
+            if on_session is not None:
+                on_session(c, bool(flags.session_present))
             if subscriptions:
                 c.subscribe([(topic, qos) for topic, qos in subscriptions])
             log.info("connected to %s", options.url)
@@ -236,7 +254,22 @@ def connect(
 
     where = f"broker {options.url}"
     try:
-        client.connect(options.host, options.port, keepalive=30, clean_start=True)
+        if session_expiry_s is None and receive_maximum is None:
+            client.connect(options.host, options.port, keepalive=30, clean_start=True)
+        else:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            if session_expiry_s is not None:
+                props.SessionExpiryInterval = session_expiry_s
+            if receive_maximum is not None:
+                props.ReceiveMaximum = receive_maximum
+            # clean_start=False resumes the session on every reconnect (paho keeps it).
+            client.connect(
+                options.host,
+                options.port,
+                keepalive=30,
+                clean_start=session_expiry_s is None,
+                properties=props,
+            )
     except ssl.SSLError as e:
         raise BrokerUnavailable(f"{where}: TLS handshake failed: {e.reason or e}") from None
     except OSError as e:
