@@ -141,7 +141,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.wire.signing import load_trusted_keys
 
     cfg = _config(args)
-    from agent.config import resolve_secret_path
+    from agent.secrets import resolve_secret_path
 
     problems = []
     for i, key in enumerate(cfg.models.trusted_keys):

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from agent.secrets import missing_file, resolve_secret_path
 from agent.wire.errors import ConfigError
 from agent.wire.names import NAME_RULE, is_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
-CREDENTIAL_ID = "edge"  # LoadCredential=edge:/etc/edge-agent/credentials in the unit
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|M|G)?\s*$")
@@ -199,6 +199,7 @@ _DURATION_KEYS = {
     "forward.ack_timeout_s",
 }  # fmt: skip
 _SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 TLS_FILE_KEYS = ("ca", "cert", "key")  # [mqtt] keys naming files, resolved like secrets
 
 
@@ -219,17 +220,8 @@ def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in {
-                "1",
-                "true",
-                "yes",
-                "on",
-                "0",
-                "false",
-                "no",
-                "off",
-            }:
-                return value.lower() in {"1", "true", "yes", "on"}
+            if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+                return value.lower() in _TRUE
             raise ValueError
         if kind is int:
             if isinstance(value, bool):
@@ -364,55 +356,12 @@ def validate(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
     for key in ("password_file", *TLS_FILE_KEYS):
         value = getattr(cfg.mqtt, key)
         if value and not resolve_secret_path(value, env).is_file():
-            problems.append(_missing_file(f"mqtt.{key}", value, env))
+            problems.append(missing_file(f"mqtt.{key}", value, env))
     if cfg.mqtt.password_file and not cfg.mqtt.username:
         problems.append("mqtt.password_file: set, but mqtt.username is empty")
     if cfg.http.token_file and not resolve_secret_path(cfg.http.token_file, env).is_file():
-        problems.append(_missing_file("http.token_file", cfg.http.token_file, env))
+        problems.append(missing_file("http.token_file", cfg.http.token_file, env))
     for i, key_path in enumerate(cfg.models.trusted_keys):
         if not resolve_secret_path(key_path, env).is_file():
-            problems.append(_missing_file(f"models.trusted_keys[{i}]", key_path, env))
+            problems.append(missing_file(f"models.trusted_keys[{i}]", key_path, env))
     return problems
-
-
-def _missing_file(key: str, value: str, env: Mapping[str, str] | None) -> str:
-    """The problem for a file found nowhere, saying where it was looked for."""
-    env = os.environ if env is None else env
-    problem = f"{key}: {value!r} does not exist or is not a file"
-    p = Path(value)
-    if p.is_absolute():
-        return problem
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if creds:
-        where = (
-            f"looked in $CREDENTIALS_DIRECTORY {creds} as {str(p)!r} and "
-            f"{f'{CREDENTIAL_ID}_{p}'!r}, then in {Path.cwd()}"
-        )
-    else:
-        where = (
-            f"looked in {Path.cwd()}; $CREDENTIALS_DIRECTORY is not set "
-            "(systemd sets it for the unit's LoadCredential=)"
-        )
-    return f"{problem} ({where})"
-
-
-def resolve_secret_path(value: str, env: Mapping[str, str] | None = None) -> Path:
-    """A relative secret (or TLS file) path is looked up in $CREDENTIALS_DIRECTORY first.
-
-    The unit loads the whole /etc/edge-agent/credentials folder as credential ``edge``,
-    which systemd names ``edge_<file>``: both spellings are accepted, so the same
-    ``password_file = "mqtt.password"`` works under systemd and outside it.
-    """
-    env = os.environ if env is None else env
-    p = Path(value)
-    creds = env.get("CREDENTIALS_DIRECTORY")
-    if not p.is_absolute() and creds:
-        for candidate in (Path(creds) / p, Path(creds) / f"{CREDENTIAL_ID}_{p}"):
-            if candidate.exists():
-                return candidate
-    return p
-
-
-def read_secret(value: str) -> str:
-    """The content of a secret file, without the trailing newline."""
-    return resolve_secret_path(value).read_text().rstrip("\r\n")

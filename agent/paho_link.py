@@ -36,9 +36,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import link_diagnosis as diagnosis
-from agent.config import Config, read_secret, resolve_secret_path
+from agent.config import Config
 from agent.link import Handler, PublishHandle, Refusals, dispatcher
 from agent.metrics import LinkMetrics, Metrics
+from agent.secrets import read_secret, resolve_secret_path
 from agent.wire import payloads
 from agent.wire.topics import Topics
 

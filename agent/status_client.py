@@ -11,7 +11,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from agent.config import Config, read_secret
+from agent.config import Config
+from agent.secrets import read_secret
 from agent.wire.errors import EdgeError
 
 

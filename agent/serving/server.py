@@ -15,7 +15,8 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from agent.config import HttpConfig, read_secret
+from agent.config import HttpConfig
+from agent.secrets import read_secret
 from agent.serving.connections import Connections
 from agent.serving.http import STOP_GRACE_S, Handler
 from agent.serving.routes import Service

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from agent.config import Config, resolve_secret_path
+from agent.config import Config
 from agent.models.registry import ACTIVE, FAILED, ROLLED_BACK, UPDATING, ModelState, Registry
 from agent.models.runtime import LoadedModel, check_parity, load_model
 from agent.models.store import ModelStore
+from agent.secrets import resolve_secret_path
 from agent.wire.errors import EdgeError, PackageError, ReplayedSerial, StorageFull
 from agent.wire.manifest import Manifest
 from agent.wire.package import check_artifact, verify_package

@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import (
-    DEFAULT_CONFIG_PATH,
-    SECTIONS,
-    load_config,
-    read_secret,
-    resolve_secret_path,
-)
+from agent.config import DEFAULT_CONFIG_PATH, SECTIONS, load_config
+from agent.secrets import read_secret, resolve_secret_path
 from agent.wire.errors import ConfigError
 
 
