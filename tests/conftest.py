@@ -12,6 +12,7 @@ pytest_plugins = [
         "tests.fixtures.broker",
         "tests.fixtures.agent",
         "tests.fixtures.disk",
+        "tests.fixtures.postgres",
     )
     if importlib.util.find_spec(name) is not None
 ]
