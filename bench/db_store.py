@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from agent.wire import payloads  # noqa: E402
-
 from fleet.db import Batch, open_database  # noqa: E402
 
 GOALS = {"sqlite": 50_000.0, "postgresql": 20_000.0}
@@ -148,7 +147,8 @@ def main() -> int:
     for engine, f in figures.items():
         ok = f["store"] >= GOALS[engine]
         missed |= not ok
-        print(f"{engine} store(): {f['store']:,.0f}/s (goal >= {GOALS[engine]:,.0f}/s) {'ok' if ok else 'MISSED'}")
+        verdict = "ok" if ok else "MISSED"
+        print(f"{engine} store(): {f['store']:,.0f}/s (goal >= {GOALS[engine]:,.0f}/s) {verdict}")
     return 1 if missed else 0
 
 
