@@ -11,6 +11,9 @@ receives retained messages, so each exporter still knows every device's online
 state. Counters the exporter sums from health windows (inferences, errors) are
 then partitioned between exporters and add up with ``sum``; everything else is the
 latest value an exporter saw and aggregates with ``max`` (docs/fleet.md).
+
+``--db URL`` adds what the collector stored, read from its database
+(``fleet/exporter_db.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from prometheus_client.core import (
 )
 
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
+from fleet.exporter_db import CollectorFigures
 from fleet.state import DeviceState, FleetState
 
 log = logging.getLogger(__name__)
@@ -51,9 +55,11 @@ _HEALTH_GAUGES: list[tuple[str, str, tuple[str, ...]]] = [
     ("edge_fleet_agent_rss_bytes", "Resident memory of the edge-agent process.", ("memory", "agent_rss")),
     ("edge_fleet_device_disk_free_bytes", "Free space of the agent's state folder.", ("disk_free_bytes",)),
     ("edge_fleet_device_soc_temperature_celsius", "SoC temperature (boards with a thermal zone).", ("soc_temp_c",)),
-    ("edge_fleet_buffer_rows", "Results buffered on the device, not yet forwarded.", ("buffer", "rows")),
-    ("edge_fleet_buffer_bytes", "Bytes of buffered results on the device.", ("buffer", "bytes")),
-    ("edge_fleet_buffer_oldest_age_seconds", "Age of the oldest buffered result.", ("buffer", "oldest_age_s")),
+    # With forward.ack = "collector" a row leaves the device only once a collector
+    # acked it, so the rows are the unacked backlog and the oldest age is the lag.
+    ("edge_fleet_buffer_rows", "Unacked backlog: results the device holds, not yet stored centrally.", ("buffer", "rows")),
+    ("edge_fleet_buffer_bytes", "Bytes of the results the device holds.", ("buffer", "bytes")),
+    ("edge_fleet_buffer_oldest_age_seconds", "Lag: age of the oldest result the device holds.", ("buffer", "oldest_age_s")),
 ]  # fmt: skip
 
 
@@ -77,10 +83,12 @@ class FleetCollector:
         *,
         connected: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.time,
+        figures: CollectorFigures | None = None,
     ) -> None:
         self.fleet = fleet
         self.connected = connected
         self.clock = clock
+        self.figures = figures
         self.messages: dict[str, int] = {"status": 0, "health": 0}
 
     def collect(self) -> Iterator[Metric]:
@@ -89,6 +97,8 @@ class FleetCollector:
         yield from self._device_metrics(devices, now)
         yield from self._model_metrics(devices)
         yield from self._exporter_metrics()
+        if self.figures is not None:
+            yield from self.figures.collect(now)
 
     def _device_metrics(self, devices: list[DeviceState], now: float) -> Iterator[Metric]:
         online = GaugeMetricFamily(
@@ -267,6 +277,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="GROUP",
         help="take health through the MQTT 5 shared subscription $share/GROUP/... (split a fleet between exporters)",
     )
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="also serve what edge-fleet collect stored: sqlite:///PATH or postgresql://...",
+    )
+    parser.add_argument(
+        "--db-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="read the database at most once per S seconds, however often scraped (5)",
+    )
     add_broker_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -283,8 +305,13 @@ def run(args: argparse.Namespace) -> int:
                 f"--share-group: {args.share_group!r} must not contain '/', '+' or '#'"
             )
         health_topic = f"$share/{args.share_group}/{health_topic}"
+    if args.db_interval < 0:
+        raise UsageError(f"--db-interval: {args.db_interval:g} is negative")
+    figures = CollectorFigures(args.db, interval=args.db_interval) if args.db else None
+    if figures is not None:
+        figures.open()  # a bad URL or a missing driver fails now; a database down does not
     fleet = FleetState(topics)
-    collector = FleetCollector(fleet)
+    collector = FleetCollector(fleet, figures=figures)
 
     def on_message(message: mqtt.MQTTMessage) -> None:
         kind = message.topic.rsplit("/", 1)[-1]
@@ -304,6 +331,8 @@ def run(args: argparse.Namespace) -> int:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as e:
         disconnect(client)
+        if figures is not None:
+            figures.close()
         raise EdgeError(f"--listen: {args.listen}: cannot serve: {e.strerror or e}") from None
     bound = server.server_address[1]
     print(
@@ -322,5 +351,7 @@ def run(args: argparse.Namespace) -> int:
         server.server_close()
         thread.join(timeout=5)
         disconnect(client)
+        if figures is not None:
+            figures.close()
     log.info("exporter stopped")
     return 0
