@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.exporter import FleetCollector
 from fleet.state import FleetState
-from tests.fixtures.broker import Broker, free_port
+from tests.fixtures.broker import Broker, Creds, free_port
 from tests.fleet.test_status import broker_args, health_payload, publish, status_payload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,11 +127,17 @@ def test_missing_temperature_and_forgotten_devices_leave_no_series() -> None:
 
 
 @contextlib.contextmanager
-def exporter(broker: Broker, *extra: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`edge-fleet exporter` on a free port; yields the process and its /metrics URL."""
+def exporter(
+    broker: Broker, *extra: str, creds: Creds | None = None
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`edge-fleet exporter` on a free port (as ``creds``, default the operator); yields
+    the process and its /metrics URL."""
+    login = broker_args(broker)
+    if creds is not None:
+        login = ["--broker", broker.operator_url, "--username", creds.username,
+                 "--password-file", str(creds.password_file)]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleet", "exporter", "--listen", "127.0.0.1:0", *extra,
-         *broker_args(broker)],
+        [sys.executable, "-m", "fleet", "exporter", "--listen", "127.0.0.1:0", *extra, *login],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -253,27 +259,44 @@ def test_listen_address_errors(broker: Broker, capsys: pytest.CaptureFixture[str
 
 
 def dashboard_expressions() -> list[str]:
+    """Every PromQL expression (the PostgreSQL panel's SQL is checked in test_exporter_db)."""
     doc = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", []) if "expr" in t]
     exprs += [v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
               for v in doc.get("templating", {}).get("list", []) if v.get("type") == "query"]  # fmt: skip
     return exprs
 
 
-def test_dashboard_uses_only_metrics_the_exporter_serves() -> None:
+def test_dashboard_uses_only_metrics_the_exporter_serves(tmp_path: Path) -> None:
+    from fleet.exporter_db import CollectorFigures
+    from tests.fixtures.collected import stored_fleet
+
     fleet = FleetState()
     fleet.apply("edge/devices/pi-1/status", msg(status_payload("pi-1", "north")), retained=True)
     fleet.apply("edge/devices/pi-1/health", msg(health_payload("pi-1", "north", rows=3)))
-    served = {name for name, _ in scrape_collector(fleet, now=time.time())}
+    # With --db: a collector's database holding results and labels.
+    url = f"sqlite:///{tmp_path / 'collect.db'}"
+    stored_fleet(url, time.time())
+    figures = CollectorFigures(url)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet, figures=figures))
+    served = set(parse(generate_latest(registry).decode()))
+    figures.close()
+    served_names = {name for name, _ in served}
     exprs = dashboard_expressions()
     assert len(exprs) >= 10
     doc = json.loads(DASHBOARD.read_text())
     assert doc["title"] and doc["schemaVersion"] >= 30 and doc["uid"]
-    used = {n for e in exprs for n in re.findall(r"\bedge_fleet_[a-z0-9_]+", e)}
-    assert used, "the dashboard queries no exporter metric"
-    assert used - served == set(), (
-        f"dashboard names metrics the exporter does not serve: {used - served}"
-    )
+    for expr in exprs:  # every panel's query names something the exporter serves
+        names = re.findall(r"\bedge_(?:fleet|collector|model)_[a-z0-9_]+", expr)
+        assert names, f"queries no exporter metric: {expr}"
+        assert set(names) <= served_names, (
+            f"names metrics the exporter does not serve: {set(names) - served_names} in {expr}"
+        )
+    for figure in ("edge_collector_results_stored_total", "edge_collector_delay_seconds",
+                   "edge_collector_last_stored_age_seconds", "edge_model_accuracy",
+                   "edge_fleet_buffer_rows", "edge_fleet_buffer_oldest_age_seconds"):  # fmt: skip
+        assert any(figure in e for e in exprs), f"no panel shows {figure}"
 
 
 @pytest.mark.skipif(
