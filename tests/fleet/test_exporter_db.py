@@ -26,13 +26,6 @@ from tests.fleet.test_status import broker_args, health_payload, publish, status
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'collect.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
 def scrape_with(figures: CollectorFigures, fleet: FleetState | None = None) -> Samples:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(fleet or FleetState(), figures=figures))
