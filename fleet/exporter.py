@@ -6,8 +6,9 @@ disappears from the state disappears from the metrics (no stale label sets linge
 Several exporters can split a large fleet with ``--share-group``: health is then a
 MQTT 5 shared subscription (``$share/GROUP/edge/devices/+/health``) and the broker
 gives each health message to ONE exporter of the group. Status stays an ordinary
-subscription in every exporter: it is retained, and a shared subscription never
-receives retained messages, so each exporter still knows every device's online
+subscription in every exporter: a shared one would give each status change to one
+exporter only, and by MQTT 5 it receives no retained messages (mosquitto 2.0 sends
+them anyway, docs/broker.md), so each exporter still knows every device's online
 state. Counters the exporter sums from health windows (inferences, errors) are
 then partitioned between exporters and add up with ``sum``; everything else is the
 latest value an exporter saw and aggregates with ``max`` (docs/fleet.md).
