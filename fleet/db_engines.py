@@ -188,7 +188,7 @@ class SQLite(Engine):
 
 
 def sqlite_engine(url: str, *, create: bool) -> SQLite:
-    path_text = url.removeprefix("sqlite:///")
+    path_text = url[len("sqlite:///") :] if url[:10].lower() == "sqlite:///" else ""
     if not path_text or path_text == ":memory:" or "?" in path_text:
         raise UsageError(
             f"--db {url!r}: expected sqlite:///relative/path or sqlite:////absolute/path"
