@@ -152,8 +152,10 @@ MIGRATIONS: list[Step] = [
         Index("results", ("model", "version", "time")),
         Index("results", ("time",)),
         # Partial: most results carry no request id, and their inserts skip this index.
-        # A lookup `request_id = ?` implies IS NOT NULL, so both planners use it.
-        Index("results", ("device", "request_id"), where="request_id IS NOT NULL"),
+        # A lookup `request_id = ?` implies IS NOT NULL, so both planners use it; seq
+        # makes it cover the feedback join's max(seq), which SQLite's planner (no
+        # ANALYZE statistics) otherwise answers by scanning the device's primary key.
+        Index("results", ("device", "request_id", "seq"), where="request_id IS NOT NULL"),
         # A device's unjoined feedback, retried with each store(), without a scan.
         Index("feedback", ("device",), where="total IS NULL", suffix="_unjoined"),
         Index("feedback", ("time",)),

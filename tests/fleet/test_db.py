@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from agent.wire.errors import UsageError
 from fleet import db_schema
 from fleet.db import Batch, Database, DatabaseError, DatabaseUnavailable, open_database
 from fleet.db_batch import score
+from fleet.db_engines import engine_for
 from tests.fixtures.postgres import Postgres, free_port
 from tests.fleet.db_rows import T0, feedback, result, rows, store
 
@@ -320,3 +323,23 @@ def test_open_while_postgresql_is_down_is_unavailable(postgres: Postgres) -> Non
     with pytest.raises(DatabaseUnavailable, match="unavailable"):
         open_database(f"postgresql://postgres@127.0.0.1:{free_port()}/fleet")
     assert time.monotonic() - started < 3
+
+
+def test_sqlite_locked_by_another_writer_is_unavailable_then_stores(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fleet.db"
+    open_database(url).close()
+    engine = engine_for(url)
+    engine.busy_timeout_s = 0.2  # type: ignore[attr-defined]
+    db = Database(engine)
+    other = sqlite3.connect(tmp_path / "fleet.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(
+            DatabaseUnavailable, match=r"SQLite database .* is unavailable: database is locked"
+        ):
+            store(db, "pi-1", result(1))
+        other.execute("ROLLBACK")
+        assert store(db, "pi-1", result(1)).inserted == 1
+    finally:
+        other.close()
+        db.close()
