@@ -51,13 +51,13 @@ run edge-model convert model.joblib --name iris --version 1.0.0 --sample sample.
 
 # 2. The central side: a broker with an account each, and the collector.
 run "$ROOT/broker-config/mkconf.sh" --conf-dir broker --data-dir broker/data \
-    --port "$DEV_PORT" --operator-port "$OPS_PORT" --log-dest "file $W/broker/mosquitto.log"
+    --port "$DEV_PORT" --operator-port "$OPS_PORT" --log-dest stderr
 for account in "operator ops" "collector collect-1" "device pi-1 --fleet demo"; do
     # shellcheck disable=SC2086
     run "$ROOT/broker-config/mkcreds.sh" --conf-dir broker --out creds $account
 done
 say "mosquitto -c broker/mosquitto.conf &"
-mosquitto -c broker/mosquitto.conf & pids+=($!)
+mosquitto -c broker/mosquitto.conf 2>broker.log & pids+=($!)
 until_ok 10 "the broker" bash -c "echo > /dev/tcp/127.0.0.1/$OPS_PORT"
 export EDGE_BROKER="mqtt://127.0.0.1:$OPS_PORT"
 say "edge-fleet collect --db sqlite:///$W/results.db --username collect-1 --password-file creds/collect-1.password &"
