@@ -343,3 +343,28 @@ def test_sqlite_locked_by_another_writer_is_unavailable_then_stores(tmp_path: Pa
     finally:
         other.close()
         db.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [[5.1, 3.5, 1.4, 0.2]],
+        {"prediction": ["setosa"], "probabilities": [[0.98, 0.02, 1e-300]]},
+        ["Oslo", "åäö", "日本"],
+        [float("nan"), float("inf"), -0.0],
+        "a\ud800b",  # a lone surrogate: orjson refuses it, the standard encoder takes it
+        [2**70],  # past 64 bits: the same
+        {"nested": {"a": [True, None, 3]}},
+    ],
+)
+def test_json_text_is_the_same_value_with_or_without_orjson(
+    value: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet import db_batch
+
+    fast = db_batch.json_text(value)
+    monkeypatch.setattr(db_batch, "orjson", None)
+    plain = db_batch.json_text(value)
+    assert fast is not None and plain is not None
+    assert json.loads(fast) == json.loads(plain)
+    assert "NaN" not in fast and "Infinity" not in fast  # JSON has no such numbers
