@@ -57,9 +57,11 @@ _MIN_PAUSE_S = 0.005
 _RATE_WINDOW_S = 10.0
 
 
-# After an ack timeout the next wait for an ack doubles, up to this: a device whose
-# collector is down for a day resends its window a few times an hour, not every minute.
+# After an ack timeout the next wait for an ack doubles, up to ten times the configured
+# timeout and at most this: a device whose collector is down for a day resends its
+# window a few times an hour, not every minute, and picks up soon after it returns.
 _ACK_TIMEOUT_MAX_S = 600.0
+_ACK_BACKOFF_FACTOR = 10
 
 
 @dataclass
@@ -346,7 +348,8 @@ class Forwarder:
             " (is `edge-fleet collect` running? forward.ack = \"broker\" deletes on PUBACK)",
             waiting[0].first, waiting[-1].last, self._ack_wait_s,
         )  # fmt: skip
-        self._ack_wait_s = min(_ACK_TIMEOUT_MAX_S, self._ack_wait_s * 2)
+        cap = min(_ACK_TIMEOUT_MAX_S, self.ack_timeout_s * _ACK_BACKOFF_FACTOR)
+        self._ack_wait_s = min(max(cap, self.ack_timeout_s), self._ack_wait_s * 2)
         return True
 
     def _rewind(self, now: float, *, backoff: bool) -> None:
