@@ -22,7 +22,13 @@ from agent.wire.errors import run_command
 
 PROG = "edge-fleet"
 # Modules holding subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ("fleet.publish", "fleet.status", "fleet.exporter", "fleet.results")
+COMMAND_MODULES = (
+    "fleet.publish",
+    "fleet.status",
+    "fleet.exporter",
+    "fleet.collect",
+    "fleet.results",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
