@@ -16,13 +16,13 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from agent.wire.errors import EdgeError, UsageError
+from agent.wire.errors import BrokerUnavailable, EdgeError, UsageError
 from agent.wire.names import name_problem
 from prometheus_client import start_http_server
 
 from fleet.collect_metrics import CollectorMetrics
 from fleet.collector import DEFAULT_GROUP, SESSION_EXPIRY_S, Collector, Settings, default_client_id
-from fleet.connection import add_broker_arguments, broker_options
+from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
 from fleet.db import Database, DatabaseUnavailable, open_database
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,38 @@ def _open(url: str, stop: threading.Event) -> Database | None:
         delay = min(delay * 2, 30.0)
 
 
+def _connected(
+    options: BrokerOptions, database: Database, settings: Settings,
+    metrics: CollectorMetrics, stop: threading.Event,
+) -> Collector | None:  # fmt: skip
+    """A started collector, waiting while the broker cannot be reached (a service comes
+    up before or after its broker); None when stopped meanwhile. Refusals that waiting
+    cannot fix (bad credentials, TLS) still end the command."""
+    delay = 0.5
+    logged = False
+    while True:
+        collector = Collector(options, database, settings, metrics)
+        try:
+            collector.start()
+            return collector
+        except BrokerUnavailable as e:
+            if not _transient(e):
+                raise
+            if not logged:
+                log.warning("collector: %s; waiting for the broker", e)
+                logged = True
+        if stop.wait(delay):
+            return None
+        delay = min(delay * 2, 30.0)
+
+
+def _transient(e: BrokerUnavailable) -> bool:
+    """The broker is not there (yet): no TCP connection, or no CONNACK in time. A CONNACK
+    that refuses the account, or a failed TLS handshake, is not transient."""
+    text = str(e)
+    return ": cannot connect: " in text or "no answer to CONNECT" in text
+
+
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     options = broker_options(args)
@@ -192,9 +224,11 @@ def run(args: argparse.Namespace) -> int:
     database = _open(args.db, stop)
     if database is None:
         return 0
-    collector = Collector(options, database, settings, metrics)
+    collector = _connected(options, database, settings, metrics, stop)
+    if collector is None:
+        database.close()
+        return 0
     try:
-        collector.start()
         log.info(
             "collector: storing into %s as %s (group %s%s)",
             redact(args.db), settings.client_id, settings.group,

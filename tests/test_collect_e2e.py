@@ -10,6 +10,7 @@ database exactly once, and the device's buffer is empty (everything acknowledged
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -58,7 +59,7 @@ class CollectorProcess:
         return self.proc.wait(30)
 
     def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+        return self.log.read_text(errors="replace")[-8000:]
 
 
 class Traffic:
@@ -148,28 +149,33 @@ def test_kill_9_of_collector_broker_and_agent_loses_and_doubles_nothing(
         packages=[iris_package],
     )  # fmt: skip
 
+    def progress(what: str, more: int = 200) -> None:
+        """Wait until the restarted part carries the flow again: more results stored."""
+        before = len(stored(postgres, database))
+        wait(lambda: len(stored(postgres, database)) >= before + more, 90, what)
+
     with Traffic(agent) as traffic:
         wait(lambda: len(stored(postgres, database)) >= 50, 60, "first results stored")
 
         collector.kill()  # mid-transaction or mid-ack: the broker keeps its session
-        time.sleep(2)
+        time.sleep(1)
         collector.start()
-        wait(lambda: len(traffic.answered) >= 400, 60, "traffic after the collector's kill")
+        progress("results stored after the collector's kill")
 
         broker.kill()  # what it held in memory is gone; the devices still have the rows
-        time.sleep(2)
+        time.sleep(1)
         broker.start()
-        wait(lambda: len(traffic.answered) >= 800, 60, "traffic after the broker's kill")
+        progress("results stored after the broker's kill")
 
         agent.kill()  # committed rows outlive the process; unanswered requests do not count
         agent.start()
-        wait(lambda: len(traffic.answered) >= 1200, 60, "traffic after the agent's kill")
+        progress("results stored after the agent's kill")
 
         postgres.stop()  # the database away for a while: nothing is acked meanwhile
         time.sleep(4)
         assert agent.status()["buffer"]["rows"] > 0
         postgres.start()
-        wait(lambda: len(traffic.answered) >= 1500, 60, "traffic after the database's return")
+        progress("results stored after the database's return")
 
     answered = set(traffic.answered)
     assert len(answered) == len(traffic.answered)
@@ -193,4 +199,37 @@ def test_kill_9_of_collector_broker_and_agent_loses_and_doubles_nothing(
         "SELECT count(*), count(DISTINCT (device, seq)) FROM results", database
     )
     assert rows == distinct
+    assert collector.stop() == 0
+
+
+def test_a_collector_started_before_its_broker_waits_for_it(
+    broker: Broker, tmp_path: Path, collectors: list[CollectorProcess]
+) -> None:
+    from agent.wire import payloads
+
+    creds = broker.add_collector("central")
+    db = f"sqlite:///{tmp_path / 'results.db'}"
+    collector = CollectorProcess(broker, creds, db, tmp_path / "collect.log", "collect-1")
+    collectors.append(collector)
+    broker.stop()
+    collector.start()
+    time.sleep(3)
+    assert collector.proc is not None and collector.proc.poll() is None, collector.tail()
+    assert "waiting for the broker" in collector.tail()
+    broker.start()
+    device = broker.add_device("pi-1", fleet="f1")
+    acks = broker.subscribe("edge/devices/pi-1/results/ack")
+    client = broker.client(device)
+    row = payloads.result_json(
+        1, t=time.time(), model="m", version="1", inputs="[1]", outputs='{"prediction":[1]}',
+        latency_ms=0.1,
+    )  # fmt: skip
+    body = payloads.results_head("pi-1") + row.encode() + payloads.RESULTS_TAIL
+    deadline = time.monotonic() + 30
+    while not acks.messages and time.monotonic() < deadline:
+        client.publish("edge/devices/pi-1/results", body, qos=1)  # until it is subscribed
+        time.sleep(0.5)
+    client.disconnect()
+    assert acks.messages, collector.tail()
+    assert payloads.ack_ranges(json.loads(acks.messages[0].payload)) == [(1, 1)]
     assert collector.stop() == 0
