@@ -77,6 +77,10 @@ forward = _load_forward()
 # --- the parts ---------------------------------------------------------------------
 
 
+# Extra `edge-fleet collect` options for every collector of the run (--collector-args).
+EXTRA_ARGS: list[str] = []
+
+
 class Collector:
     """``edge-fleet collect`` as a process; the same client id keeps its session."""
 
@@ -86,8 +90,12 @@ class Collector:
             PY, "-m", "fleet", "collect", "--db", db, "--broker", broker.operator_url,
             "--username", creds.username, "--password-file", str(creds.password_file),
             "--client-id", name, "--metrics", f"127.0.0.1:{self.metrics_port}",
+            # A group of its own: a stopped collector's session keeps its share of its
+            # group's stream (mosquitto 2.0 does not skip offline members).
+            "--group", name, *EXTRA_ARGS,
         ]  # fmt: skip
         self.log = log
+        self.creds, self.name = creds, name
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -115,6 +123,19 @@ class Collector:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def forget(self, broker: Broker) -> None:
+        """End the session at the broker: each group gets a copy of the stream, and a
+        stopped collector's session would be queued every later phase's results."""
+        self.stop()
+        client = broker.client(self.creds, connect=False, client_id=self.name)
+        done = threading.Event()
+        client.on_connect = lambda *a: done.set()
+        client.connect("127.0.0.1", broker.port_for(self.creds), clean_start=True)
+        client.loop_start()
+        done.wait(10)
+        client.disconnect()
+        client.loop_stop()
 
 
 class Db:
@@ -151,12 +172,20 @@ class Db:
         )
         return int(n or 0), float(first or 0), float(last or 0)
 
-    def wait_count(self, n: int, where: str = "TRUE", timeout: float = 600) -> None:
+    def stored(self, devices: str) -> int:
+        """Results stored for devices LIKE ``devices``, from the collector's summary
+        table (counting the results table while it grows would load the machine)."""
+        (n,) = self.one(f"SELECT sum(results_stored) FROM devices WHERE device LIKE '{devices}'")[
+            :1
+        ]
+        return int(n or 0)
+
+    def wait_count(self, n: int, devices: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
-        while self.span(where)[0] < n:
+        while (got := self.stored(devices)) < n:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"only {self.span(where)[0]} of {n} results stored")
-            time.sleep(0.2)
+                raise TimeoutError(f"only {got} of {n} results stored")
+            time.sleep(0.5)
 
     def delays(self, where: str) -> list[float]:
         conn = self._connect()
@@ -252,10 +281,10 @@ def collector_alone(
     db = Db(url)
     t0 = time.monotonic()
     collector.start()
-    db.wait_count(total)
+    db.wait_count(total, "dev-%")
     wall = time.monotonic() - t0
-    collector.stop()
-    n, first, last = db.span()
+    collector.forget(broker)
+    n, first, last = db.span("device LIKE 'dev-%'")
     return n / max(last - first, 1e-6), wall
 
 
@@ -279,7 +308,7 @@ def agents_draining(
     db = Db(url)
     where = "device LIKE '" + engine + "-agent-%'"
     try:
-        db.wait_count(agents * rows, where)
+        db.wait_count(agents * rows, f"{engine}-agent-%")
         deadline = time.monotonic() + 120
         while any(buffer_rows(port) > 0 for _, port in procs) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -287,7 +316,7 @@ def agents_draining(
     finally:
         for proc, _ in procs:
             forward.stop_agent(proc)
-        collector.stop()
+        collector.forget(broker)
     n, first, last = db.span(where)
     return n / max(last - first, 1e-6), drained
 
@@ -323,11 +352,11 @@ def steady_load(
                 r.read()
             sent += 1
         where = f"device = '{name}' AND request_id LIKE 'steady-%'"
-        db.wait_count(sent, where, timeout=60)
+        db.wait_count(sent, name, timeout=60)
         return db.delays(where)
     finally:
         forward.stop_agent(proc)
-        collector.stop()
+        collector.forget(broker)
 
 
 def predict_slowdown(
@@ -376,7 +405,7 @@ def predict_slowdown(
         after = [forward.wrk(target, script, 8, 1) for _ in range(max(4, len(during)))]
     finally:
         forward.stop_agent(proc)
-        collector.stop()
+        collector.forget(broker)
     base = statistics.median(after)
     under = statistics.median(during) if during else float("nan")
     return under, base, during, after, drained[0] if drained else float("nan")
@@ -400,14 +429,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="steady load duration")
     p.add_argument("--engines", default="sqlite,postgresql")
     p.add_argument("--no-slowdown", action="store_true", help="skip the wrk /predict part")
+    p.add_argument(
+        "--autosave-changes", type=int, default=1,
+        help="the broker's mkconf.sh --autosave-changes (1, as shipped: the whole"
+        " persistence file is rewritten after every change)",
+    )  # fmt: skip
+    p.add_argument("--collector-args", default="", help="extra edge-fleet collect options")
     args = p.parse_args(argv)
+    EXTRA_ARGS.extend(args.collector_args.split())
     engines = [e for e in args.engines.split(",") if e]
 
     work = Path(tempfile.mkdtemp(prefix="edge-bench-collect-"))
     work.chmod(0o755)
     package, row = forward.build_package(work)
     body = {"features": [row]}
-    broker = Broker()
+    broker = Broker(autosave_changes=args.autosave_changes)
     creds = broker.add_collector("bench-collect")
     postgres = Postgres() if "postgresql" in engines else None
     figures: dict[str, Figures] = {}

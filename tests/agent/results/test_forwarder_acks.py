@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 from prometheus_client import generate_latest
 
 from agent.config import Config
 from agent.wire import payloads
-from tests.agent.results.test_forwarder import Agent, fill, make_config
+from tests.agent.results.conftest import Agent, fill, make_config
 from tests.fixtures.broker import Broker
 
 
@@ -64,14 +63,6 @@ class Peer:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-@pytest.fixture
-def agents() -> Iterator[list[Agent]]:
-    made: list[Agent] = []
-    yield made
-    for a in made:
-        a.stop()
 
 
 def collector_config(broker: Broker, device: str, timeout_s: float = 60.0) -> Config:
