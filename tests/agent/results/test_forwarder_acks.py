@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from prometheus_client import generate_latest
 
 from agent.config import Config
@@ -34,13 +36,19 @@ class Peer:
         self.answer = True
         self.seen: list[tuple[int, int]] = []
         self.lock = threading.Lock()
-        self.client = broker.client(connect=False)
+        self.client = broker.client(connect=False, client_id=f"peer-{device}")
         subscribed = threading.Event()
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *a: subscribed.set()
-        # In on_connect, so the subscription outlives a broker restart.
+        # In on_connect, and a persistent session, as a collector has: what the device
+        # sends while the peer reconnects after a broker restart is queued for it.
         self.client.on_connect = lambda c, *a: c.subscribe(self.topic, qos=1)
-        self.client.connect("127.0.0.1", broker.port_for(broker.operator), keepalive=30)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(
+            "127.0.0.1", broker.port_for(broker.operator), keepalive=30, clean_start=False,
+            properties=props,
+        )  # fmt: skip
         self.client.loop_start()
         assert subscribed.wait(10)
 
