@@ -278,10 +278,13 @@ class MqttClient:
 
     def subscribe(self, topic: str, qos: int, handler: Handler) -> None:
         """Receive ``topic`` (a filter) now and after every reconnect; ``handler(Message)``."""
+        self._client.message_callback_add(topic, dispatcher(topic, handler))
+        # on_connect lists the topics and marks the link up under the same lock: a topic
+        # added meanwhile is in that list or subscribes here (twice is harmless).
         with self._lock:
             self._subs[topic] = (qos, handler)
-        self._client.message_callback_add(topic, dispatcher(topic, handler))
-        if self.connected:
+            up = self.connected
+        if up:
             self._client.subscribe(topic, qos=qos)
 
     def unsubscribe(self, topic: str) -> None:
@@ -350,6 +353,7 @@ class MqttClient:
             self._ever_connected = True
             with self._lock:
                 subs = list(self._subs.items())
+                self._connected.set()  # see subscribe()
             for topic, (qos, _) in subs:
                 client.subscribe(topic, qos=qos)
             self._set_connected(True)
