@@ -289,24 +289,17 @@ class ResultBuffer:
         return JsonBatch(first, last, count, text) if count else None
 
     def mark_sent_range(self, first: int, last: int) -> bool:
-        """Delete every row with ``first <= seq <= last``: they were delivered.
+        """Delete every row with ``first <= seq <= last``: they were delivered."""
+        return self.mark_sent_ranges([(first, last)])
+
+    def mark_sent_ranges(self, ranges: list[tuple[int, int]]) -> bool:
+        """Delete the rows of every range, in one transaction (one SD card write).
 
         False when the disk is too full to delete. The rows are then remembered as
         delivered: not backlog in ``stats``, not sent again while the agent runs, and
         deleted with the next write that succeeds, or by ``retry_deletes`` (after a
         restart they are sent again; consumers drop duplicates by seq).
         """
-        with self._write_lock:
-            if self._delete(lambda: self._delete_range(first, last)):
-                return True
-            self._undeleted.append((first, last))
-            self._undeleted_rows, self._undeleted_bytes = self._count_ranges(self._undeleted)
-            return False
-
-    def mark_sent_ranges(self, ranges: list[tuple[int, int]]) -> bool:
-        """``mark_sent_range`` for several ranges in one transaction (one SD card write)."""
-        if len(ranges) == 1:
-            return self.mark_sent_range(*ranges[0])
 
         def delete_all() -> None:
             for first, last in ranges:
