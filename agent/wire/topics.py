@@ -25,6 +25,16 @@ class Topics:
     def device_history(self, device: str, model: str) -> str:
         return f"{self.prefix}/devices/{device}/models/{model}/history"
 
+    def fleet_rollout(self, fleet: str, model: str) -> str:
+        """Operator -> operators: a self-driving rollout's plan and progress (retained;
+        devices never read it: they follow the signed desired state alone)."""
+        return f"{self.prefix}/fleets/{fleet}/models/{model}/rollout"
+
+    def enrolment(self, device: str) -> str:
+        """Operator -> operators: the device's enrolment record (fleet, tags; retained),
+        so a publish can tell a typo from a device that has not connected yet."""
+        return f"{self.prefix}/devices/{device}/enrolment"
+
     def artifact_chunk(self, sha256: str, index: int) -> str:
         return f"{self.prefix}/artifacts/{sha256}/{index}"
 
@@ -69,6 +79,12 @@ class Topics:
 
     def all_events(self) -> str:
         return f"{self.prefix}/devices/+/events"
+
+    def all_rollouts(self) -> str:
+        return f"{self.prefix}/fleets/+/models/+/rollout"
+
+    def all_enrolments(self) -> str:
+        return f"{self.prefix}/devices/+/enrolment"
 
     def all_results(self) -> str:
         return f"{self.prefix}/devices/+/results"
