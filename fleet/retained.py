@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -26,6 +25,7 @@ from agent.wire.times import rfc3339
 from agent.wire.topics import Topics
 
 from fleet.connection import BrokerOptions, connect, disconnect
+from fleet.term import Progress
 
 log = logging.getLogger(__name__)
 
@@ -247,24 +247,3 @@ def upload_artifact(session: Session, path: Path, sha256: str, chunk_size: int) 
     session.wait(in_flight, f"chunks of {sha256[:12]}")
     bar.done()
     return chunks
-
-
-class Progress:
-    """A one-line progress bar on stderr (redrawn on a terminal, one line otherwise)."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.start = label, total, time.monotonic()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        if self.tty:
-            width = 30
-            filled = int(width * done / max(1, self.total))
-            bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r{self.label} [{bar}] {done / 1e6:.1f}/{self.total / 1e6:.1f} MB")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        took = time.monotonic() - self.start
-        end = "\n" if self.tty else ""
-        sys.stderr.write(f"{end}{self.label}: {self.total / 1e6:.1f} MB in {took:.1f} s\n")
