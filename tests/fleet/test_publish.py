@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,27 +19,7 @@ from fleet.retained import Session
 from tests.delivery_helpers import operator
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
-
-
-def cli(broker: Broker, keypair: Keypair, *args: str, creds: Any = None) -> list[str]:
-    creds = creds or broker.operator
-    url = broker.operator_url if creds.role == "operator" else broker.url
-    return [*args, "--broker", url, "--username", creds.username,
-            "--password-file", str(creds.password_file),
-            *(["--signing-key", str(keypair.key)] if args[0] != "gc" else [])]  # fmt: skip
-
-
-def retained(broker: Broker, *filters: str) -> dict[str, bytes]:
-    s = Session(operator(broker), "test")
-    try:
-        return s.read_retained(list(filters))
-    finally:
-        s.close()
-
-
-def desired(broker: Broker, fleet: str = "f1", model: str = "iris") -> dict[str, Any]:
-    topic = f"edge/fleets/{fleet}/models/{model}/desired"
-    return dict(json.loads(retained(broker, topic)[topic]))
+from tests.fleet.publish_helpers import cli, desired, retained
 
 
 def test_publish_uploads_chunks_and_retains_a_signed_desired_manifest(
