@@ -117,6 +117,31 @@ def _chunks_needed(artifact: dict[str, Any]) -> int | None:
         return None
 
 
+def _mismatches(prefix: str, refs: dict[str, bytes], chunks: dict[str, bytes]) -> list[str]:
+    """Desired manifests whose chunk size is not the retained one: left by an edge-fleet
+    from before chunk sizes were fixed, they cannot be installed by a new device."""
+    out = []
+    for topic, payload in sorted(refs.items()):
+        if not topic.endswith("/desired"):
+            continue
+        for m in _manifests([payload]):
+            art = m["artifact"]
+            first = chunks.get(f"{prefix}/artifacts/{art.get('sha256')}/0")
+            try:
+                want = min(int(art["chunk_size"]), int(art["size"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if first is not None and len(first) != want:
+                kind, name = topic[len(prefix) + 1 :].split("/")[:2]
+                out.append(
+                    f"{kind.rstrip('s')} {name}: desired {m.get('name')} {m.get('version')} "
+                    f"says chunks of {art['chunk_size']} bytes, the broker holds chunks of "
+                    f"{len(first)}: new devices cannot install it; `edge-fleet rollout` "
+                    "(or publish) re-signs it with the retained size"
+                )
+    return out
+
+
 def collect(session: Session, *, dry_run: bool, report: Report) -> dict[str, Any]:
     """Clear chunks of unreferenced artifacts and chunk indices no manifest needs."""
     t = session.topics
@@ -140,6 +165,8 @@ def collect(session: Session, *, dry_run: bool, report: Report) -> dict[str, Any
         elif index.isdigit() and int(index) >= need[sha]:
             stale.append(topic)
     artifacts = sorted({topic.split("/")[-2] for topic in orphans})
+    for warning in _mismatches(t.prefix, refs, chunks):
+        report.warn(warning)
     if not dry_run:
         session.wait([session.publish(topic, b"") for topic in orphans + stale], "clearing chunks")
     verb = "would clear" if dry_run else "cleared"

@@ -83,3 +83,34 @@ def test_gc_clears_chunks_beyond_what_the_manifests_need(
     assert main(cli(broker, keypair, "gc")) == 0
     assert set(chunk_lengths(broker, sha)) == {0, 1, 2}
     assert f"cleared 0 artifacts (0 chunks), and {stale} stale chunks" in capsys.readouterr().out
+
+
+def test_a_manifest_left_naming_another_chunk_size_is_found_by_gc_and_repaired_by_rollout(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The broken state an earlier edge-fleet left: fleet "old" was published in 64-byte
+    # chunks, then the same artifact went to "f1" in 256-byte chunks over them.
+    from fleet.retained import ModelState, Target, publish_desired, sign_desired
+
+    manifest = read_manifest(iris_package)
+    s = Session(operator(broker), "test")
+    try:
+        upload_artifact(s, iris_package / "model.onnx", manifest.artifact.sha256, 256)
+        signed = sign_desired(manifest.to_dict(), serial=1, chunk_size=64,
+                              target=Target(fleet="old"), percent=100, key=keypair.key)  # fmt: skip
+        publish_desired(s, Target(fleet="old"), signed, ModelState())
+    finally:
+        s.close()
+    assert main(cli(broker, keypair, "gc", "--dry-run")) == 0
+    err = capsys.readouterr().err
+    assert (
+        "warning: fleet old: desired iris 1.0.0 says chunks of 64 bytes, the broker holds "
+        "chunks of 256: new devices cannot install it"
+    ) in err
+    assert main(cli(broker, keypair, "rollout", "iris", "--fleet", "old", "--percent", "100")) == 0
+    assert "said chunks of 64 bytes, the broker holds chunks of 256: re-signed with 256" in (
+        capsys.readouterr().err
+    )
+    assert desired(broker, "old")["artifact"]["chunk_size"] == 256
+    assert main(cli(broker, keypair, "gc", "--dry-run")) == 0
+    assert "new devices cannot install it" not in capsys.readouterr().err
