@@ -41,10 +41,10 @@ from agent.wire.package import check_artifact, open_package, read_manifest
 from agent.wire.signing import key_id, load_private_key, verify_signature
 
 from fleet.artifacts import chunk_size_for, collect, ensure_artifact, retained_layout
-from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
-from fleet.report import Report
+from fleet.connection import BrokerOptions, add_broker_arguments
+from fleet.report import Report, output_arguments, run_reported
 from fleet.retained import Session, Target, publish_desired, read_model_state, sign_desired
-from fleet.targets import check_targets, check_trust, read_known
+from fleet.targets import check_targets, check_trust, parse_where, read_known, where_argument
 
 # --- arguments --------------------------------------------------------------------
 
@@ -65,17 +65,6 @@ def _check_percent(percent: float) -> float:
     if not 0 <= percent <= 100:
         raise UsageError(f"--rollout/--percent: {percent:g} is not 0..100")
     return percent
-
-
-def parse_where(items: Sequence[str]) -> dict[str, str]:
-    """``["ring=canary", "site=north"]`` -> a tag selection; names as the wire allows them."""
-    where: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--where: {item!r} is not TAG=VALUE (e.g. ring=canary)")
-        where[_name("--where tag", key.strip())] = _name("--where value", value.strip())
-    return where
 
 
 def _where_text(where: Mapping[str, str] | None) -> str:
@@ -325,28 +314,6 @@ def key_argument(parser: argparse.ArgumentParser, *, required: bool = True) -> N
         type=Path,
         help="the publisher's ed25519 private key (edge-model keygen) [$EDGE_SIGNING_KEY]",
     )
-
-
-def output_arguments(parser: argparse.ArgumentParser, *, strict: bool = False) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="one JSON document on stdout (messages stay on stderr)")  # fmt: skip
-    if strict:
-        parser.add_argument("--strict", action="store_true",
-                            help="refuse an unknown fleet/device, unmatched --where or a "
-                                 "signing key no targeted device trusts (default: warn)")  # fmt: skip
-
-
-def where_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--where", action="append", default=[], metavar="TAG=VALUE",
-                        help="only devices with this tag (repeatable: all must match)")  # fmt: skip
-
-
-def run_reported(args: argparse.Namespace, action: Any) -> int:
-    """Run ``action(options, report)`` and print the JSON document with ``--json``."""
-    report = Report(json=bool(getattr(args, "json", False)))
-    action(broker_options(args), report)
-    report.finish()
-    return 0
 
 
 def _rollback_command(a: argparse.Namespace, o: BrokerOptions, report: Report) -> Any:

@@ -9,10 +9,13 @@ stderr. With ``--json`` stdout holds only the JSON document printed at the end
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.connection import BrokerOptions, broker_options
 from fleet.term import print_json
 
 
@@ -38,3 +41,24 @@ class Report:
         """Print the JSON document when asked for one (``--json``)."""
         if self.json:
             print_json({"schema": 1, **self.facts, "warnings": self.warnings})
+
+
+# --- the command-line side ---------------------------------------------------------
+
+
+def output_arguments(parser: argparse.ArgumentParser, *, strict: bool = False) -> None:
+    """``--json`` (and ``--strict`` for the commands that check their targets first)."""
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON document on stdout (messages stay on stderr)")  # fmt: skip
+    if strict:
+        parser.add_argument("--strict", action="store_true",
+                            help="refuse an unknown fleet/device, unmatched --where or a "
+                                 "signing key no targeted device trusts (default: warn)")  # fmt: skip
+
+
+def run_reported(args: argparse.Namespace, action: Callable[[BrokerOptions, Report], Any]) -> int:
+    """Run ``action(options, report)`` and print the JSON document with ``--json``."""
+    report = Report(json=bool(getattr(args, "json", False)))
+    action(broker_options(args), report)
+    report.finish()
+    return 0

@@ -12,13 +12,15 @@ for a signing key none of the targeted devices trusts (the status lists the ids 
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.wire.errors import EdgeError
+from agent.wire.errors import EdgeError, UsageError
+from agent.wire.names import name_problem
 
 from fleet.report import Report
 from fleet.retained import Session
@@ -67,6 +69,26 @@ class Known:
             return [self.devices[d] for d in devices if d in self.devices]
         group = [d for d in self.devices.values() if d.fleet == fleet]
         return [d for d in group if not where or d.matches(where) is not False]
+
+
+def parse_where(items: Sequence[str]) -> dict[str, str]:
+    """``["ring=canary", "site=north"]`` -> a tag selection; names as the wire allows them."""
+    where: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--where: {item!r} is not TAG=VALUE (e.g. ring=canary)")
+        for flag, name in (("--where tag", key.strip()), ("--where value", value.strip())):
+            problem = name_problem(flag, name)
+            if problem:
+                raise UsageError(problem)
+        where[key.strip()] = value.strip()
+    return where
+
+
+def where_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--where", action="append", default=[], metavar="TAG=VALUE",
+                        help="only devices with this tag (repeatable: all must match)")  # fmt: skip
 
 
 def _strings(value: Any) -> tuple[str, ...] | None:

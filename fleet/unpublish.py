@@ -18,8 +18,7 @@ from agent.wire.errors import PackageError, UsageError
 from agent.wire.names import check_name
 
 from fleet.connection import BrokerOptions, add_broker_arguments
-from fleet.publish import output_arguments, run_reported
-from fleet.report import Report
+from fleet.report import Report, output_arguments, run_reported
 from fleet.retained import Session, Target, read_model_state
 from fleet.targets import read_known
 
