@@ -25,6 +25,7 @@ PROG = "edge-fleet"
 COMMAND_MODULES = (
     "fleet.publish",
     "fleet.rollouts",
+    "fleet.unpublish",
     "fleet.status",
     "fleet.exporter",
     "fleet.collect",

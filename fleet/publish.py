@@ -2,11 +2,12 @@
 
 Everything lives in retained messages, so no other service keeps state:
 
-- ``{prefix}/artifacts/{sha256}/{index}``: the artifact's chunks (QoS 1, retained).
+- ``{prefix}/artifacts/{sha256}/{index}``: the artifact's chunks (QoS 1, retained), one
+  chunk size per artifact whatever fleet it goes to (``fleet/artifacts.py``).
 - ``{prefix}/fleets/{F}/models/{M}/desired`` (or ``devices/{ID}/...``): the manifest,
   re-signed by the publisher with a fresh ``serial``, ``issued_at``, ``artifact.chunk_size``
-  and, for a fleet, ``rollout: {percent, salt}`` INSIDE the signed body: nobody without
-  the key can widen a rollout, and a device refuses an old rollout replayed.
+  and, for a fleet, ``rollout: {percent, salt, where?}`` INSIDE the signed body: nobody
+  without the key can widen a rollout, and a device refuses an old rollout replayed.
 - ``{prefix}/fleets/{F}/models/{M}/history`` (or ``devices/{ID}/...``): the unsigned
   manifests published there before, newest last (``HISTORY_KEEP`` of them), so
   ``rollback`` can re-sign an older one. Devices cannot read it (ACL) and need not.
@@ -14,16 +15,16 @@ Everything lives in retained messages, so no other service keeps state:
 Serials are per model name and grow across every target (a device sees both its
 fleet's and its own desired state), so each new manifest takes one above every
 serial retained for that model anywhere. The salt is ``{fleet}/{model}``: widening
-10% -> 50% keeps the first 10% in.
+10% -> 50% keeps the first 10% in. Before anything is sent, ``fleet/targets.py`` checks
+that someone is there to receive it (``--strict`` refuses otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +37,16 @@ from agent.wire.manifest import (
     parse_manifest,
 )
 from agent.wire.names import check_name
-from agent.wire.package import check_artifact, read_manifest
+from agent.wire.package import check_artifact, open_package, read_manifest
 from agent.wire.signing import key_id, load_private_key, verify_signature
 
+from fleet.artifacts import chunk_size_for, collect, ensure_artifact, retained_layout
 from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
-from fleet.retained import (
-    Session,
-    Target,
-    artifact_retained,
-    publish_desired,
-    read_model_state,
-    sign_desired,
-    upload_artifact,
-)
+from fleet.report import Report
+from fleet.retained import Session, Target, publish_desired, read_model_state, sign_desired
+from fleet.targets import check_targets, check_trust, read_known
 
-# --- commands ---------------------------------------------------------------------
+# --- arguments --------------------------------------------------------------------
 
 
 def _name(flag: str, value: str) -> str:
@@ -71,16 +67,62 @@ def _check_percent(percent: float) -> float:
     return percent
 
 
-def verify_local(package: Path, key: Path) -> Manifest:
-    """Manifest, artifact size and sha256; a signature by this key must hold."""
+def parse_where(items: Sequence[str]) -> dict[str, str]:
+    """``["ring=canary", "site=north"]`` -> a tag selection; names as the wire allows them."""
+    where: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--where: {item!r} is not TAG=VALUE (e.g. ring=canary)")
+        where[_name("--where tag", key.strip())] = _name("--where value", value.strip())
+    return where
+
+
+def _where_text(where: Mapping[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((where or {}).items()))
+
+
+def _signing_key_id(key: Path) -> str:
+    return key_id(load_private_key(key).public_key())
+
+
+def verify_local(package: Path, key: Path, report: Report | None = None) -> Manifest:
+    """Manifest, artifact size and sha256; a signature by this key must hold.
+
+    A package signed by another key (a data scientist's, a former publisher's) is
+    re-signed with ``key``: said out loud, since the devices judge the new signature."""
     manifest = read_manifest(package)
     check_artifact(package, manifest)
-    private = load_private_key(key)
-    public = private.public_key()
+    public = load_private_key(key).public_key()
     sig = manifest.signature
     if sig is not None and sig.get("key_id") == key_id(public):
         verify_signature(manifest, {key_id(public): public})
+    elif sig is not None and report is not None:
+        report.warn(f"package signed by key {sig.get('key_id')}; re-signing with {key_id(public)}")
     return manifest
+
+
+def _desired_line(model: str, version: str, target: Target, signed: dict[str, Any]) -> str:
+    tail = ""
+    if "rollout" in signed:
+        rollout = signed["rollout"]
+        where = _where_text(rollout.get("where"))
+        tail = f", rollout {rollout['percent']:g}%" + (f" where {where}" if where else "")
+    return f"{model} {version}: desired for {target} (serial {signed['serial']}{tail})"
+
+
+def _published(target: Target, topic: str, signed: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "fleet": target.fleet,
+        "device": target.device,
+        "topic": topic,
+        "version": signed["version"],
+        "serial": signed["serial"],
+        "rollout": signed.get("rollout"),
+    }
+
+
+# --- commands ---------------------------------------------------------------------
 
 
 def publish(
@@ -92,67 +134,111 @@ def publish(
     percent: float = 100,
     key: Path,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    where: Mapping[str, str] | None = None,
+    strict: bool = False,
+    report: Report | None = None,
 ) -> list[dict[str, Any]]:
     """Upload the artifact (unless retained already) and set the desired state; returns
-    the signed manifests published, one per target."""
+    the signed manifests published, one per target. ``package``: a folder or a .tar."""
+    report = report or Report()
     targets = _targets(fleet, devices)
     _check_percent(percent)
+    if where and devices:
+        raise UsageError("--where: selects devices of a fleet; a --device publish names them")
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise UsageError(f"--chunk-size: {chunk_size} is not {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
-    manifest = verify_local(package, key)
-    art = manifest.artifact
-    session = Session(options, "publish")
-    try:
-        state = read_model_state(session, manifest.name)
-        if artifact_retained(session, art.sha256, art.size, chunk_size):
-            print(f"artifact {art.sha256[:12]} is already on the broker", file=sys.stderr)
-        else:
-            upload_artifact(session, package / art.file, art.sha256, chunk_size)
-        serial = max(state.max_serial(), manifest.serial - 1)
-        out = []
-        for target in targets:
-            serial += 1
-            signed = sign_desired(
-                manifest.to_dict(),
-                serial=serial,
-                chunk_size=chunk_size,
-                target=target,
-                percent=percent,
-                key=key,
+    kid = _signing_key_id(key)
+    with tempfile.TemporaryDirectory(prefix="edge-fleet-package-") as scratch:
+        folder = open_package(package, Path(scratch))
+        manifest = verify_local(folder, key, report)
+        art = manifest.artifact
+        session = Session(options, "publish")
+        try:
+            known = read_known(session)
+            check_targets(known, fleet=fleet, devices=devices, where=where, strict=strict,
+                          report=report)  # fmt: skip
+            check_trust(known, kid, fleet=fleet, devices=devices, where=where, strict=strict,
+                        report=report)  # fmt: skip
+            state = read_model_state(session, manifest.name)
+            chunk_size, uploaded = ensure_artifact(
+                session, folder / art.file, art.sha256, art.size, wanted=chunk_size, report=report
             )
-            publish_desired(session, target, signed, state)
-            out.append(signed)
-            print(f"{manifest.name} {manifest.version}: desired for {target} (serial {serial}"
-                  + (f", rollout {percent:g}%" if "rollout" in signed else "") + ")")  # fmt: skip
-        return out
-    finally:
-        session.close()
+            serial = max(state.max_serial(), manifest.serial - 1)
+            out, published = [], []
+            for target in targets:
+                serial += 1
+                signed = sign_desired(manifest.to_dict(), serial=serial, chunk_size=chunk_size,
+                                      target=target, percent=percent, key=key, where=where)  # fmt: skip
+                publish_desired(session, target, signed, state)
+                out.append(signed)
+                published.append(_published(target, target.desired(session.topics, manifest.name),
+                                            signed))  # fmt: skip
+                report.say(_desired_line(manifest.name, manifest.version, target, signed))
+        finally:
+            session.close()
+    report.facts.update(
+        model=manifest.name,
+        version=manifest.version,
+        sha256=art.sha256,
+        size=art.size,
+        chunk_size=chunk_size,
+        chunks=out[0]["artifact"]["chunks"],
+        uploaded=uploaded,
+        signing_key=kid,
+        package_key=(manifest.signature or {}).get("key_id"),
+        published=published,
+    )
+    return out
 
 
 def rollout(
-    options: BrokerOptions, model: str, *, fleet: str, percent: float, key: Path
+    options: BrokerOptions,
+    model: str,
+    *,
+    fleet: str,
+    percent: float,
+    key: Path,
+    where: Mapping[str, str] | None = None,
+    strict: bool = False,
+    report: Report | None = None,
 ) -> dict[str, Any]:
-    """Re-sign the fleet's desired manifest with a new percent (and a new serial)."""
+    """Re-sign the fleet's desired manifest with a new percent (and a new serial).
+
+    ``where`` None keeps the manifest's tag selection, ``{}`` drops it, otherwise it
+    replaces it. Used by ``edge-fleet rollout --percent`` and by the rollout driver."""
+    report = report or Report()
     _check_percent(percent)
     target = Target(fleet=_name("--fleet", fleet))
+    kid = _signing_key_id(key)
     session = Session(options, "rollout")
     try:
         state = read_model_state(session, _name("MODEL", model))
-        current = state.desired.get(target.desired(session.topics, model))
+        topic = target.desired(session.topics, model)
+        current = state.desired.get(topic)
         if current is None:
             raise PackageError(f"{model}: nothing is published for fleet {fleet}; publish first")
-        chunk_size = int(current["artifact"].get("chunk_size", DEFAULT_CHUNK_SIZE))
-        signed = sign_desired(
-            current,
-            serial=state.max_serial() + 1,
-            chunk_size=chunk_size,
-            target=target,
-            percent=percent,
-            key=key,
-        )
+        if where is None:
+            where = dict((current.get("rollout") or {}).get("where") or {})
+        known = read_known(session)
+        check_targets(known, fleet=fleet, where=where, strict=strict, report=report)
+        check_trust(known, kid, fleet=fleet, where=where, strict=strict, report=report)
+        old_kid = (current.get("signature") or {}).get("key_id")
+        if old_kid and old_kid != kid:
+            report.warn(f"desired state signed by key {old_kid}; re-signing with {kid}")
+        art = current["artifact"]
+        chunk_size = int(art.get("chunk_size", DEFAULT_CHUNK_SIZE))
+        # A manifest from before chunk sizes were fixed may name a size the chunks no
+        # longer have: re-signing takes the retained one, which repairs it.
+        fixed = chunk_size_for(retained_layout(session, art["sha256"], int(art["size"])),
+                               chunk_size, int(art["size"]))  # fmt: skip
+        if fixed != chunk_size:
+            report.warn(f"{model}: the desired manifest said chunks of {chunk_size} bytes, the "
+                        f"broker holds chunks of {fixed}: re-signed with {fixed}")  # fmt: skip
+        signed = sign_desired(current, serial=state.max_serial() + 1, chunk_size=fixed,
+                              target=target, percent=percent, key=key, where=where)  # fmt: skip
         publish_desired(session, target, signed, state)
-        print(f"{model} {signed['version']}: rollout {percent:g}% for fleet {fleet} "
-              f"(serial {signed['serial']})")  # fmt: skip
+        report.say(_desired_line(model, signed["version"], target, signed))
+        report.facts.update(model=model, published=[_published(target, topic, signed)])
         return signed
     finally:
         session.close()
@@ -165,19 +251,23 @@ def rollback(
     fleet: str,
     key: Path,
     to: str | None = None,
-    device: str | None = None,
+    report: Report | None = None,
 ) -> dict[str, Any]:
-    """A new manifest (higher serial, 100%) naming an older artifact from the history."""
-    target = Target(device=_name("--device", device)) if device else Target(fleet=fleet)
-    _name("--fleet", fleet)
+    """A new manifest (higher serial, 100%) naming an older artifact from the history.
+
+    After ``unpublish`` (no desired state, the history kept) the version unpublished
+    counts as the current one: rollback goes to the one before it, ``--to`` to any."""
+    report = report or Report()
+    target = Target(fleet=_name("--fleet", fleet))
     session = Session(options, "rollback")
     try:
         state = read_model_state(session, _name("MODEL", model))
-        current = state.desired.get(target.desired(session.topics, model))
+        topic = target.desired(session.topics, model)
+        current = state.desired.get(topic)
         history = state.history.get(target.history(session.topics, model), [])
-        if current is None:
+        if current is None and not history:
             raise PackageError(f"{model}: nothing is published for {target}; nothing to roll back")
-        now = current["version"]
+        now = (current or history[-1]).get("version")
         picks = [e for e in history if (e.get("version") == to if to else e.get("version") != now)]
         if not picks:
             known = sorted({str(e.get("version")) for e in history}) or ["none"]
@@ -187,57 +277,33 @@ def rollback(
             )
         entry = picks[-1]
         old = parse_manifest(entry)  # validates the history entry before re-signing it
-        chunk_size = old.artifact.chunk_size
-        if not artifact_retained(session, old.artifact.sha256, old.artifact.size, chunk_size):
+        layout = retained_layout(session, old.artifact.sha256, old.artifact.size)
+        if layout is None or not layout.complete:
             raise PackageError(
                 f"{model} {old.version}: its artifact {old.artifact.sha256[:12]} is no longer "
                 "on the broker (cleared by gc?); publish that package again instead"
             )
-        signed = sign_desired(
-            entry,
-            serial=state.max_serial() + 1,
-            chunk_size=chunk_size,
-            target=target,
-            percent=100,
-            key=key,
-        )
+        chunk_size = chunk_size_for(layout, old.artifact.chunk_size, old.artifact.size)
+        signed = sign_desired(entry, serial=state.max_serial() + 1, chunk_size=chunk_size,
+                              target=target, percent=100, key=key)  # fmt: skip
         publish_desired(session, target, signed, state)
-        print(f"{model}: rolled back to {old.version} for {target} (serial {signed['serial']}"
-              f", from {now})")  # fmt: skip
+        gone = "" if current else ", which was unpublished"
+        report.say(f"{model}: rolled back to {old.version} for {target} (serial "
+                   f"{signed['serial']}, from {now}{gone})")  # fmt: skip
+        report.facts.update(model=model, from_version=now,
+                            published=[_published(target, topic, signed)])  # fmt: skip
         return signed
     finally:
         session.close()
 
 
-def gc(options: BrokerOptions, *, dry_run: bool = False) -> list[str]:
-    """Clear retained artifacts that no desired manifest and no history entry names."""
-    t = options.topics
+def gc(options: BrokerOptions, *, dry_run: bool = False, report: Report | None = None) -> list[str]:
+    """Clear retained chunks no desired manifest or history entry needs; returns the
+    artifacts cleared whole."""
+    report = report or Report()
     session = Session(options, "gc")
     try:
-        refs = session.read_retained([
-            t.fleet_desired("+", "+"), t.device_desired("+", "+"),
-            t.fleet_desired("+", "+").rsplit("/", 1)[0] + "/history",
-            t.device_desired("+", "+").rsplit("/", 1)[0] + "/history",
-        ])  # fmt: skip
-        keep: set[str] = set()
-        for payload in refs.values():
-            try:
-                data = json.loads(payload)
-            except ValueError:
-                continue
-            entries = data.get("entries", []) if isinstance(data, dict) else []
-            for m in [data, *entries] if isinstance(data, dict) else []:
-                sha = m.get("artifact", {}).get("sha256") if isinstance(m, dict) else None
-                if isinstance(sha, str):
-                    keep.add(sha)
-        chunks = session.read_retained([f"{t.prefix}/artifacts/#"], timeout=60)
-        drop = sorted(topic for topic in chunks if topic.split("/")[-2] not in keep)
-        artifacts = sorted({topic.split("/")[-2] for topic in drop})
-        if not dry_run:
-            session.wait([session.publish(topic, b"") for topic in drop], "clearing chunks")
-        verb = "would clear" if dry_run else "cleared"
-        print(f"{verb} {len(artifacts)} artifacts ({len(drop)} chunks); kept {len(keep)}")
-        return artifacts
+        return list(collect(session, dry_run=dry_run, report=report)["artifacts_cleared"])
     finally:
         session.close()
 
@@ -245,63 +311,116 @@ def gc(options: BrokerOptions, *, dry_run: bool = False) -> list[str]:
 # --- CLI --------------------------------------------------------------------------
 
 
-def _key_argument(parser: argparse.ArgumentParser) -> None:
-    # Not --key: that is the broker's client-certificate key (fleet/connection.py).
+def key_argument(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--signing-key`` (``$EDGE_SIGNING_KEY``). Not --key: that is the broker's
+    client-certificate key (fleet/connection.py)."""
     env = os.environ.get("EDGE_SIGNING_KEY")
     parser.add_argument(
         "--signing-key",
         "--publisher-key",
         dest="signing_key",
         metavar="PATH",
-        required=not env,
+        required=required and not env,
         default=Path(env) if env else None,
         type=Path,
         help="the publisher's ed25519 private key (edge-model keygen) [$EDGE_SIGNING_KEY]",
     )
 
 
+def output_arguments(parser: argparse.ArgumentParser, *, strict: bool = False) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON document on stdout (messages stay on stderr)")  # fmt: skip
+    if strict:
+        parser.add_argument("--strict", action="store_true",
+                            help="refuse an unknown fleet/device, unmatched --where or a "
+                                 "signing key no targeted device trusts (default: warn)")  # fmt: skip
+
+
+def where_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--where", action="append", default=[], metavar="TAG=VALUE",
+                        help="only devices with this tag (repeatable: all must match)")  # fmt: skip
+
+
+def run_reported(args: argparse.Namespace, action: Any) -> int:
+    """Run ``action(options, report)`` and print the JSON document with ``--json``."""
+    report = Report(json=bool(getattr(args, "json", False)))
+    action(broker_options(args), report)
+    report.finish()
+    return 0
+
+
+def _rollback_command(a: argparse.Namespace, o: BrokerOptions, report: Report) -> Any:
+    if a.device:
+        from fleet.commands import rollback_device
+
+        return rollback_device(o, a.model, device=a.device, fleet=a.fleet, to=a.to,
+                               reason=a.reason, timeout=a.timeout, report=report)  # fmt: skip
+    if not a.fleet:
+        raise UsageError("rollback: give --fleet (re-sign an older version) or --device")
+    if a.signing_key is None:
+        raise UsageError("--signing-key: required to re-sign the fleet's desired state")
+    return rollback(o, a.model, fleet=a.fleet, key=a.signing_key, to=a.to, report=report)
+
+
 def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     p = sub.add_parser("publish", help="upload a model package and set it as desired")
-    p.add_argument("package", type=Path, help="package folder (model.onnx + manifest.json)")
+    p.add_argument("package", type=Path, help="package folder or .tar (.tar.gz) of one")
     p.add_argument("--fleet", required=True)
     p.add_argument("--device", action="append", default=[], metavar="ID",
                    help="only these devices (repeatable); overrides the fleet's desired state")  # fmt: skip
     p.add_argument("--rollout", type=float, default=100.0, metavar="PERCENT",
                    help="staged rollout: the share of the fleet that takes it (default 100)")  # fmt: skip
+    where_argument(p)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
-                   help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE}; below the broker's packet limit)")  # fmt: skip
-    _key_argument(p)
+                   help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE}; below the broker's "
+                        "packet limit; an artifact already on the broker keeps its own)")  # fmt: skip
+    key_argument(p)
+    output_arguments(p, strict=True)
     add_broker_arguments(p)
-    p.set_defaults(func=lambda a: _run(a, lambda o: publish(
+    p.set_defaults(func=lambda a: run_reported(a, lambda o, r: publish(
         o, a.package, fleet=a.fleet, devices=a.device, percent=a.rollout, key=a.signing_key,
-        chunk_size=a.chunk_size)))  # fmt: skip
+        chunk_size=a.chunk_size, where=parse_where(a.where), strict=a.strict, report=r)))  # fmt: skip
 
     r = sub.add_parser("rollout", help="widen or narrow a staged rollout")
     r.add_argument("model")
     r.add_argument("--fleet", required=True)
     r.add_argument("--percent", type=float, required=True)
-    _key_argument(r)
+    where_argument(r)
+    r.add_argument("--no-where", action="store_true",
+                   help="drop the tag selection (default: keep the one published)")  # fmt: skip
+    key_argument(r)
+    output_arguments(r, strict=True)
     add_broker_arguments(r)
-    r.set_defaults(func=lambda a: _run(a, lambda o: rollout(
-        o, a.model, fleet=a.fleet, percent=a.percent, key=a.signing_key)))  # fmt: skip
 
-    b = sub.add_parser("rollback", help="set an older published version as desired again")
+    def run_rollout(a: argparse.Namespace, o: BrokerOptions, rep: Report) -> Any:
+        if a.no_where and a.where:
+            raise UsageError("--where and --no-where: give one or the other")
+        where = {} if a.no_where else (parse_where(a.where) if a.where else None)
+        return rollout(o, a.model, fleet=a.fleet, percent=a.percent, key=a.signing_key,
+                       where=where, strict=a.strict, report=rep)  # fmt: skip
+
+    r.set_defaults(func=lambda a: run_reported(a, lambda o, rep: run_rollout(a, o, rep)))
+
+    b = sub.add_parser("rollback", help="set an older version as desired again, or roll one "
+                                        "device back at once (--device)")  # fmt: skip
     b.add_argument("model")
-    b.add_argument("--fleet", required=True)
+    b.add_argument("--fleet", help="re-sign an older version from this fleet's history")
     b.add_argument("--to", metavar="VERSION", help="default: the version published before")
-    b.add_argument("--device", metavar="ID", help="roll back one device's own desired state")
-    _key_argument(b)
+    b.add_argument("--device", metavar="ID",
+                   help="send the device the rollback command and wait for its answer")  # fmt: skip
+    b.add_argument("--reason", help="with --device: the reason the device records")
+    b.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="with --device: seconds to wait for the answer (default 30)")  # fmt: skip
+    key_argument(b, required=False)
+    output_arguments(b)
     add_broker_arguments(b)
-    b.set_defaults(func=lambda a: _run(a, lambda o: rollback(
-        o, a.model, fleet=a.fleet, key=a.signing_key, to=a.to, device=a.device)))  # fmt: skip
+    b.set_defaults(func=lambda a: run_reported(a, lambda o, rep: _rollback_command(a, o, rep)))
 
-    g = sub.add_parser("gc", help="clear retained artifacts no desired state or history names")
+    g = sub.add_parser(
+        "gc", help="clear retained artifact chunks no desired state or history needs"
+    )
     g.add_argument("--dry-run", action="store_true", help="only say what would be cleared")
+    output_arguments(g)
     add_broker_arguments(g)
-    g.set_defaults(func=lambda a: _run(a, lambda o: gc(o, dry_run=a.dry_run)))
+    g.set_defaults(func=lambda a: run_reported(a, lambda o, r: gc(o, dry_run=a.dry_run, report=r)))
     return [p, r, b, g]
-
-
-def _run(args: argparse.Namespace, action: Any) -> int:
-    action(broker_options(args))
-    return 0

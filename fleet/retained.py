@@ -1,8 +1,9 @@
 """The desired state as the broker keeps it: retained reads, acknowledged publishes,
 signed desired manifests with their history, and chunked artifact uploads.
 
-Used by ``fleet/publish.py`` (publish, rollout, rollback, gc). The layout of the
-topics and payloads is described there and in docs/delivery.md.
+Used by ``fleet/publish.py`` (publish, rollout, rollback), ``fleet/artifacts.py``
+(chunk layout, gc) and ``fleet/unpublish.py``. The layout of the topics and payloads is
+described in ``fleet/publish.py`` and docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,9 +188,19 @@ def salt_for(target: Target, model: str) -> str:
 
 
 def sign_desired(
-    body: dict[str, Any], *, serial: int, chunk_size: int, target: Target, percent: float, key: Path
+    body: dict[str, Any],
+    *,
+    serial: int,
+    chunk_size: int,
+    target: Target,
+    percent: float,
+    key: Path,
+    where: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The manifest a device gets: fresh serial and time, chunking and rollout, signed."""
+    """The manifest a device gets: fresh serial and time, chunking and rollout, signed.
+
+    ``where`` (tag -> value, a fleet target only) narrows the rollout to devices with
+    every one of those tags; it is signed with the percent, so nobody widens it."""
     manifest = {k: v for k, v in body.items() if k not in {"signature", "rollout"}}
     manifest["serial"] = serial
     manifest["issued_at"] = rfc3339()
@@ -199,6 +210,8 @@ def sign_desired(
     manifest["artifact"] = art
     if target.fleet and not target.device:
         manifest["rollout"] = {"percent": percent, "salt": salt_for(target, body["name"])}
+        if where:
+            manifest["rollout"]["where"] = dict(sorted(where.items()))
     return sign_manifest(manifest, load_private_key(key))
 
 
@@ -220,14 +233,6 @@ def publish_desired(
 
 
 # --- artifact upload --------------------------------------------------------------
-
-
-def artifact_retained(session: Session, sha256: str, size: int, chunk_size: int) -> bool:
-    """True when the artifact's last chunk is retained with the length this chunking gives."""
-    chunks = chunk_count(size, chunk_size)
-    topic = session.topics.artifact_chunk(sha256, chunks - 1)
-    got = session.read_retained([topic]).get(topic)
-    return got is not None and len(got) == size - (chunks - 1) * chunk_size
 
 
 def upload_artifact(session: Session, path: Path, sha256: str, chunk_size: int) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,27 +19,7 @@ from fleet.retained import Session
 from tests.delivery_helpers import operator
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
-
-
-def cli(broker: Broker, keypair: Keypair, *args: str, creds: Any = None) -> list[str]:
-    creds = creds or broker.operator
-    url = broker.operator_url if creds.role == "operator" else broker.url
-    return [*args, "--broker", url, "--username", creds.username,
-            "--password-file", str(creds.password_file),
-            *(["--signing-key", str(keypair.key)] if args[0] != "gc" else [])]  # fmt: skip
-
-
-def retained(broker: Broker, *filters: str) -> dict[str, bytes]:
-    s = Session(operator(broker), "test")
-    try:
-        return s.read_retained(list(filters))
-    finally:
-        s.close()
-
-
-def desired(broker: Broker, fleet: str = "f1", model: str = "iris") -> dict[str, Any]:
-    topic = f"edge/fleets/{fleet}/models/{model}/desired"
-    return dict(json.loads(retained(broker, topic)[topic]))
+from tests.fleet.publish_helpers import cli, desired, retained
 
 
 def test_publish_uploads_chunks_and_retains_a_signed_desired_manifest(
@@ -159,3 +138,81 @@ def test_usage_errors_exit_2(
     assert main(args) == 2
     assert "--rollout/--percent: 150 is not 0..100" in capsys.readouterr().err
     assert main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "a/b")) == 2
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_a_tar_of_a_package_is_a_package(
+    broker: Broker, keypair: Keypair, iris_package: Path, tmp_path: Path, suffix: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    import tarfile
+
+    archive = tmp_path / f"iris-1.0.0{suffix}"
+    with tarfile.open(archive, "w:gz" if suffix == ".tar.gz" else "w") as tar:
+        tar.add(iris_package, arcname="iris-1.0.0")  # a folder inside, as `tar cf` makes it
+    assert main(cli(broker, keypair, "publish", str(archive), "--fleet", "f1")) == 0
+    assert "iris 1.0.0: desired for fleet f1 (serial 1" in capsys.readouterr().out
+    sha = desired(broker)["artifact"]["sha256"]
+    chunks = retained(broker, f"edge/artifacts/{sha}/+")
+    assert b"".join(chunks.values()) == (iris_package / "model.onnx").read_bytes()
+
+
+def test_a_tar_that_is_not_a_package_says_so(
+    broker: Broker, keypair: Keypair, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "pkg.tar"
+    junk.write_bytes(b"not a tar at all")
+    assert main(cli(broker, keypair, "publish", str(junk), "--fleet", "f1")) == 1
+    err = capsys.readouterr().err
+    assert "pkg.tar: not a package folder or readable .tar" in err and "internal" not in err
+
+
+def test_where_is_signed_into_the_rollout_and_kept_by_a_rollout(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1", "--rollout", "50",
+               "--where", "ring=canary", "--where", "site=north")  # fmt: skip
+    assert main(args) == 0
+    assert "(serial 1, rollout 50% where ring=canary,site=north)" in capsys.readouterr().out
+    body = desired(broker)
+    assert body["rollout"] == {"percent": 50, "salt": "f1/iris",
+                               "where": {"ring": "canary", "site": "north"}}  # fmt: skip
+    pub = load_public_key(keypair.pub)
+    verify_signature(parse_manifest(body), {key_id(pub): pub})  # inside the signature
+    rollout = cli(broker, keypair, "rollout", "iris", "--fleet", "f1", "--percent", "100")
+    assert main(rollout) == 0
+    assert desired(broker)["rollout"]["where"] == {"ring": "canary", "site": "north"}
+    assert main([*rollout, "--where", "ring=stable"]) == 0
+    assert desired(broker)["rollout"]["where"] == {"ring": "stable"}
+    assert main([*rollout, "--no-where"]) == 0
+    assert "where" not in desired(broker)["rollout"]
+    capsys.readouterr()
+    assert main([*args, "--where", "ring"]) == 2
+    assert "--where: 'ring' is not TAG=VALUE" in capsys.readouterr().err
+    device = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1",
+                 "--device", "d1", "--where", "ring=canary")  # fmt: skip
+    assert main(device) == 2
+
+
+def test_publish_and_rollout_json(
+    broker: Broker, keypair: Keypair, iris_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1", "--json",
+               "--chunk-size", "256", "--rollout", "10")  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert "desired for fleet f1" in err  # the result line moved to stderr
+    assert (doc["model"], doc["version"], doc["uploaded"], doc["chunks"]) == (
+        "iris",
+        "1.0.0",
+        True,
+        3,
+    )
+    (pub,) = doc["published"]
+    assert pub["topic"] == "edge/fleets/f1/models/iris/desired" and pub["serial"] == 1
+    assert pub["rollout"]["percent"] == 10 and doc["warnings"][0].startswith("fleet f1 is not")
+    rollout = cli(broker, keypair, "rollout", "iris", "--fleet", "f1", "--percent", "20", "--json")
+    assert main(rollout) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["published"][0]["serial"] == 2 and doc["published"][0]["rollout"]["percent"] == 20
