@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from fleet import progress
 from fleet.expr import parse
 from fleet.progress import DeviceProgress, Summary
 from fleet.publish import rollback, rollout
+from fleet.report import Report
 from fleet.retained import Session
 from fleet.state import FleetState
 
@@ -214,21 +214,21 @@ def claim(
 
 @dataclass(frozen=True)
 class Acts:
-    """How a turn changes the desired state (fleet/publish.py, quiet on stdout)."""
+    """How a turn changes the desired state (fleet/publish.py; its lines go to stderr)."""
 
     options: Any
     key: Path
+    strict: bool = False
 
-    def percent(self, plan: Mapping[str, Any]) -> None:
-        extra: dict[str, Any] = {"where": plan["where"]} if plan["where"] else {}
-        with contextlib.redirect_stdout(sys.stderr):
-            rollout(self.options, plan["model"], fleet=plan["fleet"], percent=plan["percent"],
-                    key=self.key, **extra)  # fmt: skip
+    def percent(self, plan: Mapping[str, Any], *, where: Mapping[str, str] | None = None) -> None:
+        """Re-sign the fleet's desired state at the plan's percent; ``where`` None keeps
+        the manifest's tag selection."""
+        rollout(self.options, plan["model"], fleet=plan["fleet"], percent=plan["percent"],
+                key=self.key, where=where, strict=self.strict, report=Report(json=True))  # fmt: skip
 
     def rollback(self, plan: Mapping[str, Any]) -> None:
-        with contextlib.redirect_stdout(sys.stderr):
-            rollback(self.options, plan["model"], fleet=plan["fleet"], key=self.key,
-                     to=plan.get("previous_version"))  # fmt: skip
+        rollback(self.options, plan["model"], fleet=plan["fleet"], key=self.key,
+                 to=plan.get("previous_version"), report=Report(json=True))  # fmt: skip
 
 
 Say = Callable[[str], None]

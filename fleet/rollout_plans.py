@@ -6,7 +6,6 @@ turn of a follower. Every write of a plan is a claim (``rollout_driver.claim``).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ from fleet import rollout_driver as driver
 from fleet.connection import BrokerOptions
 from fleet.expr import parse
 from fleet.publish import rollout as set_percent
+from fleet.report import Report
 from fleet.retained import Session, read_model_state
 from fleet.rollout_driver import Acts, RolloutError, claim, read_plans, read_view, step_label
 from fleet.term import Progress
@@ -53,9 +53,12 @@ def _write(
 def create(
     options: BrokerOptions, model: str, *, fleet: str, steps: Sequence[float], every_s: float,
     halt_if: str, promote_if: str | None, rollback_on_halt: bool, where: dict[str, str],
-    key: Path, who: str,
+    key: Path, who: str, strict: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Write a new plan at its first step and re-sign the desired state to it."""
+    """Re-sign the desired state at the first step, then write the plan that drives it.
+
+    In that order, so what the publisher refuses (``--strict``, a fleet nobody is in)
+    leaves no plan behind; a plan never names a percent the desired state cannot take."""
     halt_text = str(parse(halt_if, "--halt-if"))
     promote_text = str(parse(promote_if, "--promote-if")) if promote_if else None
     session = Session(options, "rollout")
@@ -83,10 +86,10 @@ def create(
             rollback_on_halt=rollback_on_halt, where=where or rollout_block.get("where") or {},
             previous_version=older[-1].get("version") if older else None, driver=who,
         )  # fmt: skip
+        Acts(options, key, strict=strict).percent(plan, where=where or None)
         written = _write(session, topic, lambda _current: dict(plan), who)
     finally:
         session.close()
-    Acts(options, key).percent(written)
     print(f"{model} {written['version']}: rollout on fleet {fleet} started at {step_label(written)}"
           f"; steps {', '.join(f'{p:g}%' for p in steps)} every {every_s:g} s",
           file=sys.stderr)  # fmt: skip
@@ -95,7 +98,7 @@ def create(
 
 def change(
     options: BrokerOptions, model: str, *, fleet: str, action: str, who: str,
-    key: Path | None = None, percent: float | None = None,
+    key: Path | None = None, percent: float | None = None, strict: bool = False,
 ) -> dict[str, Any] | None:  # fmt: skip
     """``resume``, ``abort`` or ``percent`` (set by hand, aborting a running plan)."""
     session = Session(options, "rollout")
@@ -122,8 +125,8 @@ def change(
         session.close()
     if action == "percent":
         assert key is not None and percent is not None
-        with contextlib.redirect_stdout(sys.stderr):
-            set_percent(options, model, fleet=fleet, percent=percent, key=key)
+        set_percent(options, model, fleet=fleet, percent=percent, key=key, strict=strict,
+                    report=Report(json=True))  # fmt: skip
     elif action == "resume":
         assert key is not None and plan is not None
         Acts(options, key).percent(plan)

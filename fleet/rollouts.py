@@ -20,7 +20,6 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from agent.wire.names import check_name
 
 from fleet.connection import add_broker_arguments, broker_options
 from fleet.expr import parse
+from fleet.publish import key_argument, output_arguments, parse_where, where_argument
 from fleet.rollout_driver import RolloutError, step_label
 from fleet.rollout_plans import POLL_S, change, create, follow, show
 from fleet.term import print_json
@@ -69,19 +69,6 @@ def parse_duration(text: str, flag: str = "--every") -> float:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
-def parse_where(items: Sequence[str]) -> dict[str, str]:
-    where: dict[str, str] = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise UsageError(f"--where: {item!r} is not key=value")
-        try:
-            where[check_name("--where key", key)] = check_name("--where value", value)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    return where
-
-
 def driver_id() -> str:
     """Unique per process, readable in the plan: which follower wrote it last."""
     return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
@@ -110,8 +97,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--promote-if", metavar="EXPR", help='also needed to widen, e.g. "active>=95%%"')
     p.add_argument("--rollback-on-halt", action="store_true",
                    help="on a halt, also roll the fleet back to the version before")  # fmt: skip
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="only devices with this tag (repeatable: all must match)")  # fmt: skip
+    where_argument(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="resume a halted plan at its step")
     mode.add_argument("--abort", action="store_true", help="stop the plan; the percent stays")
@@ -122,11 +108,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    "MODEL, drive every running plan until stopped (the service)")  # fmt: skip
     p.add_argument("--poll", type=float, default=POLL_S, metavar="S",
                    help=f"seconds between two looks at the fleet (default {POLL_S:g})")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    env = os.environ.get("EDGE_SIGNING_KEY")
-    p.add_argument("--signing-key", "--publisher-key", dest="signing_key", metavar="PATH",
-                   type=Path, default=Path(env) if env else None,
-                   help="the publisher's private key; needed to re-sign [$EDGE_SIGNING_KEY]")  # fmt: skip
+    key_argument(p, required=False)
+    output_arguments(p, strict=True)
     add_broker_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -185,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
         plan = change(options, model, fleet=fleet, action="abort", who=who)
     elif args.percent is not None:
         plan = change(options, model, fleet=fleet, action="percent", who=who,
-                      key=_need_key(args, "--percent"), percent=args.percent)  # fmt: skip
+                      key=_need_key(args, "--percent"), percent=args.percent,
+                      strict=args.strict)  # fmt: skip
     elif not args.follow:
         shown = show(options, model, fleet)
         if args.json:
