@@ -168,10 +168,11 @@ def read_plans(session: Session) -> dict[str, dict[str, Any]]:
     return plans
 
 
-def read_view(session: Session) -> View:
+def read_view(session: Session, *, always: bool = False) -> View:
+    """Plans, and when one needs driving (or ``always``) the fleet's status and desired state."""
     t = session.topics
     view = View(plans=read_plans(session), fleet=FleetState(t))
-    if not any(p["state"] == rollouts.RUNNING or p.get("rollback_pending")
+    if not always and not any(p["state"] == rollouts.RUNNING or p.get("rollback_pending")
                for p in view.plans.values()):  # fmt: skip
         return view  # nothing to drive: spare the broker the fleet's status
     filters = [t.all_status(), t.fleet_desired("+", "+"), t.device_desired("+", "+")]

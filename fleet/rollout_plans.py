@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,14 @@ def _write(
 
 def create(
     options: BrokerOptions, model: str, *, fleet: str, steps: Sequence[float], every_s: float,
-    halt_if: str, promote_if: str | None, rollback_on_halt: bool, where: dict[str, str],
-    key: Path, who: str, strict: bool = False,
+    halt_if: str, promote_if: str | None, rollback_on_halt: bool,
+    where: Mapping[str, str] | None, key: Path, who: str, strict: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Re-sign the desired state at the first step, then write the plan that drives it.
 
     In that order, so what the publisher refuses (``--strict``, a fleet nobody is in)
-    leaves no plan behind; a plan never names a percent the desired state cannot take."""
+    leaves no plan behind; a plan never names a percent the desired state cannot take.
+    ``where`` None keeps the published tag selection, ``{}`` drops it."""
     halt_text = str(parse(halt_if, "--halt-if"))
     promote_text = str(parse(promote_if, "--promote-if")) if promote_if else None
     session = Session(options, "rollout")
@@ -83,10 +84,11 @@ def create(
         plan = rollouts.plan(
             fleet=fleet, model=model, version=desired["version"], sha256=sha, steps=steps,
             every_s=every_s, halt_if=halt_text, promote_if=promote_text,
-            rollback_on_halt=rollback_on_halt, where=where or rollout_block.get("where") or {},
+            rollback_on_halt=rollback_on_halt,
+            where=rollout_block.get("where") or {} if where is None else where,
             previous_version=older[-1].get("version") if older else None, driver=who,
         )  # fmt: skip
-        Acts(options, key, strict=strict).percent(plan, where=where or None)
+        Acts(options, key, strict=strict).percent(plan, where=where)
         written = _write(session, topic, lambda _current: dict(plan), who)
     finally:
         session.close()
@@ -98,39 +100,67 @@ def create(
 
 def change(
     options: BrokerOptions, model: str, *, fleet: str, action: str, who: str,
-    key: Path | None = None, percent: float | None = None, strict: bool = False,
-) -> dict[str, Any] | None:  # fmt: skip
-    """``resume``, ``abort`` or ``percent`` (set by hand, aborting a running plan)."""
+    key: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """``resume`` a halted (or aborted) plan at its step, or ``abort`` a running one."""
     session = Session(options, "rollout")
     try:
         topic, plan = _plan_of(session, fleet, model)
         if action == "resume":
             plan = _resume(session, topic, plan, model=model, fleet=fleet, who=who)
-        elif plan is not None and plan["state"] in (rollouts.RUNNING, rollouts.HALTED):
-            by = "--abort" if action == "abort" else f"--percent {percent:g} set by hand"
-            found, was = plan, plan["state"]
-
-            def aborted(current: dict[str, Any] | None) -> dict[str, Any]:
-                base = current or found
-                return {**base, "state": rollouts.ABORTED, "rollback_pending": False,
-                        "reason": f"aborted ({by}) at {step_label(base)}"}  # fmt: skip
-
-            plan = _write(session, topic, aborted, who)
-            print(f"{model}: aborted the {was} rollout of {plan['version']} on fleet {fleet} "
-                  f"(it was at {step_label(plan)})", file=sys.stderr)  # fmt: skip
-        elif action == "abort":
-            state = plan["state"] if plan else "none"
-            raise RolloutError(f"{model}: no running rollout on fleet {fleet} (plan: {state})")
+        else:
+            plan = _abort(session, topic, plan, model=model, fleet=fleet, who=who, by="--abort")
+            if plan is None:
+                raise RolloutError(f"{model}: no running rollout on fleet {fleet}")
     finally:
         session.close()
-    if action == "percent":
-        assert key is not None and percent is not None
-        set_percent(options, model, fleet=fleet, percent=percent, key=key, strict=strict,
-                    report=Report(json=True))  # fmt: skip
-    elif action == "resume":
-        assert key is not None and plan is not None
+    if action == "resume":
+        assert key is not None
         Acts(options, key).percent(plan)
     return plan
+
+
+def by_hand(
+    options: BrokerOptions, model: str, *, fleet: str, percent: float, key: Path, who: str,
+    where: Mapping[str, str] | None, strict: bool, report: Report,
+) -> dict[str, Any] | None:  # fmt: skip
+    """``--percent``: abort a running (or halted) plan, saying so, then set the percent.
+
+    The abort comes first: a follower finding the plan running and the percent changed
+    under it would otherwise re-sign the plan's percent."""
+    session = Session(options, "rollout")
+    try:
+        topic, plan = _plan_of(session, fleet, model)
+        aborted = _abort(session, topic, plan, model=model, fleet=fleet, who=who,
+                         by=f"--percent {percent:g} set by hand")  # fmt: skip
+    finally:
+        session.close()
+    set_percent(options, model, fleet=fleet, percent=percent, key=key, where=where,
+                strict=strict, report=report)  # fmt: skip
+    return aborted
+
+
+def _abort(
+    session: Session, topic: str, plan: dict[str, Any] | None, *, model: str, fleet: str,
+    who: str, by: str,
+) -> dict[str, Any] | None:  # fmt: skip
+    """The plan aborted (None when none is running or halted)."""
+    if plan is None or plan["state"] not in (rollouts.RUNNING, rollouts.HALTED):
+        if plan is not None and by == "--abort":
+            raise RolloutError(f"{model}: no running rollout on fleet {fleet} "
+                               f"(plan: {plan['state']})")  # fmt: skip
+        return None
+    found, was = plan, plan["state"]
+
+    def aborted(current: dict[str, Any] | None) -> dict[str, Any]:
+        base = current or found
+        return {**base, "state": rollouts.ABORTED, "rollback_pending": False,
+                "reason": f"aborted ({by}) at {step_label(base)}"}  # fmt: skip
+
+    done = _write(session, topic, aborted, who)
+    print(f"{model}: aborted the {was} rollout of {done['version']} on fleet {fleet} "
+          f"(it was at {step_label(done)})", file=sys.stderr)  # fmt: skip
+    return done
 
 
 def _resume(
@@ -222,12 +252,12 @@ def _show(bar: Progress | None, plan: dict[str, Any], view: driver.View, s: Sess
 def show(options: BrokerOptions, model: str, fleet: str) -> dict[str, Any]:
     session = Session(options, "rollout")
     try:
-        view = read_view(session)
+        view = read_view(session, always=True)
         topic = session.topics.fleet_rollout(fleet, model)
         plan = view.plans.get(topic)
         if plan is None:
             raise RolloutError(f"{model}: no rollout plan on fleet {fleet}")
-        summary = view.targeted(session, plan) if view.desired else None
+        summary = view.targeted(session, plan)
     finally:
         session.close()
-    return {**plan, "progress": summary.as_dict() if summary else None}
+    return {**plan, "progress": summary.as_dict()}

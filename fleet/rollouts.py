@@ -30,8 +30,9 @@ from agent.wire.names import check_name
 from fleet.connection import add_broker_arguments, broker_options
 from fleet.expr import parse
 from fleet.publish import key_argument, output_arguments, parse_where, where_argument
+from fleet.report import Report
 from fleet.rollout_driver import RolloutError, step_label
-from fleet.rollout_plans import POLL_S, change, create, follow, show
+from fleet.rollout_plans import POLL_S, by_hand, change, create, follow, show
 from fleet.term import print_json
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -98,6 +99,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--rollback-on-halt", action="store_true",
                    help="on a halt, also roll the fleet back to the version before")  # fmt: skip
     where_argument(p)
+    p.add_argument("--no-where", action="store_true",
+                   help="drop the published tag selection (default: keep it)")  # fmt: skip
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="resume a halted plan at its step")
     mode.add_argument("--abort", action="store_true", help="stop the plan; the percent stays")
@@ -141,8 +144,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{plan_flags[0]}: only when creating a plan (with --steps)")
     if plan_flags and not creating:
         raise UsageError(f"{plan_flags[0]}: needs --steps (a new plan)")
-    if args.where and not creating:
-        raise UsageError("--where: only when creating a plan (with --steps)")
+    if (args.where or args.no_where) and not (creating or args.percent is not None):
+        raise UsageError("--where/--no-where: only with --steps (a new plan) or --percent")
+    if args.where and args.no_where:
+        raise UsageError("--where and --no-where: give one or the other")
+    where = {} if args.no_where else (parse_where(args.where) if args.where else None)
     if (args.abort or args.percent is not None) and args.follow:
         raise UsageError("--follow: not with --abort or --percent")
     options = broker_options(args)
@@ -152,14 +158,13 @@ def run(args: argparse.Namespace) -> int:
         if not args.every or not args.halt_if:
             raise UsageError("--steps: give --every and --halt-if too (docs/fleet.md)")
         steps, every_s = parse_steps(args.steps), parse_duration(args.every)
-        where = parse_where(args.where)
         parse(args.halt_if, "--halt-if")  # a typo fails before anything else happens
         if args.promote_if:
             parse(args.promote_if, "--promote-if")
         plan = create(
             options, model, fleet=fleet, steps=steps, every_s=every_s, halt_if=args.halt_if,
             promote_if=args.promote_if, rollback_on_halt=args.rollback_on_halt, where=where,
-            key=_need_key(args, "--steps"), who=who,
+            key=_need_key(args, "--steps"), who=who, strict=args.strict,
         )  # fmt: skip
     elif args.resume:
         plan = change(options, model, fleet=fleet, action="resume", who=who,
@@ -167,9 +172,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.abort:
         plan = change(options, model, fleet=fleet, action="abort", who=who)
     elif args.percent is not None:
-        plan = change(options, model, fleet=fleet, action="percent", who=who,
-                      key=_need_key(args, "--percent"), percent=args.percent,
-                      strict=args.strict)  # fmt: skip
+        # The by-hand step reports as `edge-fleet publish` does (result line, --json
+        # document with what was published), plus the plan it aborted.
+        report = Report(json=args.json)
+        aborted = by_hand(options, model, fleet=fleet, percent=args.percent,
+                          key=_need_key(args, "--percent"), who=who, where=where,
+                          strict=args.strict, report=report)  # fmt: skip
+        report.facts["aborted_plan"] = aborted
+        report.finish()
+        return 0
     elif not args.follow:
         shown = show(options, model, fleet)
         if args.json:
