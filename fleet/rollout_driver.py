@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.wire import rollouts
-from agent.wire.errors import EdgeError
+from agent.wire.errors import EdgeError, UsageError
 from agent.wire.payloads import InvalidPayload
 from agent.wire.times import rfc3339
 
@@ -84,16 +84,18 @@ def decide(plan: Mapping[str, Any], targeted: Summary, now: float) -> Decision:
     halt on and nothing to wait for: the step only waits out ``every_s``.
     """
     at = step_label(plan)
+    halt_if = parse(plan["halt_if"], "halt_if")
+    promote_if = parse(plan["promote_if"], "promote_if") if plan.get("promote_if") else None
     if targeted.total:
-        halt = parse(plan["halt_if"], "halt_if").evaluate(targeted)
+        halt = halt_if.evaluate(targeted)
         if halt.holds:
             return Decision("halt", f"halted at {at}: {halt.why}")
     elapsed = now - rollouts.seconds(plan, "step_started_at")
     if elapsed < plan["every_s"]:
         left = plan["every_s"] - elapsed
         return Decision("wait", f"{at}: next in {left:.0f} s; {targeted.line()}")
-    if plan.get("promote_if") and targeted.total:
-        promote = parse(plan["promote_if"], "promote_if").evaluate(targeted)
+    if promote_if is not None and targeted.total:
+        promote = promote_if.evaluate(targeted)
         if not promote.holds:
             return Decision("wait", f"{at}: waiting for {plan['promote_if']}: {promote.why}")
     if plan["step"] + 1 >= len(plan["steps"]):
@@ -278,7 +280,12 @@ def turn(
             acts.percent(won)
         return won or plan, None
 
-    decision = decide(plan, view.targeted(session, plan), now)
+    try:
+        decision = decide(plan, view.targeted(session, plan), now)
+    except UsageError as e:
+        # A plan written by hand with a condition edge-fleet would have refused: stop
+        # it, saying why, rather than fail the same way every turn.
+        decision = Decision("halt", f"halted at {step_label(plan)}: cannot judge the step: {e}")
     if decision.kind == "wait":
         return plan, decision
     won = claim(session, topic, moved(plan, decision, now), driver=driver, settle=settle, now=now)

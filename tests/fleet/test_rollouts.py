@@ -296,3 +296,20 @@ def test_of_two_claims_on_one_revision_exactly_one_wins(
     winners = [w for w, plan in won.items() if plan is not None]
     assert len(winners) == 1, won
     assert plan_on(broker)["driver"] == winners[0] and plan_on(broker)["revision"] == 2
+
+
+def test_a_hand_written_plan_with_a_bad_condition_halts_saying_why(
+    broker: Broker, keypair: Keypair, iris_package: Path, iris_package_v2: Path,
+) -> None:  # fmt: skip
+    published(broker, keypair, iris_package, iris_package_v2)
+    assert main(cli(broker, keypair, "rollout", "iris", "--fleet", "f1", *START)) == 0
+    s = Session(operator(broker), "test")
+    try:
+        claim(s, PLAN, {**plan_on(broker), "halt_if": "rejected>>1"}, driver="hand", settle=0)
+        view = read_view(s)
+        plan, _ = driver.turn(s, PLAN, view.plans[PLAN], view, Acts(None, keypair.key),
+                              driver="t", say=print, settle=0.1)  # fmt: skip
+    finally:
+        s.close()
+    assert plan["state"] == "halted"
+    assert "cannot judge the step: halt_if: after rejected>: unexpected '>'" in plan["reason"]
