@@ -24,6 +24,7 @@ PROG = "edge-fleet"
 # Modules holding subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "fleet.publish",
+    "fleet.rollouts",
     "fleet.unpublish",
     "fleet.status",
     "fleet.exporter",
