@@ -25,6 +25,9 @@ PROG = "edge-fleet"
 COMMAND_MODULES = (
     "fleet.publish",
     "fleet.status",
+    "fleet.inventory",
+    "fleet.events",
+    "fleet.forget",
     "fleet.exporter",
     "fleet.collect",
     "fleet.results",
