@@ -66,7 +66,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--limit",
-        type=int,
+        type=_count,
         default=DEFAULT_LIMIT,
         metavar="N",
         help=f"at most the newest N stored events ({DEFAULT_LIMIT}; 0: all)",
@@ -89,6 +89,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_broker_arguments(parser)
     parser.set_defaults(func=run)
     return parser
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 or more")
+    return value
 
 
 # --- one event, whichever way it came -----------------------------------------------

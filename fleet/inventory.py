@@ -7,9 +7,8 @@ history of desired manifests (the rollback targets), newest first, marking the o
 is desired now.
 
 Both only read, so a viewer account (read-only) is enough: the retained messages are
-gathered by subscribing and waiting until none has arrived for ``QUIET_S`` (a read-only
-account cannot publish the barrier message ``fleet/retained.py`` uses). Every payload is
-an operator's JSON and is read defensively: a field of the wrong type is shown as ``-``.
+gathered by ``fleet.state.read_retained``, which needs no publish. Every payload is an
+operator's JSON and is read defensively: a field of the wrong type is shown as ``-``.
 """
 
 from __future__ import annotations
@@ -18,30 +17,19 @@ import argparse
 import json
 import logging
 import sys
-import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from agent.wire.errors import BrokerUnavailable
 from agent.wire.names import name_problem
 from agent.wire.times import parse_rfc3339
 
-from fleet.connection import (
-    BrokerOptions,
-    add_broker_arguments,
-    broker_options,
-    connect,
-    disconnect,
-)
-from fleet.state import DEVICE, FLEET, subject_of
+from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
+from fleet.state import DEVICE, FLEET, read_retained, subject_of
 from fleet.term import print_json, render_table, width
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-QUIET_S = 0.5  # retained messages come back to back; this long without one means all are here
 LIST_COLUMNS = ("TARGET", "MODEL", "VERSION", "SERIAL", "PERCENT", "WHERE", "ISSUED", "PLAN")
 HISTORY_COLUMNS = ("TARGET", "MODEL", "VERSION", "SERIAL", "ISSUED AT", "SHA256", "DESIRED")
 
@@ -98,65 +86,6 @@ def _add_wait(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="give up reading the retained state after this long (10)",
     )
-
-
-# --- reading retained messages without publishing ---------------------------------
-
-
-def read_retained(
-    options: BrokerOptions,
-    filters: Sequence[str],
-    *,
-    purpose: str,
-    quiet: float = QUIET_S,
-    timeout: float = 10.0,
-) -> dict[str, bytes]:
-    """Every non-empty retained message on ``filters``, read with a subscription only.
-
-    The broker sends a subscription's retained messages right after its SUBACK, back to
-    back; once ``quiet`` seconds pass without one (or ``timeout`` is reached), all of
-    them are here. Live messages on the same filters are left out.
-    """
-    lock = threading.Lock()
-    inbox: dict[str, bytes] = {}
-    last = [time.monotonic()]
-    subacked = threading.Event()
-
-    def on_message(message: mqtt.MQTTMessage) -> None:
-        if message.retain:
-            with lock:
-                inbox[message.topic] = bytes(message.payload)
-                last[0] = time.monotonic()
-
-    client = connect(options, purpose=purpose, on_message=on_message)
-    try:
-
-        def on_subscribe(_c: Any, _u: Any, _m: int, reasons: list[Any], _p: Any) -> None:
-            for f, reason in zip(filters, reasons, strict=False):
-                if reason.is_failure:
-                    log.warning("subscription to %s refused: %s", f, reason)
-            with lock:
-                last[0] = time.monotonic()
-            subacked.set()
-
-        client.on_subscribe = on_subscribe
-        client.subscribe([(f, 1) for f in filters])
-        deadline = time.monotonic() + timeout
-        if not subacked.wait(timeout):
-            raise BrokerUnavailable(
-                f"broker {options.url}: no answer to SUBSCRIBE within {timeout:g} s"
-            )
-        while True:
-            now = time.monotonic()
-            with lock:
-                idle = now - last[0]
-            if idle >= quiet or now >= deadline:
-                break
-            time.sleep(min(quiet - idle, max(0.0, deadline - now), 0.1) or 0.01)
-    finally:
-        disconnect(client)
-    with lock:
-        return {t: p for t, p in inbox.items() if p}
 
 
 def _object(payload: bytes, topic: str) -> dict[str, Any] | None:

@@ -6,6 +6,10 @@ Fed by MQTT messages (``apply``) from any thread; read as immutable snapshots
 arrival are this process's clock, so "last seen" never depends on a device's clock
 being right.
 
+``read_retained`` gathers retained messages with a subscription alone (for ``list``,
+``history`` and other read-only views: a viewer account cannot publish the barrier
+message ``fleet/retained.py`` uses).
+
 Besides status and health it keeps, when subscribed to them, the retained desired
 manifests (fleet and device), the rollout plans and the enrolment records: desired
 against actual needs both sides, and an enrolled device that never connected is a
@@ -20,15 +24,21 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import paho.mqtt.client as mqtt
 from agent.wire import payloads
+from agent.wire.errors import BrokerUnavailable
 from agent.wire.payloads import InvalidPayload
 from agent.wire.topics import Topics
 
+from fleet.connection import BrokerOptions, connect, disconnect
+
 log = logging.getLogger(__name__)
+
+QUIET_S = 0.5  # retained messages come back to back; this long without one means all are here
 
 
 @dataclass
@@ -292,3 +302,62 @@ class FleetState:
 def by_source(desired: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
     """A model's desired manifests in the order a device weighs them: its own, the fleet's."""
     return [(src, desired[src]) for src in (DEVICE, FLEET) if src in desired]
+
+
+# --- reading retained messages without publishing ---------------------------------
+
+
+def read_retained(
+    options: BrokerOptions,
+    filters: Sequence[str],
+    *,
+    purpose: str,
+    quiet: float = QUIET_S,
+    timeout: float = 10.0,
+) -> dict[str, bytes]:
+    """Every non-empty retained message on ``filters``, read with a subscription only.
+
+    The broker sends a subscription's retained messages right after its SUBACK, back to
+    back; once ``quiet`` seconds pass without one (or ``timeout`` is reached), all of
+    them are here. Live messages on the same filters are left out.
+    """
+    lock = threading.Lock()
+    inbox: dict[str, bytes] = {}
+    last = [time.monotonic()]
+    subacked = threading.Event()
+
+    def on_message(message: mqtt.MQTTMessage) -> None:
+        if message.retain:
+            with lock:
+                inbox[message.topic] = bytes(message.payload)
+                last[0] = time.monotonic()
+
+    client = connect(options, purpose=purpose, on_message=on_message)
+    try:
+
+        def on_subscribe(_c: Any, _u: Any, _m: int, reasons: list[Any], _p: Any) -> None:
+            for f, reason in zip(filters, reasons, strict=False):
+                if reason.is_failure:
+                    log.warning("subscription to %s refused: %s", f, reason)
+            with lock:
+                last[0] = time.monotonic()
+            subacked.set()
+
+        client.on_subscribe = on_subscribe
+        client.subscribe([(f, 1) for f in filters])
+        deadline = time.monotonic() + timeout
+        if not subacked.wait(timeout):
+            raise BrokerUnavailable(
+                f"broker {options.url}: no answer to SUBSCRIBE within {timeout:g} s"
+            )
+        while True:
+            now = time.monotonic()
+            with lock:
+                idle = now - last[0]
+            if idle >= quiet or now >= deadline:
+                break
+            time.sleep(min(quiet - idle, max(0.0, deadline - now), 0.1) or 0.01)
+    finally:
+        disconnect(client)
+    with lock:
+        return {t: p for t, p in inbox.items() if p}

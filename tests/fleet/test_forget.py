@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from fleet.cli import main
-from fleet.inventory import read_retained
+from fleet.state import read_retained
 from tests.delivery_helpers import operator
 from tests.fixtures.broker import Broker
 from tests.fleet.test_status import broker_args, publish, run_status, status_payload
