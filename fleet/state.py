@@ -43,10 +43,12 @@ QUIET_S = 0.5  # retained messages come back to back; this long without one mean
 
 @dataclass
 class ModelCounters:
-    """Inferences and errors summed over the health windows this process received."""
+    """Inferences, model errors and caller mistakes (4xx) summed over the health windows
+    this process received."""
 
     inferences: int = 0
     errors: int = 0
+    bad_requests: int = 0
 
 
 @dataclass
@@ -231,6 +233,9 @@ class FleetState:
                     c = state.counters.setdefault((m_name, str(m.get("version"))), ModelCounters())
                     c.inferences += int(m.get("inferences") or 0)
                     c.errors += int(m.get("errors") or 0)
+                    bad = m.get("bad_requests")  # newer agents only: 0 when absent
+                    if isinstance(bad, int | float) and not isinstance(bad, bool):
+                        c.bad_requests += int(bad)
         return name
 
     def _apply_operator(self, subject: Subject, payload: bytes | bytearray, topic: str) -> None:
@@ -265,9 +270,7 @@ class FleetState:
             devices = [
                 dataclasses.replace(
                     d,
-                    counters={
-                        k: ModelCounters(v.inferences, v.errors) for k, v in d.counters.items()
-                    },
+                    counters={k: dataclasses.replace(v) for k, v in d.counters.items()},
                 )
                 for d in self._devices.values()
             ]
