@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -300,11 +300,6 @@ class FleetState:
         """Every retained rollout plan: (fleet, model) -> plan."""
         with self._lock:
             return dict(self._rollouts)
-
-
-def by_source(desired: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:
-    """A model's desired manifests in the order a device weighs them: its own, the fleet's."""
-    return [(src, desired[src]) for src in (DEVICE, FLEET) if src in desired]
 
 
 # --- reading retained messages without publishing ---------------------------------
