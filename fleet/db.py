@@ -244,6 +244,46 @@ class Database:
             params.append(limit)
         return self._stream(sql, params)
 
+    def query_events(
+        self,
+        *,
+        device: str | None = None,
+        fleet: str | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Stored deployment events, oldest first; with ``limit`` the newest ``limit``.
+        ``fleet`` matches the fleet the collector learned for the device (its stored
+        status, or the devices summary); the payload comes decoded."""
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("device", device), ("model", model)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if fleet is not None:
+            where.append(
+                "device IN (SELECT device FROM status WHERE fleet = ?"
+                " UNION SELECT device FROM devices WHERE fleet = ?)"
+            )
+            params += [fleet, fleet]
+        if since is not None:
+            where.append("time >= ?")
+            params.append(since)
+        names = ("device", "time", "event", "model", "version", "serial", "reason", "payload",
+                 "digest")  # fmt: skip
+        columns = ", ".join(names)
+        condition = f" WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {columns} FROM events{condition} ORDER BY time DESC, device DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        rows = [dict(zip(names, r, strict=True)) for r in self._read(sql, params)]
+        for row in rows:
+            row["payload"] = _loads(row["payload"])
+        return rows[::-1]
+
     def _stream(self, sql: str, params: list[Any]) -> Iterator[dict[str, Any]]:
         # Its own connection: a long export neither holds the lock nor waits for it.
         engine = self._engine

@@ -191,6 +191,9 @@ def test_json_lists_every_device_with_status_and_latest_health(
         "errors": None,
         "p50_ms": None,
         "p99_ms": None,
+        "reason": None,
+        "desired": None,  # nothing desired on this broker
+        "deployment": None,
     }
     assert pi2["health_age_s"] is None and pi2["buffer"] is None and pi2["p99_ms"] is None
     assert (pi3["fleet"], pi3["state"]) == ("south", "offline")
@@ -206,21 +209,25 @@ def test_table_has_aligned_columns_and_a_summary(
     lines = out.rstrip("\n").splitlines()
     header, rows, summary = lines[0], lines[1:-1], lines[-1]
     assert header.split("  ")[0] == "DEVICE"
-    starts = [
-        header.index(c)
-        for c in ("FLEET", "STATE", "MODELS", "DEPLOYMENT", "LAST SEEN", "P99", "BACKLOG")
-    ]
+    headings = ("FLEET", "MODEL", "VERSION", "DESIRED", "STATE", "SEEN", "BACKLOG")
+    starts = [header.index(c) for c in headings]
+    p99_end = header.index("P99") + 3  # numbers are aligned right
     by_device = {r.split()[0]: r for r in rows}
     assert set(by_device) == {"pi-1", "pi-2", "pi-3"}
     for row in rows:  # every column starts where its heading does
         for start in starts:
             assert row[start - 2 : start] == "  " and row[start] != " ", (row, start)
+    state = starts[headings.index("STATE")]
     pi1 = by_device["pi-1"]
-    assert pi1[starts[1] :].startswith("online")
-    assert "iris 1.2.0" in pi1 and "7.5ms" in pi1 and "12 (30s)" in pi1 and "s ago" in pi1
-    assert "iris probation" in by_device["pi-2"]
-    assert by_device["pi-3"][starts[1] :].startswith("offline")
+    # Nothing is desired on this broker: the state is the device's own.
+    assert pi1[state:].startswith("active")
+    assert pi1[:p99_end].endswith("  7.5ms")
+    assert "iris" in pi1 and "1.2.0" in pi1 and "12 (30s)" in pi1
+    assert "s ago" in pi1
+    assert by_device["pi-2"][state:].startswith("probation")
+    assert by_device["pi-3"][state:].startswith("offline")
     assert summary == "3 devices, 2 online"
+    assert max(len(line) for line in lines) <= 80
 
 
 def test_fleet_filter_shows_only_that_fleet(
