@@ -348,26 +348,6 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
         o, a.package, fleet=a.fleet, devices=a.device, percent=a.rollout, key=a.signing_key,
         chunk_size=a.chunk_size, where=parse_where(a.where), strict=a.strict, report=r)))  # fmt: skip
 
-    r = sub.add_parser("rollout", help="widen or narrow a staged rollout")
-    r.add_argument("model")
-    r.add_argument("--fleet", required=True)
-    r.add_argument("--percent", type=float, required=True)
-    where_argument(r)
-    r.add_argument("--no-where", action="store_true",
-                   help="drop the tag selection (default: keep the one published)")  # fmt: skip
-    key_argument(r)
-    output_arguments(r, strict=True)
-    add_broker_arguments(r)
-
-    def run_rollout(a: argparse.Namespace, o: BrokerOptions, rep: Report) -> Any:
-        if a.no_where and a.where:
-            raise UsageError("--where and --no-where: give one or the other")
-        where = {} if a.no_where else (parse_where(a.where) if a.where else None)
-        return rollout(o, a.model, fleet=a.fleet, percent=a.percent, key=a.signing_key,
-                       where=where, strict=a.strict, report=rep)  # fmt: skip
-
-    r.set_defaults(func=lambda a: run_reported(a, lambda o, rep: run_rollout(a, o, rep)))
-
     b = sub.add_parser("rollback", help="set an older version as desired again, or roll one "
                                         "device back at once (--device)")  # fmt: skip
     b.add_argument("model")
@@ -390,4 +370,4 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     output_arguments(g)
     add_broker_arguments(g)
     g.set_defaults(func=lambda a: run_reported(a, lambda o, r: gc(o, dry_run=a.dry_run, report=r)))
-    return [p, r, b, g]
+    return [p, b, g]

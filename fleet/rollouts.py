@@ -29,10 +29,11 @@ from agent.wire.names import check_name
 
 from fleet.connection import add_broker_arguments, broker_options
 from fleet.expr import parse
-from fleet.publish import key_argument, output_arguments, parse_where, where_argument
-from fleet.report import Report
+from fleet.publish import key_argument
+from fleet.report import Report, output_arguments
 from fleet.rollout_driver import RolloutError, step_label
 from fleet.rollout_plans import POLL_S, by_hand, change, create, follow, show
+from fleet.targets import parse_where, where_argument
 from fleet.term import print_json
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -79,11 +80,6 @@ def driver_id() -> str:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    # fleet/publish.py registered a by-hand `rollout --percent` before this module took
-    # the command over (--percent is one of its modes now): drop that registration.
-    if "rollout" in sub.choices:
-        del sub.choices["rollout"]
-        sub._choices_actions[:] = [a for a in sub._choices_actions if a.dest != "rollout"]
     p: argparse.ArgumentParser = sub.add_parser(
         "rollout",
         help="a staged rollout that drives itself (or one step by hand: --percent)",
