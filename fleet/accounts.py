@@ -184,11 +184,16 @@ class BrokerConf:
         """
         self.conflicts(accounts)
         passwords = {a.name: new_password() for a in accounts}
-        for passwd in (DEVICES, OPERATORS):
-            mine = {a.name: passwords[a.name] for a in accounts if a.passwd == passwd}
-            if mine:
-                self._set_passwords(passwd, mine)
-        self._set_blocks({a.name: a.block() for a in accounts})
+        try:
+            for passwd in (DEVICES, OPERATORS):
+                mine = {a.name: passwords[a.name] for a in accounts if a.passwd == passwd}
+                if mine:
+                    self._set_passwords(passwd, mine)
+            self._set_blocks({a.name: a.block() for a in accounts})
+        except PermissionError as e:
+            raise AccountError(
+                f"{e.filename or self.dir}: {e.strerror} (run it as root on the broker host)"
+            ) from None
         return passwords
 
     def remove(self, name: str) -> None:

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "fleet.exporter",
     "fleet.collect",
     "fleet.results",
+    "fleet.enroll",
 )
 
 
