@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "fleet.exporter",
     "fleet.collect",
     "fleet.results",
+    "fleet.enroll",
 )
 
 

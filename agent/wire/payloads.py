@@ -15,6 +15,7 @@ from typing import Any
 
 from agent import __version__
 from agent.wire.errors import EdgeError
+from agent.wire.names import NAME_RULE, is_name
 from agent.wire.times import parse_rfc3339, rfc3339
 
 ONLINE, OFFLINE = "online", "offline"
@@ -351,6 +352,37 @@ def check_ack(payload: Any, where: str) -> dict[str, Any]:
 def ack_ranges(payload: Mapping[str, Any]) -> list[tuple[int, int]]:
     """The ``(first, last)`` pairs of a checked ack."""
     return [(int(a), int(b)) for a, b in payload["ranges"]]
+
+
+# --- enrolment (operator -> operators, retained) ------------------------------------
+
+
+def enrolment(
+    device: str, fleet: str, tags: Mapping[str, str], *, t: float | None = None
+) -> dict[str, Any]:
+    """``edge/devices/{device}/enrolment``: how ``edge-fleet enroll`` made the device,
+    so the fleet knows it before it ever connects (devices do not read it)."""
+    payload = {"device": device, "fleet": fleet, "tags": dict(tags), "enrolled_at": rfc3339(t)}
+    return check_enrolment(payload, "enrolment")
+
+
+def check_enrolment(payload: Any, where: str) -> dict[str, Any]:
+    obj = _object(payload, where)
+    for key in ("device", "fleet"):
+        if not is_name(obj.get(key)):
+            raise InvalidPayload(
+                f"{where}: {key}: {obj.get(key)!r:.60} is not a name ({NAME_RULE})"
+            )
+    tags = obj.get("tags", {})
+    if not isinstance(tags, dict):
+        raise InvalidPayload(f"{where}: tags: expected an object, got {tags!r:.60}")
+    for key, value in tags.items():
+        if not is_name(key) or not is_name(value):
+            raise InvalidPayload(
+                f"{where}: tags: {key!r:.40}={value!r:.40}: keys and values are names ({NAME_RULE})"
+            )
+    _time(obj, "enrolled_at", where, required=True)
+    return obj
 
 
 # --- shared checks -------------------------------------------------------------------

@@ -1,14 +1,25 @@
-"""Retained state survives a broker crash; chunk-sized messages pass the size limit."""
+"""Retained state survives a broker crash, saved by time; chunk-sized messages pass."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+
+import pytest
 
 from tests.fixtures.broker import Broker
 
-# mosquitto writes its database right after the loop iteration that handled the change,
-# just after the PUBACK went out: a crash inside that window (a few milliseconds for a
-# small database) still loses the newest change. Crash after it.
+SAVING = "Saving in-memory database"
+
+
+def saves(broker: Broker) -> int:
+    """How many times the broker wrote its database, from its whole log."""
+    return sum(p.read_text().count(SAVING) for p in broker.logs if p.exists())
+
+
+# mosquitto writes its whole database every autosave_interval seconds (1 s in the test
+# brokers, 30 s as shipped): a crash before the next save loses what changed since the
+# last one. Each test waits for the save, then crashes.
 
 
 def saved(broker: Broker, marker: bytes, timeout: float = 10) -> None:
@@ -20,6 +31,35 @@ def saved(broker: Broker, marker: bytes, timeout: float = 10) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"{db} never held {marker!r}")
+
+
+@pytest.mark.parametrize(
+    ("autosave", "expected"),
+    # Count mode: about one save per message (two PUBACKs in one loop make one save).
+    [({"autosave_changes": 1}, range(20, 42)), ({"autosave_interval": None}, range(1))],
+    ids=["count-1 (before)", "shipped default"],
+)
+def test_saves_do_not_follow_the_message_rate(
+    broker_factory: Callable[..., Broker], autosave: dict[str, int | None], expected: range
+) -> None:
+    """mosquitto 2.0 counts every acknowledged QoS 1 delivery as a change: with
+    autosave_on_changes and a count of 1, a collector subscribed at QoS 1 means one
+    full database save (and one log line) per message a device sends."""
+    broker = broker_factory(**autosave)
+    device = broker.add_device("dev-1", fleet="f1")
+    collected = broker.subscribe("edge/devices/+/health", qos=1)
+    before = saves(broker)
+    client = broker.client(device)
+    for i in range(40):
+        client.publish("edge/devices/dev-1/health", b"%d" % i, qos=1).wait_for_publish(5)
+    collected.wait_for(lambda m: len(m) == 40)
+    time.sleep(0.3)  # the save after the last PUBACK, in count mode
+    assert saves(broker) - before in expected
+
+
+def test_the_shipped_default_saves_every_30_s(broker_factory: Callable[..., Broker]) -> None:
+    conf = broker_factory(autosave_interval=None).conf.read_text()
+    assert "\nautosave_on_changes false\nautosave_interval 30\n" in conf
 
 
 def test_retained_messages_survive_kill_9(broker: Broker) -> None:

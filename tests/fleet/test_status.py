@@ -306,9 +306,12 @@ def test_other_topic_prefix_sees_only_its_own_devices(
 ) -> None:
     broker, client = fleet_on_broker
     publish(client, "lab/edge/devices/x-1/status", status_payload("x-1", "lab"), retain=True)
+    lab = broker.add_viewer("lab-viewer", prefix="lab/edge")  # an account of that prefix
+    login = ["--username", lab.username, "--password-file", str(lab.password_file)]
     code, out, _ = run_status(
-        capsys, "--json", "--wait", "0.2", "--topic-prefix", "lab/edge", *broker_args(broker)
-    )
+        capsys, "--json", "--wait", "0.2", "--topic-prefix", "lab/edge",
+        "--broker", broker.operator_url, *login,
+    )  # fmt: skip
     assert code == 0
     assert [d["device"] for d in json.loads(out)["devices"]] == ["x-1"]
 
