@@ -251,6 +251,7 @@ class Supervisor:
             "against": trial.previous,
             "requests": trial.figures.count,
             "errors": trial.figures.errors,
+            "bad_requests": trial.figures.bad_requests,
             "remaining_s": round(max(0.0, trial.until - probation.clock()), 1),
         }
 
