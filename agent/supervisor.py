@@ -93,6 +93,8 @@ class Supervisor:
             cfg, self.mqtt, self.installer, self.store, events, metrics=self.metrics
         )
         self.delivery = delivery
+        # Any activation but delivery's own ends the trial of the version it replaced.
+        self.installer.listeners.append(delivery.on_change)
         commands = Commands(cfg, self.mqtt, self.installer)
         self.components += [self.mqtt, forwarder, health, delivery, commands]
         if delivery.probation is not None:

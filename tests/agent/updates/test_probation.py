@@ -233,6 +233,12 @@ def test_version_failing_real_requests_is_rolled_back_by_itself(
     assert desired["applies"] == "fleet" and desired["sources"]["fleet"]["version"] == "1.1.0"
     assert serving(agent) == "1.0.0"
     assert len([m for m in log.messages if b'"activated"' in m.payload]) == activated
+    assert "a new serial tries 1.1.0 again" in desired["reason"]
+    # A new serial (the operator publishes it again, a fix or not) is tried again.
+    publish(operator(broker), bad, fleet="f1", key=keypair.key)
+    again = wait_event(log, "activated", device="prob-0", version="1.1.0", serial=3)
+    assert again["previous"] == "1.0.0"
+    assert agent.status()["models"]["iris"]["state"] == "probation"
 
 
 @pytest.mark.timeout(120)
