@@ -229,6 +229,8 @@ class Supervisor:
             "started_at": rfc3339(self.started_at),
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "models": models,
+            # Where POST /predict without ?model= goes: models.default, else the first installed.
+            "default_model": self.registry.default_name(),
             "broker": self._broker(),
             # What the broker says this device should run, and what delivery made of it.
             "desired": {} if self.delivery is None else self.delivery.desired.snapshot(),
