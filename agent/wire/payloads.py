@@ -28,6 +28,18 @@ ROLLED_BACK = "rolled_back"
 NOT_IN_ROLLOUT = "not_in_rollout"
 COMMAND = "command"
 EVENTS = (DOWNLOADING, VERIFIED, ACTIVATED, REJECTED, ROLLED_BACK, NOT_IN_ROLLOUT, COMMAND)
+# A model's deployment state in the status (models[name].state); `reason` says why.
+ACTIVE = "active"  # serving what is desired (or nothing is desired)
+PROBATION = "probation"  # a new version watched against the previous one
+INSTALLING = "installing"  # loading and checking a new version; the old one serves
+RETRYING = "retrying"  # a delivery failed for now (missing chunk, full disk): tried again
+FAILED = "failed"  # no version of it can be loaded
+MODEL_STATES = (
+    ACTIVE, PROBATION, DOWNLOADING, INSTALLING, REJECTED, RETRYING, ROLLED_BACK,
+    NOT_IN_ROLLOUT, FAILED,
+)  # fmt: skip
+# desired.source: the device's own desired state or its fleet's.
+DESIRED_SOURCES = ("device", "fleet")
 
 
 class InvalidPayload(EdgeError):
@@ -63,14 +75,24 @@ def status(
     *,
     reason: str | None = None,
     t: float | None = None,
+    tags: Mapping[str, str] | None = None,
+    trusted_keys: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The retained ``edge/devices/{device}/status``: online/offline, since when, models."""
+    """The retained ``edge/devices/{device}/status``: online/offline, since when, models.
+
+    Per model: ``version`` (serving, or null), ``state`` (``MODEL_STATES``), ``reason``,
+    ``serial`` and ``desired`` (``{version, serial, source, decision, reason}`` of the
+    desired manifest that applies, or null); ``tags`` are the device's, ``trusted_keys``
+    the ids of the publisher keys it trusts (``agent.wire.signing.key_id``).
+    """
     payload: dict[str, Any] = {
         "device": device,
         "fleet": fleet,
         "state": state,
         "since": rfc3339(t),
         "agent_version": __version__,
+        "tags": dict(tags or {}),
+        "trusted_keys": list(trusted_keys or []),
         "models": dict(models),
     }
     if reason:
@@ -79,16 +101,46 @@ def status(
 
 
 def check_status(payload: Any, where: str) -> dict[str, Any]:
+    """A status, of this agent or an older one: fields it lacks are not required."""
     obj = _object(payload, where)
     if obj.get("state") not in STATES:
         raise InvalidPayload(
             f"{where}: state: expected 'online' or 'offline', got {obj.get('state')!r}"
         )
     _time(obj, "since", where, required=False)
+    tags = obj.get("tags", {})
+    if not isinstance(tags, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise InvalidPayload(f"{where}: tags: expected an object of strings, got {tags!r:.60}")
+    keys = obj.get("trusted_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise InvalidPayload(f"{where}: trusted_keys: expected a list of key ids, got {keys!r:.60}")
     models = obj.get("models", {})
     if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
         raise InvalidPayload(f"{where}: models: expected an object of objects, got {models!r}")
+    for name, m in models.items():
+        _check_model_status(m, f"{where}: models.{name}")
     return obj
+
+
+def _check_model_status(m: Mapping[str, Any], where: str) -> None:
+    for key in ("version", "state", "reason"):
+        _optional_str(m, key, where)
+    _optional_int(m, "serial", where)
+    desired = m.get("desired")
+    if desired is None:
+        return
+    if not isinstance(desired, dict):
+        raise InvalidPayload(f"{where}: desired: expected an object or null, got {desired!r:.60}")
+    at = f"{where}.desired"
+    for key in ("version", "decision", "reason"):
+        _optional_str(desired, key, at)
+    _optional_int(desired, "serial", at)
+    if desired.get("source") not in DESIRED_SOURCES:
+        raise InvalidPayload(
+            f"{at}: source: expected 'device' or 'fleet', got {desired.get('source')!r:.60}"
+        )
 
 
 # --- health ------------------------------------------------------------------------
@@ -373,6 +425,18 @@ def _object(payload: Any, where: str) -> dict[str, Any]:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _optional_str(payload: Mapping[str, Any], key: str, where: str) -> None:
+    value = payload.get(key)
+    if value is not None and not isinstance(value, str):
+        raise InvalidPayload(f"{where}: {key}: expected a string or null, got {value!r:.60}")
+
+
+def _optional_int(payload: Mapping[str, Any], key: str, where: str) -> None:
+    value = payload.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise InvalidPayload(f"{where}: {key}: expected an integer or null, got {value!r:.60}")
 
 
 def _number(payload: Mapping[str, Any], key: str, where: str) -> None:
