@@ -278,10 +278,11 @@ class Delivery:
         ``edge-agent rollback``/``install`` beside the agent) ends the trial of the one it
         replaced, so probation never judges, nor rolls back, what it no longer serves.
         A rollback away from the desired version is what the device decided about it."""
-        desired = self.desired.applying(change.name)
-        if change.event == payloads.ROLLED_BACK and desired is not None:
-            if desired["version"] != change.manifest.version:
-                self.desired.decided(change.name, payloads.ROLLED_BACK, change.reason)
+        desired = self.desired.applying(change.name) or {}
+        if change.event == payloads.ROLLED_BACK and desired.get("version") not in (
+            None, change.manifest.version,
+        ):  # fmt: skip
+            self.desired.decided(change.name, payloads.ROLLED_BACK, change.reason)
         if self.probation is None:
             return
         trial = self.probation.on_trial(change.name)
