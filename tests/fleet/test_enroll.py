@@ -162,7 +162,11 @@ def test_bulk_from_a_csv(
         ("device,fleet\npi-1,f1,extra\n", [], "devices.csv:2: more cells than the 2 columns"),
         (None, ["pi/1", "--fleet", "f1"], "DEVICE: device: 'pi/1' is not a plain name"),
         (None, ["pi-1"], "--fleet: the devices on the command line need a fleet"),
-        (None, ["pi-1", "--fleet", "f1", "--tags", "si te=a"], "--tags: 'si te=a': tag key"),
+        (
+            None,
+            ["pi-1", "--fleet", "f1", "--tags", "si te=a"],
+            "--tags: key 'si te' is not a plain name",
+        ),
         (None, [], "no device to enrol"),
     ],
 )
