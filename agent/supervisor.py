@@ -93,6 +93,8 @@ class Supervisor:
             cfg, self.mqtt, self.installer, self.store, events, metrics=self.metrics
         )
         self.delivery = delivery
+        # Any activation but delivery's own ends the trial of the version it replaced.
+        self.installer.listeners.append(delivery.on_change)
         commands = Commands(cfg, self.mqtt, self.installer)
         self.components += [self.mqtt, forwarder, health, delivery, commands]
         if delivery.probation is not None:
@@ -216,6 +218,10 @@ class Supervisor:
                 "reason": st["reason"],
                 "activated_at": pointer.activated_at if pointer else None,
             }
+            # What the applicable desired manifest asks, and what this device decided.
+            models[name]["desired"] = (
+                None if self.delivery is None else self.delivery.desired.applying(name)
+            )
             trial = self._trial(name)
             if trial is not None:
                 models[name]["probation"] = trial
@@ -224,9 +230,14 @@ class Supervisor:
             "device": self.cfg.device.id,
             "fleet": self.cfg.device.fleet,
             "agent_version": __version__,
+            "tags": dict(self.cfg.device.tags),
+            # Ids of the publisher keys this device trusts (agent.wire.signing.key_id).
+            "trusted_keys": sorted(self.installer.trusted),
             "started_at": rfc3339(self.started_at),
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "models": models,
+            # Where POST /predict without ?model= goes: models.default, else the first installed.
+            "default_model": self.registry.default_name(),
             "broker": self._broker(),
             # What the broker says this device should run, and what delivery made of it.
             "desired": {} if self.delivery is None else self.delivery.desired.snapshot(),
@@ -251,6 +262,7 @@ class Supervisor:
             "against": trial.previous,
             "requests": trial.figures.count,
             "errors": trial.figures.errors,
+            "bad_requests": trial.figures.bad_requests,
             "remaining_s": round(max(0.0, trial.until - probation.clock()), 1),
         }
 

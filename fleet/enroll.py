@@ -30,6 +30,7 @@ from agent.wire import payloads
 from agent.wire.errors import UsageError
 from agent.wire.names import is_name, name_problem
 from agent.wire.signing import load_public_key
+from agent.wire.targeting import parse_tags
 from agent.wire.topics import Topics
 
 from fleet.accounts import DEFAULT_CONF_DIR, DEVICES, AccountError, BrokerConf, role_account
@@ -48,21 +49,13 @@ class Enrolee:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-def parse_tags(items: Iterable[str], where: str, sep: str = ",") -> dict[str, str]:
-    """``["site=north", "ring=canary,zone=2"]`` -> a dict; names on both sides."""
-    tags: dict[str, str] = {}
-    for item in items:
-        for pair in filter(None, (p.strip() for p in item.split(sep))):
-            key, eq, value = pair.partition("=")
-            if not eq:
-                raise UsageError(f"{where}: {pair!r} is not key=value")
-            for kind, text in (("key", key), ("value", value)):
-                if not is_name(text):
-                    raise UsageError(f"{where}: {pair!r}: {name_problem(f'tag {kind}', text)}")
-            if key in tags and tags[key] != value:
-                raise UsageError(f"{where}: tag {key!r} given twice ({tags[key]}, {value})")
-            tags[key] = value
-    return tags
+def tags_of(items: Iterable[str], where: str) -> dict[str, str]:
+    """``["site=north", "ring=canary,zone=2"]`` -> a dict, by the agent's own rule
+    (``agent.wire.targeting.parse_tags``: names on both sides)."""
+    try:
+        return parse_tags(",".join(items), where)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def read_csv(path: Path, fleet: str | None, tags: dict[str, str]) -> list[Enrolee]:
@@ -91,7 +84,8 @@ def read_csv(path: Path, fleet: str | None, tags: dict[str, str]) -> list[Enrole
         row_fleet = cells.get("fleet") or fleet
         if not row_fleet:
             raise UsageError(f"{where}: {cells['device']}: no fleet (a fleet cell or --fleet)")
-        row_tags = {**tags, **parse_tags([cells.get("tags", "")], f"{where}: tags", sep=";")}
+        # k=v;k=v in a cell: a comma would split the CSV column.
+        row_tags = {**tags, **tags_of(cells.get("tags", "").split(";"), f"{where}: tags")}
         rows.append(Enrolee(_name(where, "device", cells["device"]),
                             _name(where, "fleet", row_fleet), row_tags))  # fmt: skip
     return rows
@@ -106,7 +100,7 @@ def _name(where: str, kind: str, value: str) -> str:
 
 def plan(args: argparse.Namespace) -> list[Enrolee]:
     """Every device to enrol, from the command line and the CSV; duplicates refused."""
-    tags = parse_tags(args.tags, "--tags")
+    tags = tags_of(args.tags, "--tags")
     enrolees: list[Enrolee] = []
     if args.devices and not args.fleet:
         raise UsageError("--fleet: the devices on the command line need a fleet")

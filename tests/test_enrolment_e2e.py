@@ -7,6 +7,7 @@ in to a real mosquitto with the account enroll made and takes its fleet's desire
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import tarfile
@@ -30,7 +31,7 @@ VENV = Path(sys.executable).parent.parent  # the edge-agent install-pi checks th
 
 def make_bundle(broker: Broker, keypair: Keypair, out: Path, device: str = "pi-7") -> Path:
     creds = broker.operator
-    code = main(["enroll", device, "--fleet", "greenhouse", "-o", str(out),
+    code = main(["enroll", device, "--fleet", "greenhouse", "--tags", "site=north", "-o", str(out),
                  "--mqtt-url", broker.url, "--trusted-key", str(keypair.pub),
                  "--conf-dir", str(broker.conf_dir), "--broker", broker.operator_url,
                  "--username", creds.username, "--password-file", str(creds.password_file)])  # fmt: skip
@@ -76,7 +77,8 @@ def test_an_enrolled_device_installs_its_bundle_connects_and_takes_its_fleets_mo
     status = broker.subscribe("edge/devices/pi-7/status")
     # The installed file as it is, with the test's own state folder and HTTP port.
     agent = start_agent(text, env=env)
-    status.wait_for(lambda m: any(b'"online"' in x.payload for x in m), timeout=30)
+    online = status.wait_for(lambda m: any(b'"online"' in x.payload for x in m), timeout=30)
+    assert json.loads(online[-1].payload)["tags"] == {"site": "north"}  # the bundle's tags
     publish(operator(broker), iris_package, fleet="greenhouse", key=keypair.key)
     agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=60)
     assert predict_version(agent) == "1.0.0"

@@ -162,7 +162,11 @@ def test_bulk_from_a_csv(
         ("device,fleet\npi-1,f1,extra\n", [], "devices.csv:2: more cells than the 2 columns"),
         (None, ["pi/1", "--fleet", "f1"], "DEVICE: device: 'pi/1' is not a plain name"),
         (None, ["pi-1"], "--fleet: the devices on the command line need a fleet"),
-        (None, ["pi-1", "--fleet", "f1", "--tags", "si te=a"], "--tags: 'si te=a': tag key"),
+        (
+            None,
+            ["pi-1", "--fleet", "f1", "--tags", "si te=a"],
+            "--tags: key 'si te' is not a plain name",
+        ),
         (None, [], "no device to enrol"),
     ],
 )
@@ -229,3 +233,22 @@ def test_an_unreachable_broker_fails_before_anything_is_written(
     assert code == 1 and "mqtt://127.0.0.1:1" in err
     assert (broker.conf_dir / "acl").read_text() == acl
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"device": "pi/1"}, "device: 'pi/1' is not a plain name"),
+        ({"fleet": None}, "fleet: None is not a plain name"),
+        ({"tags": {"site": "a b"}}, "tags.site: 'a b' is not a plain name"),
+        ({"tags": ["site=a"]}, "tags: expected a table"),
+        ({"enrolled_at": "yesterday"}, "enrolled_at: 'yesterday' is not an RFC 3339 time"),
+    ],
+)
+def test_an_enrolment_record_is_checked_naming_the_field(
+    change: dict[str, object], message: str
+) -> None:
+    record = {**payloads.enrolment("pi-1", "f1", {"site": "a"}), **change}
+    with pytest.raises(payloads.InvalidPayload, match="edge/devices/pi-1/enrolment: ") as e:
+        payloads.check_enrolment(record, "edge/devices/pi-1/enrolment")
+    assert message in str(e.value)
