@@ -76,7 +76,11 @@ def test_staged_rollout_selects_the_bucketed_devices_then_widens(
         event = wait_event(log, "not_in_rollout", device=n, timeout=30)
         assert event["reason"] == f"not in rollout (bucket {rollout_bucket(salt, n)} >= 30%)"
         status = agents[n].status()["models"]["iris"]
-        assert status["state"] == "active" and "not in rollout" in status["reason"]
+        # It keeps serving 1.0.0, and its state says it is outside this rollout.
+        assert (status["state"], status["reason"]) == ("not_in_rollout", event["reason"])
+        assert (status["desired"]["version"], status["desired"]["decision"]) == (
+            "1.1.0", "not_in_rollout",
+        )  # fmt: skip
         assert serving(agents[n]) == "1.0.0"
         assert not [e for e in events(log, n) if e["event"] == "activated"]
     rollout(ops, "iris", fleet="f1", percent=100, key=keypair.key)
