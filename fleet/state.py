@@ -7,6 +7,7 @@ process's clock, so "last seen" never depends on a device's clock being right.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -22,10 +23,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ModelCounters:
-    """Inferences and errors summed over the health windows this process received."""
+    """Inferences, model errors and caller mistakes (4xx) summed over the health windows
+    this process received."""
 
     inferences: int = 0
     errors: int = 0
+    bad_requests: int = 0
 
 
 @dataclass
@@ -155,6 +158,9 @@ class FleetState:
                     c = state.counters.setdefault((name, str(m.get("version"))), ModelCounters())
                     c.inferences += int(m.get("inferences") or 0)
                     c.errors += int(m.get("errors") or 0)
+                    bad = m.get("bad_requests")  # newer agents only: 0 when absent
+                    if isinstance(bad, int | float) and not isinstance(bad, bool):
+                        c.bad_requests += int(bad)
         return device
 
     def snapshot(self, fleet: str | None = None) -> list[DeviceState]:
@@ -168,7 +174,7 @@ class FleetState:
                     d.health,
                     d.health_at,
                     d.health_count,
-                    {k: ModelCounters(v.inferences, v.errors) for k, v in d.counters.items()},
+                    {k: dataclasses.replace(v) for k, v in d.counters.items()},
                 )
                 for d in self._devices.values()
             ]
