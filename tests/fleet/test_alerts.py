@@ -28,8 +28,8 @@ from tests.fixtures.prometheus import (
     running_prometheus,
     shortened_rules,
 )
+from tests.fleet.rollout_plan import plan
 from tests.fleet.test_exporter import exporter, target_of
-from tests.fleet.test_exporter_rollouts import plan
 
 WATCHED = ("EdgeDeviceOffline", "EdgeModelRolledBack", "EdgeRolloutHalted")
 

@@ -339,17 +339,24 @@ def dashboard_expressions() -> list[str]:
 
 def test_dashboard_uses_only_metrics_the_exporter_serves(tmp_path: Path) -> None:
     from fleet.exporter_db import CollectorFigures
+    from fleet.exporter_rollouts import RolloutPlans
     from tests.fixtures.collected import stored_fleet
+    from tests.fleet.rollout_plan import plan
 
     fleet = FleetState()
-    fleet.apply("edge/devices/pi-1/status", msg(status_payload("pi-1", "north")), retained=True)
+    model = {"version": "1.2.0", "state": "active",
+             "desired": {"version": "1.2.0", "source": "fleet", "decision": "accepted"}}  # fmt: skip
+    status = status_payload("pi-1", "north", models={"iris": model})
+    fleet.apply("edge/devices/pi-1/status", msg(status), retained=True)
     fleet.apply("edge/devices/pi-1/health", msg(health_payload("pi-1", "north", rows=3)))
+    rollouts = RolloutPlans()
+    rollouts.receive("edge/fleets/north/models/iris/rollout", msg(plan()))
     # With --db: a collector's database holding results and labels.
     url = f"sqlite:///{tmp_path / 'collect.db'}"
     stored_fleet(url, time.time())
     figures = CollectorFigures(url)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, figures=figures))
+    registry.register(FleetCollector(fleet, figures=figures, rollouts=rollouts))
     served = set(parse(generate_latest(registry).decode()))
     figures.close()
     served_names = {name for name, _ in served}

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 
-from agent.wire.times import rfc3339
 from fleet.exporter import FleetCollector
 from fleet.exporter_rollouts import RolloutPlans, read_plan
 from fleet.state import FleetState
+from tests.fleet.rollout_plan import T0, plan
 from tests.fleet.test_exporter import Samples, parse, scrape_collector, value
 
 TOPIC = "edge/fleets/north/models/iris/rollout"
-T0 = 1_800_000_000.0
-
-
-def plan(**over: Any) -> dict[str, Any]:
-    """A rollout plan as docs/fleet.md gives it (what `edge-fleet rollout --steps` writes)."""
-    return {
-        "schema": 1, "fleet": "north", "model": "iris", "version": "1.4.0",
-        "sha256": "ab" * 32, "steps": [1, 10, 50, 100], "every_s": 600,
-        "halt_if": "rejected>2% or rolled_back>1%", "promote_if": None,
-        "rollback_on_halt": False, "where": {}, "step": 1, "percent": 10, "state": "running",
-        "reason": "", "started_at": rfc3339(T0), "step_started_at": rfc3339(T0 + 600),
-        "updated_at": rfc3339(T0 + 650), **over,
-    }  # fmt: skip
 
 
 def scrape(plans: RolloutPlans, now: float) -> Samples:
