@@ -179,16 +179,15 @@ class HealthReporter:
         out: dict[str, Any] = {}
         for name in self.registry.names():
             model = self.registry.loaded(name)
-            out[name] = {"version": model.version if model else None, "inferences": 0,
-                         "errors": 0, "p50_ms": None, "p99_ms": None}  # fmt: skip
+            out[name] = _model_entry(model.version if model else None)
         # Requests of an old version finishing after a swap count towards the model;
         # the percentiles are those of the version that served the most.
         best: dict[str, int] = {}
         for (name, version), s in sorted(window.items()):
-            entry = out.setdefault(name, {"version": version, "inferences": 0, "errors": 0,
-                                          "p50_ms": None, "p99_ms": None})  # fmt: skip
+            entry = out.setdefault(name, _model_entry(version))
             entry["inferences"] += s.count
             entry["errors"] += s.errors
+            entry["bad_requests"] += s.bad_requests
             if s.count > best.get(name, -1):
                 best[name] = s.count
                 entry["p50_ms"] = None if s.p50_ms is None else round(s.p50_ms, 3)
@@ -202,6 +201,13 @@ class HealthReporter:
         if value is None:
             return 0
         return int(value) if float(value).is_integer() else round(value, 1)
+
+
+def _model_entry(version: str | None) -> dict[str, Any]:
+    """One model of a report: ``errors`` are the model's own failures, ``bad_requests``
+    the callers' refused requests (4xx), apart so that a bad client is not a bad model."""
+    return {"version": version, "inferences": 0, "errors": 0, "bad_requests": 0,
+            "p50_ms": None, "p99_ms": None}  # fmt: skip
 
 
 class HealthCollector(Collector):
@@ -242,14 +248,19 @@ class HealthCollector(Collector):
                 labels=["model", "version"])  # fmt: skip
         count = g("edge_model_inferences_interval", "Inferences in the last report interval",
                   labels=["model", "version"])  # fmt: skip
-        errors = g("edge_model_errors_interval", "Failed inferences in the last report interval",
+        errors = g("edge_model_errors_interval",
+                   "Inferences the model failed (not the caller) in the last report interval",
                    labels=["model", "version"])  # fmt: skip
+        bad = g("edge_model_bad_requests_interval",
+                "Requests refused as the caller's mistake (4xx) in the last report interval",
+                labels=["model", "version"])  # fmt: skip
         for name, m in r["models"].items():
             labels = [name, str(m["version"])]
             count.add_metric(labels, m["inferences"])
             errors.add_metric(labels, m["errors"])
+            bad.add_metric(labels, m.get("bad_requests", 0))
             if m["p50_ms"] is not None:
                 p50.add_metric(labels, m["p50_ms"])
             if m["p99_ms"] is not None:
                 p99.add_metric(labels, m["p99_ms"])
-        yield from (p50, p99, count, errors)
+        yield from (p50, p99, count, errors, bad)

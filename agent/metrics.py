@@ -32,20 +32,27 @@ Key = tuple[str, str]  # (model, version)
 
 @dataclass(frozen=True)
 class WindowStats:
-    """One (model, version) over one window: every inference, the failed ones, latency."""
+    """One (model, version) over one window.
+
+    ``count``: inferences the model ran (answered or failed); ``errors``: the model's own
+    failures among them; ``bad_requests``: requests the codec refused before the model
+    ran (bad rows, wrong shape: the caller's mistake), not in ``count``.
+    """
 
     count: int
     errors: int
     p50_ms: float | None
     p99_ms: float | None
+    bad_requests: int = 0
 
 
 class _Series:
-    __slots__ = ("count", "errors", "samples", "seen")
+    __slots__ = ("bad_requests", "count", "errors", "samples", "seen")
 
     def __init__(self) -> None:
         self.count = 0
         self.errors = 0
+        self.bad_requests = 0
         self.samples: list[float] = []
         self.seen = 0  # successful inferences offered to the reservoir
 
@@ -79,12 +86,18 @@ class InferenceWindow:
             if j < self._capacity:
                 s.samples[j] = latency_s
 
+    def _refused(self, key: Key) -> None:
+        s = self._series.get(key)
+        if s is None:
+            s = self._series[key] = _Series()
+        s.bad_requests += 1
+
     def _swap(self) -> dict[Key, _Series]:
         series, self._series = self._series, {}
         return series
 
     def take(self) -> dict[Key, WindowStats]:
-        """Per (model, version): count, errors, p50 and p99 in ms since the last take."""
+        """Per (model, version): count, errors, p50, p99 in ms, bad requests since the last take."""
         with _LOCK:
             series = self._swap()
         out: dict[Key, WindowStats] = {}
@@ -92,7 +105,7 @@ class InferenceWindow:
             values = sorted(s.samples)
             p50 = _percentile(values, 0.50) * 1000 if values else None
             p99 = _percentile(values, 0.99) * 1000 if values else None
-            out[key] = WindowStats(s.count, s.errors, p50, p99)
+            out[key] = WindowStats(s.count, s.errors, p50, p99, s.bad_requests)
         return out
 
 
@@ -102,7 +115,8 @@ _LOCK = threading.Lock()
 
 
 class InferenceStats:
-    """Every inference, answered or failed, feeds the histogram and each open window."""
+    """Every inference, answered or failed, feeds the histogram and each open window;
+    a request refused before the model ran is counted apart (``refused``)."""
 
     def __init__(self, histogram: Histogram | None = None) -> None:
         self._histogram = histogram
@@ -130,6 +144,14 @@ class InferenceStats:
         with _LOCK:
             for window in self._windows:
                 window._add(key, latency_s, ok)
+
+    def refused(self, model: str, version: str) -> None:
+        """A caller's request the codec refused (4xx) before ``model`` ran: never the
+        model's fault, so neither its error rate nor its latency sees it."""
+        key = (model, version)
+        with _LOCK:
+            for window in self._windows:
+                window._refused(key)
 
 
 class Metrics:

@@ -93,6 +93,8 @@ class Supervisor:
             cfg, self.mqtt, self.installer, self.store, events, metrics=self.metrics
         )
         self.delivery = delivery
+        # Any activation but delivery's own ends the trial of the version it replaced.
+        self.installer.listeners.append(delivery.on_change)
         commands = Commands(cfg, self.mqtt, self.installer)
         self.components += [self.mqtt, forwarder, health, delivery, commands]
         if delivery.probation is not None:
@@ -227,6 +229,8 @@ class Supervisor:
             "started_at": rfc3339(self.started_at),
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "models": models,
+            # Where POST /predict without ?model= goes: models.default, else the first installed.
+            "default_model": self.registry.default_name(),
             "broker": self._broker(),
             # What the broker says this device should run, and what delivery made of it.
             "desired": {} if self.delivery is None else self.delivery.desired.snapshot(),
@@ -251,6 +255,7 @@ class Supervisor:
             "against": trial.previous,
             "requests": trial.figures.count,
             "errors": trial.figures.errors,
+            "bad_requests": trial.figures.bad_requests,
             "remaining_s": round(max(0.0, trial.until - probation.clock()), 1),
         }
 

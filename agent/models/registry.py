@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.models.runtime import LoadedModel
-from agent.wire.errors import BadRequest, ModelNotFound, NotReady
+from agent.wire.errors import ModelNotFound, NotReady
 
 # Deployment states a model can be in, as /status and the retained MQTT status show them.
 ACTIVE = "active"
@@ -41,23 +41,36 @@ class Registry:
         self.default = default or None
         self._models: dict[str, LoadedModel] = {}
         self._states: dict[str, ModelState] = {}
+        self._order: tuple[str, ...] = ()  # first installed first (the store's order)
         self._lock = threading.Lock()
 
+    def set_order(self, names: list[str]) -> None:
+        """The names in the order they were installed: the first loaded one answers a
+        request that names no model, whatever was installed after it."""
+        self._order = tuple(names)
+
+    def default_name(self) -> str | None:
+        """The model a request without a name goes to: ``models.default``, else the first
+        installed of the loaded ones (None while nothing is loaded)."""
+        if self.default is not None:
+            return self.default
+        models = self._models
+        for name in self._order:
+            if name in models:
+                return name
+        # Not in the order (a registry nobody gave one): the first swapped in.
+        return next(iter(models), None)
+
     def get(self, name: str | None = None, version: str | None = None) -> LoadedModel:
-        """The active model ``name`` (None: the only one, or ``models.default``)."""
+        """The active model ``name`` (None: ``models.default``, else the first installed)."""
         models = self._models  # one read of the reference: no lock on the hot path
         if not models:
             raise NotReady("no model is loaded yet")
         if name is None:
-            if self.default is not None:
-                name = self.default
-            elif len(models) == 1:
+            if self.default is None and len(models) == 1:
                 return next(iter(models.values()))
-            else:
-                raise BadRequest(
-                    f"model: several models are loaded ({', '.join(sorted(models))}); "
-                    "name one (?model=NAME) or set models.default"
-                )
+            name = self.default_name()
+            assert name is not None
         model = models.get(name)
         if model is None:
             raise ModelNotFound(name)

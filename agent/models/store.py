@@ -4,6 +4,7 @@ Layout under ``root`` (``<state_dir>/models``)::
 
     <name>/<version>/model.onnx, manifest.json   one folder per installed version
     <name>/active.json                           {version, previous, serial, activated_at}
+    .order.json                                  {"order": [name, ...]}: first installed first
     .lock                                        flock: one writer across processes
 
 A version folder is written under a temporary name, fsynced and renamed into place, so
@@ -12,6 +13,10 @@ a folder with a version's name is always complete. ``active.json`` is switched w
 the old pointer or the new one, and both name a complete folder. ``serial`` in the
 pointer is the last serial accepted for the name; it never goes down, not even on a
 local rollback, so an old signed manifest cannot be replayed.
+
+``.order.json`` keeps the names in the order they were first installed: a request
+that names no model goes to the first installed one (unless ``models.default`` says
+otherwise), and a second model installed later, or a restart, must not change that.
 
 ``edge-agent install`` writes the store from its own process while an agent may be
 running; the ``.lock`` file serialises writers and the agent notices a changed pointer.
@@ -40,6 +45,7 @@ from agent.wire.times import rfc3339
 log = logging.getLogger(__name__)
 
 ACTIVE_FILE = "active.json"
+ORDER_FILE = ".order.json"  # a dot: never a model's name
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
 
@@ -86,6 +92,8 @@ class ModelStore:
     def _clean_leftovers(self) -> None:
         """Remove temp folders of installs that were interrupted (a crash mid-copy)."""
         with self.locked():
+            for temp in self.root.glob(f".{ORDER_FILE}.*"):
+                temp.unlink(missing_ok=True)  # atomic_write's temp file
             for name_dir in self._name_dirs():
                 for child in name_dir.iterdir():
                     if child.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
@@ -117,8 +125,28 @@ class ModelStore:
         return sorted(p for p in self.root.iterdir() if p.is_dir() and is_name(p.name))
 
     def names(self) -> list[str]:
-        """Every model with at least one installed version."""
-        return [p.name for p in self._name_dirs() if self.versions(p.name)]
+        """Every model with at least one installed version, first installed first.
+
+        Names the order file does not know (a store from before it) follow, by name.
+        """
+        installed = [p.name for p in self._name_dirs() if self.versions(p.name)]
+        known = [n for n in self._order() if n in installed]
+        return known + [n for n in installed if n not in known]
+
+    def _order(self) -> list[str]:
+        try:
+            data = json.loads((self.root / ORDER_FILE).read_text())
+        except (OSError, ValueError):
+            return []
+        order = data.get("order") if isinstance(data, dict) else None
+        return [n for n in order if is_name(n)] if isinstance(order, list) else []
+
+    def _record_order(self, name: str) -> None:
+        """Append a newly installed name to the order (call with ``locked()`` held)."""
+        order = self.names()  # this name has no version yet: it is not in it
+        if name in order:
+            return
+        atomic_write(self.root / ORDER_FILE, json.dumps({"order": [*order, name]}).encode())
 
     def versions(self, name: str) -> list[str]:
         """Installed versions of ``name``, oldest first (compared numerically)."""
@@ -176,6 +204,8 @@ class ModelStore:
         manifest re-signs an old artifact with a new serial). Call with ``locked()`` held.
         """
         name_dir = self._dir(manifest.name)
+        if not self.versions(manifest.name):
+            self._record_order(manifest.name)
         name_dir.mkdir(parents=True, exist_ok=True)
         final = name_dir / manifest.version
         if final.is_dir() and (final / MANIFEST_FILE).is_file():

@@ -13,6 +13,7 @@ import threading
 import time
 
 from agent.results import schema
+from agent.wire.payloads import DROP_REASONS
 
 log = logging.getLogger("agent.results.buffer")
 
@@ -54,5 +55,6 @@ class Drops:
         schema.add_drops(conn, unsaved)
 
     def counts(self) -> dict[str, int]:
+        """Every reason, zeros included: health and /status always list them all."""
         with self._lock:
-            return dict(self._counts)
+            return {**dict.fromkeys(DROP_REASONS, 0), **self._counts}

@@ -16,13 +16,9 @@ from prometheus_client.registry import Collector
 
 from agent.wire import payloads
 
-# Drop reasons, as they appear in health reports and /metrics.
-MAX_ROWS = "max_rows"
-MAX_BYTES = "max_bytes"
-MAX_AGE = "max_age"
-DISK_FULL = "disk_full"
-IO_ERROR = "io_error"
-DROP_REASONS = (MAX_ROWS, MAX_BYTES, MAX_AGE, DISK_FULL, IO_ERROR)
+# Drop reasons, as they appear in health reports and /metrics (defined with the payload).
+DROP_REASONS = payloads.DROP_REASONS
+MAX_ROWS, MAX_BYTES, MAX_AGE, DISK_FULL, IO_ERROR = DROP_REASONS
 
 
 def _json_default(obj: Any) -> Any:

@@ -21,7 +21,7 @@ from agent.models.registry import Registry
 from agent.models.runtime import LoadedModel
 from agent.results.buffer import ResultBuffer
 from agent.results.rows import Result
-from agent.wire.errors import ModelNotFound, NotReady
+from agent.wire.errors import ModelFailed, ModelNotFound, NotReady
 
 T = TypeVar("T")
 Tensors = dict[str, np.ndarray]
@@ -81,14 +81,22 @@ class InferenceCore:
         ``decode(model, request)`` takes the request as an argument rather than in a
         closure: this runs on every request, and a closure per request costs.
 
-        A refused input and a model failure both count as failed inferences; only an
-        answered one is buffered.
+        A request the codec refuses (bad rows, wrong shape: the caller's mistake) is a
+        bad request of the model; once the tensors fit the manifest, whatever goes wrong
+        (onnxruntime fails, an output is NaN or infinite) is the model's own failure.
+        Probation and the health ``errors`` judge only the latter. Only an answered
+        request is buffered.
         """
         m = model.manifest
         start = time.perf_counter()
         try:
             call = decode(model, request)
+        except Exception:
+            self.stats.refused(m.name, m.version)
+            raise
+        try:
             outputs = model.run(call.inputs, call.outputs)
+            _check_finite(model, outputs)
             answer = encode(model, outputs)
         except Exception:
             self.stats.observe(m.name, m.version, time.perf_counter() - start, False)
@@ -101,3 +109,14 @@ class InferenceCore:
                        latency * 1000, call.request_id)
             )  # fmt: skip
         return answer.reply
+
+
+def _check_finite(model: LoadedModel, outputs: Tensors) -> None:
+    """A NaN or infinite output is the model failing: no JSON can carry it honestly."""
+    for name, arr in outputs.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            index = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+            raise ModelFailed(
+                f"model {model.name!r} {model.version}: output {name!r}{list(index)} is "
+                f"{float(arr[index])}, not a finite number (the model failed, not the request)"
+            )

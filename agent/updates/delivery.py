@@ -12,7 +12,8 @@ device's own desired manifest if there is one, else the fleet's, and:
    restarts (agent/updates/download.py), after checking free disk;
 4. checks size and sha256 (``verified``), then ``Installer.install`` (serial, schema,
    load, parity, atomic activation): ``activated``, else ``rejected`` with the reason;
-5. puts the new version on probation (agent/updates/probation.py).
+5. puts a newer version on probation (agent/updates/probation.py); an older one is the
+   operator's rollback and is not on trial.
 
 A refusal of the manifest itself is final for that payload (remembered across restarts);
 a missing chunk, a corrupt artifact or a full disk is retried after ``delivery_retry_s``.
@@ -42,6 +43,7 @@ from agent.updates.probation import Probation
 from agent.wire import payloads
 from agent.wire.errors import EdgeError, ManifestInvalid, PackageError, StorageFull
 from agent.wire.manifest import Manifest, parse_manifest
+from agent.wire.names import parse_version
 from agent.wire.signing import verify_signature
 from agent.wire.topics import Topics
 
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
     from agent.metrics import Metrics
     from agent.models.store import ModelStore
     from agent.updates.events import Events
-    from agent.updates.installer import Installer
+    from agent.updates.installer import Change, Installer
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,12 @@ class Delivery:
             shutil.rmtree(self.root / manifest.artifact.sha256, ignore_errors=True)
             return
         if decision.action == plan.ACCEPTED:
+            if pointer is not None and pointer.rolled_back:
+                # Rolled back since (by probation, a command): not retried until a new serial.
+                self._outcome_reason = (
+                    f"{decision.reason}; {pointer.version} serves since a rollback "
+                    f"({pointer.rolled_back}); a new serial tries {manifest.version} again"
+                )
             return
         package = self._local_package(manifest) or self._download(manifest)
         self._event(payloads.VERIFIED, manifest)
@@ -229,14 +237,39 @@ class Delivery:
         previous = loaded.version if loaded is not None else None
         self.installer.install(package, source=f"mqtt ({source} desired state)")
         self._pause("activated")
-        if self.probation is not None and previous not in (None, manifest.version):
-            assert previous is not None
-            self.probation.begin(model, manifest.version, previous)
-            self._set_state(model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s")
+        self._after_install(model, manifest.version, previous)
         self._event(payloads.ACTIVATED, manifest, previous=previous)
         self._outcome, self._outcome_reason = payloads.ACTIVATED, ""
         self._rejected.pop(model, None)
         clean_downloads(self.root, keep=set())
+
+    def _after_install(self, model: str, version: str, previous: str | None) -> None:
+        """A newer version goes on probation against the one it replaced; an older one
+        is the operator's rollback (``edge-fleet rollback``: a desired state naming an
+        older version), which is what they asked for and is never on trial. Judging
+        it against the version rolled back from would undo the rollback."""
+        if self.probation is None or previous in (None, version):
+            return
+        assert previous is not None
+        if parse_version(version) < parse_version(previous):
+            self.probation.end(model)
+            self._set_state(model, ACTIVE, f"rolled back from {previous} by the desired state")
+            return
+        self.probation.begin(model, version, previous)
+        self._set_state(model, PROBATION, f"on probation for {self.cfg.models.probation_s:g} s")
+
+    def on_change(self, change: Change) -> None:
+        """Installer listener: a version activated by anyone else (a device command,
+        ``edge-agent rollback``/``install`` beside the agent) ends the trial of the one it
+        replaced, so probation never judges, nor rolls back, what it no longer serves."""
+        if self.probation is None:
+            return
+        trial = self.probation.on_trial(change.name)
+        if trial is not None and trial.version != change.manifest.version:
+            log.info("probation: %s %s ends: %s %s is active now (%s)", change.name,
+                     trial.version, change.manifest.version, change.event,
+                     change.reason or "activated")  # fmt: skip
+            self.probation.end(change.name)
 
     def _outside(self, model: str, manifest: Manifest, reason: str) -> None:
         """Not in this rollout: say so in an event and in /status (and the retained
@@ -348,6 +381,12 @@ class Delivery:
         )
 
     def _probation_failed(self, model: str, version: str, reason: str) -> None:
+        loaded = self.installer.registry.loaded(model)
+        if loaded is None or loaded.version != version:
+            # Something else (an operator's rollback) replaced it in the same second.
+            log.info("probation: %s %s failed, but %s serves now: nothing to roll back",
+                     model, version, loaded.version if loaded else "nothing")  # fmt: skip
+            return
         # The installer tells its listeners; the rolled_back event comes from there.
         try:
             self.installer.rollback(model, reason=f"probation of {version}: {reason}")

@@ -107,6 +107,7 @@ class Installer:
                     self._store_write(
                         lambda: self.store.activate(name, manifest.version, serial=manifest.serial)
                     )
+                self.registry.set_order(self.store.names())
                 self.registry.swap(model)
                 self._prune(name)
             except EdgeError as e:
@@ -227,7 +228,9 @@ class Installer:
         """
         loaded = []
         with self._lock:
-            for name in self.store.names():
+            names = self.store.names()
+            self.registry.set_order(names)  # the first installed answers nameless requests
+            for name in names:
                 if self._load_active(name):
                     loaded.append(name)
         return loaded
@@ -273,7 +276,9 @@ class Installer:
         """
         changed = []
         with self._lock:
-            for name in self.store.names():
+            names = self.store.names()
+            self.registry.set_order(names)
+            for name in names:
                 try:
                     pointer = self.store.active(name)
                 except EdgeError:

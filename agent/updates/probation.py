@@ -4,7 +4,9 @@ Probation keeps its own inference window (health has another) and reads it once 
 second. Figures of each (model, version) are kept for the last ``probation_s`` so that,
 when a new version is activated, the previous version's recent figures are the
 baseline. For ``probation_s`` after the activation the new version's figures are
-compared with it: once it has ``probation_min_requests`` requests, an error rate more
+compared with it: once it has ``probation_min_requests`` requests the model ran (a
+caller's refused request, a 4xx, is neither a request nor an error here: a client
+sending bad rows says nothing about the model), an error rate more
 than ``probation_max_error_rate`` above the baseline's, or a p99 latency more than
 ``probation_max_latency_ratio`` times the baseline's, rolls the model back by itself.
 
@@ -30,16 +32,19 @@ TICK_S = 1.0
 
 @dataclass
 class Totals:
-    """Figures summed over several windows: requests, failed ones, p99 weighted by count."""
+    """Figures summed over several windows: inferences, the model's failures among them,
+    p99 weighted by count; callers' refused requests are kept apart and never judged."""
 
     count: int = 0
     errors: int = 0
+    bad_requests: int = 0
     _p99_weighted: float = 0.0
     _p99_count: int = 0
 
     def add(self, w: WindowStats) -> None:
         self.count += w.count
         self.errors += w.errors
+        self.bad_requests += w.bad_requests
         ok = w.count - w.errors
         if w.p99_ms is not None and ok > 0:
             # Windows are one second: a count-weighted mean of their p99s is close to

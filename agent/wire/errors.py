@@ -62,6 +62,12 @@ class UnsupportedMediaType(EdgeError):
     status = 415
 
 
+class ModelFailed(EdgeError):
+    """The model itself failed on a request that fits its manifest (a NaN output)."""
+
+    status = 500
+
+
 class NotReady(EdgeError):
     """No model is ready to answer yet."""
 

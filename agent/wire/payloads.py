@@ -95,7 +95,11 @@ def check_status(payload: Any, where: str) -> dict[str, Any]:
 
 HEALTH_NUMBERS = ("uptime_s", "cpu_percent", "disk_free_bytes", "soc_temp_c")
 HEALTH_SECTIONS = ("memory", "buffer", "mqtt")
-MODEL_NUMBERS = ("inferences", "errors", "p50_ms", "p99_ms")
+# Why the buffer dropped results (health buffer.dropped, edge_buffer_dropped_total). A
+# report lists every reason, zeros included, so a counter always has a series.
+DROP_REASONS = ("max_rows", "max_bytes", "max_age", "disk_full", "io_error")
+# errors: the model's own failures; bad_requests: callers' refused requests (4xx).
+MODEL_NUMBERS = ("inferences", "errors", "bad_requests", "p50_ms", "p99_ms")
 
 
 def health(
@@ -121,6 +125,11 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
         value = obj.get(section, {})
         if not isinstance(value, dict):
             raise InvalidPayload(f"{where}: {section}: expected an object, got {value!r}")
+    dropped = obj.get("buffer", {}).get("dropped", {})
+    if not isinstance(dropped, dict):
+        raise InvalidPayload(f"{where}: buffer.dropped: expected an object, got {dropped!r:.60}")
+    for reason in dropped:
+        _number(dropped, reason, f"{where}: buffer.dropped")
     models = obj.get("models", {})
     if not isinstance(models, dict):
         raise InvalidPayload(f"{where}: models: expected an object, got {models!r}")

@@ -59,6 +59,7 @@ def test_report_has_every_field_with_sane_values(tmp_path: Path) -> None:
     for ms in range(1, 101):
         h.metrics.inference.observe("iris", "1.0", ms / 1000, ok=True)
     h.metrics.inference.observe("iris", "1.0", 0.5, ok=False)
+    h.metrics.inference.refused("iris", "1.0")  # a caller's bad row: not the model's error
     r = h.report()
     assert set(r) >= FIELDS
     assert r["device"] == "dev-1" and r["fleet"] == "f1"
@@ -69,6 +70,7 @@ def test_report_has_every_field_with_sane_values(tmp_path: Path) -> None:
     assert r["uptime_s"] >= 0
     iris = r["models"]["iris"]
     assert (iris["version"], iris["inferences"], iris["errors"]) == ("1.0", 101, 1)
+    assert iris["bad_requests"] == 1
     assert iris["p50_ms"] == 50.0 and 99.0 <= iris["p99_ms"] <= 100.0
     assert r["buffer"]["rows"] == 5 and r["buffer"]["dropped"]["max_rows"] == 5
     assert r["buffer"]["oldest_age_s"] >= 0
@@ -80,6 +82,15 @@ def test_report_has_every_field_with_sane_values(tmp_path: Path) -> None:
     assert 'edge_device_load{period="1m"}' in text
     assert "edge_agent_rss_bytes" in text and "edge_device_disk_free_bytes" in text
     assert "edge_health_reports_total 2.0" in text
+    assert "edge_model_bad_requests_interval" in text
+
+
+def test_dropped_lists_every_reason_with_zeros_before_any_drop(tmp_path: Path) -> None:
+    # An empty object left the fleet's drop counter without a series to graph or alert on.
+    h = reporter(tmp_path)
+    dropped = h.report()["buffer"]["dropped"]
+    assert dropped == {"max_rows": 0, "max_bytes": 0, "max_age": 0, "disk_full": 0,
+                       "io_error": 0}  # fmt: skip
 
 
 def test_first_cpu_reading_is_not_the_unprimed_zero(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from agent.models.registry import PROBATION, Registry
 from agent.models.runtime import LoadedModel, load_model
-from agent.wire.errors import BadRequest, ModelNotFound, NotReady
+from agent.wire.errors import ModelNotFound, NotReady
 from agent.wire.package import read_manifest
 
 
@@ -35,16 +35,21 @@ def test_the_only_model_is_the_default(iris_package: Path) -> None:
         registry.get("nope")
 
 
-def test_several_models_need_a_name_or_models_default(
+def test_a_nameless_request_goes_to_the_first_installed_or_models_default(
     iris_package: Path, regressor_package: Path
 ) -> None:
     registry = Registry()
+    registry.set_order(["ridge", "iris"])  # the store's order: ridge was installed first
     registry.swap(loaded(iris_package))
+    assert registry.get().name == "iris"  # the only one loaded yet
     registry.swap(loaded(regressor_package))
     assert registry.names() == ["iris", "ridge"]
-    with pytest.raises(BadRequest, match=r"several models are loaded \(iris, ridge\)"):
-        registry.get()
-    assert registry.get("ridge").name == "ridge"
+    assert registry.get().name == "ridge" and registry.default_name() == "ridge"
+    assert registry.get("iris").name == "iris"
+    unordered = Registry()  # nobody gave an order: the first swapped in
+    unordered.swap(loaded(iris_package))
+    unordered.swap(loaded(regressor_package))
+    assert unordered.get().name == "iris"
     with_default = Registry(default="ridge")
     with_default.swap(loaded(iris_package))
     with_default.swap(loaded(regressor_package))

@@ -56,6 +56,30 @@ def test_install_layout_and_active_pointer(tmp_path: Path, iris_package: Path) -
     assert store.last_serial("other") == -1
 
 
+def test_names_keep_the_order_of_first_install_across_restarts(
+    tmp_path: Path, iris_package: Path, regressor_package: Path, columns_package: Path
+) -> None:
+    store = ModelStore(tmp_path / "models")
+    add_and_activate(store, iris_package)
+    add_and_activate(store, columns_package)  # 'columns' sorts before 'iris'
+    add_and_activate(store, regressor_package)
+    assert store.names() == ["iris", "columns", "ridge"]
+    add_and_activate(store, versioned(iris_package, "1.5.0", tmp_path, serial=9))
+    assert ModelStore(tmp_path / "models").names() == ["iris", "columns", "ridge"]
+
+
+def test_a_store_from_before_the_order_file_lists_its_names_first(
+    tmp_path: Path, iris_package: Path, columns_package: Path, regressor_package: Path
+) -> None:
+    store = ModelStore(tmp_path / "models")
+    add_and_activate(store, iris_package)
+    add_and_activate(store, columns_package)
+    (tmp_path / "models" / ".order.json").unlink()  # as an older agent left it
+    assert store.names() == ["columns", "iris"]  # by name: nothing else is known
+    add_and_activate(store, regressor_package)
+    assert ModelStore(tmp_path / "models").names() == ["columns", "iris", "ridge"]
+
+
 def test_activation_keeps_previous_and_serial_never_goes_down(
     tmp_path: Path, iris_package: Path
 ) -> None:

@@ -163,9 +163,8 @@ def test_model_is_picked_by_query_and_unknown_is_404(
 ) -> None:
     with serve(tmp_path, iris_package, regressor_package, transport=False) as served:
         c = served.client()
-        ambiguous = c.predict({"features": [[1, 2, 3, 4]]})
-        assert ambiguous.status == 400
-        assert "several models are loaded" in ambiguous.error
+        first = c.predict({"features": [[1, 2, 3, 4]]})  # no name: the first installed
+        assert (first.status, first.json["model"]) == (200, "iris")
         assert c.predict({"features": [[1, 2, 3, 4]]}, "?model=iris").json["model"] == "iris"
         ridge = c.predict({"features": [[1, 2, 3, 4, 5]]}, "?model=ridge")
         assert ridge.json["model"] == "ridge"

@@ -119,6 +119,25 @@ def test_healthy_new_version_passes_when_the_window_ends() -> None:
     assert calls == [("passed", "iris", "1.1.0")]
 
 
+def test_callers_bad_requests_are_not_the_new_versions_errors() -> None:
+    probation, stats, clock, calls = watcher()
+    for _ in range(30):
+        stats.observe("iris", "1.0.0", 0.002, True)
+    probation.begin("iris", "1.1.0", "1.0.0")
+    for _ in range(30):  # wrong-shape rows: refused before the model ran
+        stats.refused("iris", "1.1.0")
+    for _ in range(10):
+        stats.observe("iris", "1.1.0", 0.002, True)
+    clock.now += 1
+    probation.tick()
+    trial = probation.on_trial("iris")
+    assert trial is not None
+    assert (trial.figures.count, trial.figures.errors, trial.figures.bad_requests) == (10, 0, 30)
+    clock.now += 60
+    probation.tick()
+    assert calls == [("passed", "iris", "1.1.0")]
+
+
 def test_probation_s_zero_turns_it_off() -> None:
     probation, _stats, _clock, _calls = watcher()
     probation.cfg.probation_s = 0
@@ -214,3 +233,32 @@ def test_version_failing_real_requests_is_rolled_back_by_itself(
     assert desired["applies"] == "fleet" and desired["sources"]["fleet"]["version"] == "1.1.0"
     assert serving(agent) == "1.0.0"
     assert len([m for m in log.messages if b'"activated"' in m.payload]) == activated
+    assert "a new serial tries 1.1.0 again" in desired["reason"]
+    # A new serial (the operator publishes it again, a fix or not) is tried again.
+    publish(operator(broker), bad, fleet="f1", key=keypair.key)
+    again = wait_event(log, "activated", device="prob-0", version="1.1.0", serial=3)
+    assert again["previous"] == "1.0.0"
+    assert agent.status()["models"]["iris"]["state"] == "probation"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.slow
+def test_wrong_shape_requests_do_not_roll_a_good_version_back(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, iris_package_v2: Path
+) -> None:
+    log = broker.subscribe("edge/devices/+/events")
+    cfg = device_config(broker, keypair, "prob-1", probation_s=6, probation_min_requests=20)
+    agent = start_agent(cfg, packages=[iris_package])
+    publish(operator(broker), iris_package_v2, fleet="f1", key=keypair.key)
+    wait_event(log, "activated", device="prob-1", version="1.1.0")
+    assert agent.status()["models"]["iris"]["state"] == "probation"
+    for _ in range(30):  # a client sending 3 features of 4: its mistake, every time
+        code, body = agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4]]})
+        assert code == 400, body
+    for _ in range(5):
+        assert agent.request("POST", "/predict", {"features": [[5.1, 3.5, 1.4, 0.2]]})[0] == 200
+    settled = agent.wait_for(lambda st: st["models"]["iris"]["state"] != "probation", timeout=30)
+    status = settled["models"]["iris"]
+    assert (status["version"], status["state"]) == ("1.1.0", "active"), status
+    assert "passed probation" in status["reason"]
+    assert not [m for m in log.messages if b'"rolled_back"' in m.payload]
