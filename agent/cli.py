@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("rollback", parents=[common], help="activate the previous version")
     p.add_argument("model", help="model name")
+    p.add_argument(
+        "--to", metavar="VERSION", help="an installed version (default: the previous one)"
+    )
     p = sub.add_parser("demo", parents=[common], help="serve the bundled iris model here")
     p.add_argument("--port", type=int, default=8080, help="first port to try (default 8080)")
     p.add_argument(
@@ -153,6 +156,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         raise ConfigError(problems)
     print(f"config OK ({cfg.source})")
     print(f"  device {cfg.device.id}, fleet {cfg.device.fleet}")
+    if cfg.device.tags:
+        print("  tags   " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.device.tags.items())))
     print(f"  http   {cfg.http.host}:{cfg.http.port}" + (" (token)" if cfg.http.token_file else ""))
     print(f"  mqtt   {cfg.mqtt.url or 'none (offline: serves and buffers)'}")
     print(f"  state  {cfg.state_path.resolve()}")
@@ -264,7 +269,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     cfg = _config(args)
     installer = _local_installer(cfg)
     before = installer.store.active(args.model)
-    manifest = installer.rollback(args.model, reason="edge-agent rollback")
+    manifest = installer.rollback(args.model, reason="edge-agent rollback", to=args.to)
     _give_to_state_owner(cfg)
     print(f"rolled back {args.model}: {before.version if before else '-'} -> {manifest.version}")
     print(_running_agent_note(cfg, manifest.name, manifest.version))

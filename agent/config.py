@@ -22,6 +22,7 @@ from typing import Any
 from agent.secrets import missing_file, resolve_secret_path
 from agent.wire.errors import ConfigError
 from agent.wire.names import NAME_RULE, is_name
+from agent.wire.targeting import parse_tags, tags_problem
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -37,6 +38,9 @@ _SIZE_UNITS = {
 class DeviceConfig:
     id: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "device")
     fleet: str = "default"
+    # Groups a rollout can target (`where`): [device.tags] site = "north", or the env
+    # form EDGE_AGENT_DEVICE_TAGS="site=north,ring=canary". Reported in the status.
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -249,9 +253,18 @@ def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
             if isinstance(value, str):
                 return value
             raise ValueError
-    except ValueError:
-        pass
-    expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list of strings", str: "a string"}[kind]  # fmt: skip
+        if kind is dict:
+            tags = parse_tags(value, key) if isinstance(value, str) else value
+            problem = tags_problem(key, tags)
+            if problem is not None:
+                problems.append(problem)
+                return default
+            return dict(tags)
+    except ValueError as e:
+        if kind is dict and str(e):  # parse_tags names the item that is wrong
+            problems.append(str(e))
+            return default
+    expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list of strings", str: "a string", dict: "a table"}[kind]  # fmt: skip
     if key in _DURATION_KEYS:
         expected = "a duration (seconds, or like '30s', '5m', '7d')"
     if key in _SIZE_KEYS:

@@ -181,15 +181,23 @@ class MqttClient:
         return None if self._max_packet is None else self._max_packet - _HEADER_ROOM
 
     def status_payload(self, state: str, reason: str | None = None) -> dict[str, Any]:
+        report = self._report()
         return payloads.status(
-            self.device, self.cfg.device.fleet, state, self._models(), reason=reason
+            self.device,
+            self.cfg.device.fleet,
+            state,
+            dict(report.get("models", {})),
+            reason=reason,
+            tags=report.get("tags", self.cfg.device.tags),
+            trusted_keys=report.get("trusted_keys"),
         )
 
-    def _models(self) -> dict[str, Any]:
+    def _report(self) -> Mapping[str, Any]:
+        """The /status body: its models, tags and trusted keys go in the retained status."""
         if self._status is None:
             return {}
         try:
-            return dict(self._status().get("models", {}))
+            return self._status()
         except Exception:
             log.exception("mqtt: reading the models for the status failed")
             return {}

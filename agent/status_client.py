@@ -58,8 +58,10 @@ def format_status(s: dict[str, Any]) -> str:
     buf = s.get("buffer") or {}
     dropped = {k: v for k, v in (buf.get("dropped") or {}).items() if v}
     oldest = buf.get("oldest_age_s")
+    tags = ", ".join(f"{k}={v}" for k, v in sorted((s.get("tags") or {}).items()))
     lines = [
-        f"device   {s.get('device')} (fleet {s.get('fleet')}), agent {s.get('agent_version')}",
+        f"device   {s.get('device')} (fleet {s.get('fleet')}), agent {s.get('agent_version')}"
+        + (f", tags {tags}" if tags else ""),
         f"uptime   {_duration(float(s.get('uptime_s') or 0))}",
         f"broker   {broker.get('url') or '-'}: {broker.get('state', '?')}"
         + (f" ({broker['last_error']})" if broker.get("last_error") else ""),
@@ -75,6 +77,12 @@ def format_status(s: dict[str, Any]) -> str:
         if m.get("reason"):
             line += f": {m['reason']}"
         lines.append(line)
+        desired = m.get("desired") or {}
+        if desired.get("version") and desired.get("version") != m.get("version"):
+            # Desired against actual: what the broker asks for and what this device decided.
+            lines.append(f"  {'':<16} desired {desired['version']} (serial "
+                         f"{desired.get('serial')}, {desired.get('source')}): "
+                         f"{desired.get('decision') or 'pending'}")  # fmt: skip
     return "\n".join(lines)
 
 

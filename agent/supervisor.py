@@ -218,6 +218,10 @@ class Supervisor:
                 "reason": st["reason"],
                 "activated_at": pointer.activated_at if pointer else None,
             }
+            # What the applicable desired manifest asks, and what this device decided.
+            models[name]["desired"] = (
+                None if self.delivery is None else self.delivery.desired.applying(name)
+            )
             trial = self._trial(name)
             if trial is not None:
                 models[name]["probation"] = trial
@@ -226,6 +230,9 @@ class Supervisor:
             "device": self.cfg.device.id,
             "fleet": self.cfg.device.fleet,
             "agent_version": __version__,
+            "tags": dict(self.cfg.device.tags),
+            # Ids of the publisher keys this device trusts (agent.wire.signing.key_id).
+            "trusted_keys": sorted(self.installer.trusted),
             "started_at": rfc3339(self.started_at),
             "uptime_s": round(time.monotonic() - self._started_mono, 3),
             "models": models,

@@ -16,13 +16,24 @@ from typing import Any
 from agent.models.runtime import LoadedModel
 from agent.wire.errors import ModelNotFound, NotReady
 
-# Deployment states a model can be in, as /status and the retained MQTT status show them.
-ACTIVE = "active"
-PROBATION = "probation"
-UPDATING = "updating"
-FAILED = "failed"
-ROLLED_BACK = "rolled_back"
-NOT_IN_ROLLOUT = "not_in_rollout"  # a fleet rollout this device is not in: nothing served yet
+# Deployment states a model can be in, as /status and the retained MQTT status show them
+# (defined with the status payload, so the fleet side reads the same names).
+from agent.wire.payloads import (
+    ACTIVE,
+    DOWNLOADING,
+    FAILED,
+    INSTALLING,
+    NOT_IN_ROLLOUT,
+    PROBATION,
+    REJECTED,
+    RETRYING,
+    ROLLED_BACK,
+)
+
+__all__ = [
+    "ACTIVE", "DOWNLOADING", "FAILED", "INSTALLING", "NOT_IN_ROLLOUT", "PROBATION",
+    "REJECTED", "RETRYING", "ROLLED_BACK", "ModelState", "Registry",
+]  # fmt: skip
 
 
 @dataclass
@@ -65,7 +76,7 @@ class Registry:
         """The active model ``name`` (None: ``models.default``, else the first installed)."""
         models = self._models  # one read of the reference: no lock on the hot path
         if not models:
-            raise NotReady("no model is loaded yet")
+            raise NotReady(self._not_ready())
         if name is None:
             if self.default is None and len(models) == 1:
                 return next(iter(models.values()))
@@ -73,7 +84,7 @@ class Registry:
             assert name is not None
         model = models.get(name)
         if model is None:
-            raise ModelNotFound(name)
+            raise ModelNotFound(name, why=self.why(name))
         if version is not None and version != model.version:
             raise ModelNotFound(name, version)
         return model
@@ -98,6 +109,21 @@ class Registry:
 
     def models(self) -> list[LoadedModel]:
         return [self._models[n] for n in sorted(self._models)]
+
+    def why(self, name: str) -> str | None:
+        """What the deployment state says of a model that is not loaded."""
+        st = self._states.get(name)
+        if st is None:
+            return None
+        return st.reason or st.state
+
+    def _not_ready(self) -> str:
+        """Why nothing serves yet, per model the device knows of: an operator reading the
+        503 learns it is outside a rollout or still downloading, not merely "not yet"."""
+        why = [f"{name}: {self.why(name)}" for name in sorted(self._states)]
+        if not why:
+            return "no model is loaded yet (none is installed: `edge-agent install PACKAGE`)"
+        return f"no model is loaded yet ({'; '.join(why)})"
 
     # --- deployment state ------------------------------------------------------------
 

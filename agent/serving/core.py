@@ -63,7 +63,7 @@ class InferenceCore:
         try:
             return self.registry.get(name, version)
         except NotReady:
-            raise ModelNotFound(name, version) from None
+            raise ModelNotFound(name, version, why=self.registry.why(name)) from None
 
     def ready(self) -> bool:
         """Ready once at least one model is loaded."""

@@ -1,4 +1,4 @@
-"""Model delivery: retained desired state -> rollout decision -> chunk download -> installer.
+"""Model delivery: retained desired state -> rollout decision -> artifact -> installer.
 
 MQTT callbacks only record the latest desired payload per model (or hand a chunk to a
 queue); one worker thread does everything else, so paho's thread and the HTTP server
@@ -6,17 +6,20 @@ never wait for a download, a hash or a model load. For each model the worker tak
 device's own desired manifest if there is one, else the fleet's, and:
 
 1. parses it (``rejected`` if it is not a manifest) and checks its signature;
-2. asks the plan (agent/updates/plan.py): outside the rollout (``not_in_rollout``),
-   already served or accepted, a replayed serial (``rejected``), or install;
-3. downloads the missing chunks (``downloading``), resumable across reconnects and
-   restarts (agent/updates/download.py), after checking free disk;
+2. asks the plan (agent/updates/plan.py): outside the rollout by tags or bucket
+   (``not_in_rollout``), already served or accepted, a replayed serial (``rejected``),
+   or install;
+3. takes the artifact from the store or downloads the missing chunks (``downloading``,
+   agent/updates/fetch.py), resumable across reconnects and restarts;
 4. checks size and sha256 (``verified``), then ``Installer.install`` (serial, schema,
    load, parity, atomic activation): ``activated``, else ``rejected`` with the reason;
 5. puts a newer version on probation (agent/updates/probation.py); an older one is the
    operator's rollback and is not on trial.
 
-A refusal of the manifest itself is final for that payload (remembered across restarts);
-a missing chunk, a corrupt artifact or a full disk is retried after ``delivery_retry_s``.
+Each step sets the model's state and reason (``/status`` and the retained status), and
+what was decided about the desired manifest (``DesiredView``). A refusal of the
+manifest itself is final for that payload (remembered across restarts); a missing
+chunk, a corrupt artifact or a full disk is retried after ``delivery_retry_s``.
 """
 
 from __future__ import annotations
@@ -25,23 +28,29 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.disk import atomic_write
 from agent.loops import Loop
-from agent.models.registry import ACTIVE, FAILED, NOT_IN_ROLLOUT, PROBATION, UPDATING
+from agent.models.registry import (
+    ACTIVE,
+    DOWNLOADING,
+    NOT_IN_ROLLOUT,
+    PROBATION,
+    REJECTED,
+    RETRYING,
+)
 from agent.updates import plan
 from agent.updates.desired import DesiredView
 from agent.updates.download import PartialDownload, clean_downloads
+from agent.updates.fetch import ArtifactFetcher, Retry, Superseded
 from agent.updates.plan import DEVICE, FLEET
 from agent.updates.probation import Probation
 from agent.wire import payloads
-from agent.wire.errors import EdgeError, ManifestInvalid, PackageError, StorageFull
+from agent.wire.errors import EdgeError, ManifestInvalid, PackageError
 from agent.wire.manifest import Manifest, parse_manifest
 from agent.wire.names import parse_version
 from agent.wire.signing import verify_signature
@@ -63,14 +72,9 @@ log = logging.getLogger(__name__)
 PAUSE_ENV = "EDGE_DELIVERY_PAUSE_AT"
 PAUSED_FILE = "delivery-paused"
 STATE_FILE = "delivery.json"
-
-
-class Retry(EdgeError):
-    """A delivery that failed for now (missing chunk, corrupt artifact, full disk)."""
-
-
-class _Superseded(Exception):
-    """A newer desired manifest arrived during the download."""
+# States about a desired manifest: a cleared desired state leaves none of them standing.
+_DESIRED_STATES = {DOWNLOADING, NOT_IN_ROLLOUT, REJECTED, RETRYING}
+__all__ = ["PAUSED_FILE", "PAUSE_ENV", "Delivery", "Retry"]
 
 
 class Delivery:
@@ -93,18 +97,18 @@ class Delivery:
         self.store = store
         self.device, self.fleet = cfg.device.id, cfg.device.fleet
         self.topics = Topics(cfg.mqtt.topic_prefix)
-        self.root = cfg.state_path / "downloads"
         self.state_path = cfg.state_path / STATE_FILE
         self._lock = threading.Lock()
         self._desired: dict[str, dict[str, bytes]] = {}  # model -> source -> payload
         self._handled: dict[str, str] = {}  # model -> fingerprint of the payload settled
         self._retry_at: dict[str, float] = {}
-        self._chunks: queue.Queue[tuple[str, int, bytes]] = queue.Queue()
         # A step can download and load a large model; it beats on every chunk.
         self.loop = Loop(
             "delivery", self._step, stall_s=max(300.0, 2 * cfg.models.delivery_chunk_timeout_s)
         )
         self._pause_at = os.environ.get(PAUSE_ENV, "")
+        self.fetcher = ArtifactFetcher(cfg, mqtt, store, self.loop, self._pause)
+        self.root = self.fetcher.root
         self.probation: Probation | None = None
         if metrics is not None and cfg.models.probation_s > 0:
             self.probation = Probation(
@@ -114,6 +118,8 @@ class Delivery:
         self._outcome, self._outcome_reason = "", ""
         self._rejected = self._load_state()
         self._handled.update({m: r["fingerprint"] for m, r in self._rejected.items()})
+        # Refusals from before a restart: state and decision are said again once weighed.
+        self._unannounced = set(self._rejected)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -144,11 +150,6 @@ class Delivery:
             self._retry_at.pop(model, None)
         self.loop.wake()
 
-    def _on_chunk(self, msg: Message) -> None:
-        parts = msg.topic.rsplit("/", 2)
-        if len(parts) == 3 and parts[2].isdigit():
-            self._chunks.put((parts[1], int(parts[2]), msg.payload))
-
     def _effective(self, model: str) -> tuple[bytes, str] | None:
         with self._lock:
             return plan.effective(dict(self._desired.get(model, {})))
@@ -174,10 +175,16 @@ class Delivery:
         self.desired.weigh(model, by_source)
         current = plan.effective(by_source)
         if current is None:
+            self._nothing_desired(model)
             return
         payload, source = current
         fingerprint = hashlib.sha256(source.encode() + b"\0" + payload).hexdigest()
         if self._handled.get(model) == fingerprint:
+            if model in self._unannounced:
+                self._unannounced.discard(model)
+                record = self._rejected[model]
+                self.desired.decided(model, payloads.REJECTED, record["reason"])
+                self._set_state(model, REJECTED, _refusal(record.get("version"), record["reason"]))
             return
         if time.monotonic() < self._retry_at.get(model, 0.0):
             return
@@ -190,7 +197,7 @@ class Delivery:
                     f"model {model!r}"
                 )
             self._deliver(model, manifest, source)
-        except _Superseded:
+        except Superseded:
             return  # the loop picks the newer manifest up at once
         except Retry as e:
             self._retry_at[model] = time.monotonic() + self.cfg.models.delivery_retry_s
@@ -198,10 +205,11 @@ class Delivery:
             return
         except PackageError as e:
             self._refused(model, manifest, str(e), final=True)
-            self._remember_rejected(model, fingerprint, str(e))
+            self._remember_rejected(model, fingerprint, str(e), manifest)
         else:
             assert manifest is not None
             self.desired.decided(model, self._outcome, self._outcome_reason)
+            self.mqtt.publish_status()  # the retained status carries the decision
         self._handled[model] = fingerprint
 
     def _deliver(self, model: str, manifest: Manifest, source: str) -> None:
@@ -213,6 +221,7 @@ class Delivery:
             self.device,
             active=None if pointer is None else (pointer.version, pointer.serial),
             last_serial=self.store.last_serial(model),
+            tags=self.cfg.device.tags,
         )
         self._outcome, self._outcome_reason = decision.action, decision.reason
         if decision.action == plan.OUTSIDE:
@@ -230,17 +239,23 @@ class Delivery:
                     f"({pointer.rolled_back}); a new serial tries {manifest.version} again"
                 )
             return
-        package = self._local_package(manifest) or self._download(manifest)
+        self.desired.decided(model, plan.INSTALL)
+        want = self._effective(model)
+        package = self.fetcher.package(
+            manifest,
+            starting=lambda dl: self._downloading(manifest, dl),
+            wanted=lambda: self._effective(model) == want,
+        )
         self._event(payloads.VERIFIED, manifest)
         self._pause("install")
         loaded = self.installer.registry.loaded(model)
         previous = loaded.version if loaded is not None else None
-        self.installer.install(package, source=f"mqtt ({source} desired state)")
+        self.installer.install(package, source=f"mqtt ({source} desired state)", delivered=True)
         self._pause("activated")
         self._after_install(model, manifest.version, previous)
         self._event(payloads.ACTIVATED, manifest, previous=previous)
         self._outcome, self._outcome_reason = payloads.ACTIVATED, ""
-        self._rejected.pop(model, None)
+        self._forget_rejected(model)
         clean_downloads(self.root, keep=set())
 
     def _after_install(self, model: str, version: str, previous: str | None) -> None:
@@ -261,7 +276,13 @@ class Delivery:
     def on_change(self, change: Change) -> None:
         """Installer listener: a version activated by anyone else (a device command,
         ``edge-agent rollback``/``install`` beside the agent) ends the trial of the one it
-        replaced, so probation never judges, nor rolls back, what it no longer serves."""
+        replaced, so probation never judges, nor rolls back, what it no longer serves.
+        A rollback away from the desired version is what the device decided about it."""
+        desired = self.desired.applying(change.name) or {}
+        if change.event == payloads.ROLLED_BACK and desired.get("version") not in (
+            None, change.manifest.version,
+        ):  # fmt: skip
+            self.desired.decided(change.name, payloads.ROLLED_BACK, change.reason)
         if self.probation is None:
             return
         trial = self.probation.on_trial(change.name)
@@ -272,100 +293,30 @@ class Delivery:
             self.probation.end(change.name)
 
     def _outside(self, model: str, manifest: Manifest, reason: str) -> None:
-        """Not in this rollout: say so in an event and in /status (and the retained
-        status), so nobody has to guess why the device stays where it is."""
+        """Not in this rollout: say so in an event, in /status and the retained status (and
+        a 503 while nothing serves), so nobody has to guess why the device stays put."""
         log.info("delivery: %s %s: %s", model, manifest.version, reason)
         self._event(payloads.NOT_IN_ROLLOUT, manifest, reason=reason)
-        loaded = self.installer.registry.loaded(model)
-        self._set_state(model, ACTIVE if loaded else NOT_IN_ROLLOUT,
-                        f"{manifest.version}: {reason}")  # fmt: skip
+        self._set_state(model, NOT_IN_ROLLOUT, reason)
 
-    # --- artifact --------------------------------------------------------------------
-
-    def _local_package(self, manifest: Manifest) -> Path | None:
-        """A version already in the store with this artifact (a rollback, a re-signed
-        rollout) is installed from there: nothing to download."""
-        if manifest.version not in self.store.versions(manifest.name):
-            return None
-        try:
-            stored = self.store.manifest(manifest.name, manifest.version)
-        except EdgeError:
-            return None
-        if stored.artifact.sha256 != manifest.artifact.sha256:
-            return None
-        src = self.store.version_dir(manifest.name, manifest.version) / manifest.artifact.file
-        dl = PartialDownload(self.root, manifest.artifact)
-        pkg = dl.dir / "package"
-        pkg.mkdir(exist_ok=True)
-        target = pkg / manifest.artifact.file
-        target.unlink(missing_ok=True)
-        try:
-            os.link(src, target)
-        except OSError:  # another file system, or links not allowed: copy
-            shutil.copyfile(src, target)
-        atomic_write(pkg / "manifest.json", json.dumps(manifest.to_dict()).encode())
-        return pkg
-
-    def _download(self, manifest: Manifest) -> Path:
+    def _downloading(self, manifest: Manifest, dl: PartialDownload) -> None:
         art = manifest.artifact
-        dl = PartialDownload(self.root, art)
-        if not dl.complete:
-            try:
-                dl.check_disk()
-            except StorageFull as e:
-                raise Retry(str(e)) from None
-            self._event(
-                payloads.DOWNLOADING, manifest, chunks=art.chunks, have=len(dl.have), size=art.size
-            )
-            self._set_state(manifest.name, UPDATING, f"downloading {manifest.version}")
-            self._fetch(manifest, dl)
-        self._pause("verify")
-        try:
-            dl.verify()
-        except PackageError as e:
-            raise Retry(f"downloaded artifact: {e}") from None
-        self._pause("verified")
-        return dl.package(manifest.to_dict())
+        self._event(payloads.DOWNLOADING, manifest, chunks=art.chunks, have=len(dl.have),
+                    size=art.size)  # fmt: skip
+        self._set_state(manifest.name, DOWNLOADING, f"downloading {manifest.version} "
+                        f"({len(dl.have)}/{art.chunks} chunks)")  # fmt: skip
 
-    def _fetch(self, manifest: Manifest, dl: PartialDownload) -> None:
-        art, model = manifest.artifact, manifest.name
-        while not self._chunks.empty():  # leftovers of an earlier subscription
-            self._chunks.get_nowait()
-        topic = self.topics.artifact_all(art.sha256)
-        self.mqtt.subscribe(topic, 1, self._on_chunk)
-        timeout = self.cfg.models.delivery_chunk_timeout_s
-        last_progress = time.monotonic()
-        want = self._effective(model)
-        try:
-            while not dl.complete:
-                self.loop.beat()
-                if self.loop.stopping:
-                    raise _Superseded()
-                if self._effective(model) != want:
-                    raise _Superseded()
-                try:
-                    sha, index, data = self._chunks.get(timeout=0.5)
-                except queue.Empty:
-                    if time.monotonic() - last_progress > timeout:
-                        first, count = dl.missing(limit=1)[0], dl.missing_count
-                        more = f" (and {count - 1} more)" if count > 1 else ""
-                        raise Retry(
-                            f"missing chunk {first}{more} of artifact {art.sha256}: "
-                            f"nothing new for {timeout:g} s; retrying in "
-                            f"{self.cfg.models.delivery_retry_s:g} s"
-                        ) from None
-                    continue
-                if sha != art.sha256:
-                    continue
-                try:
-                    new = dl.write(index, data)
-                except PackageError as e:
-                    raise Retry(f"artifact {art.sha256[:12]}: {e}") from None
-                if new:
-                    last_progress = time.monotonic()
-                    self._pause(f"chunk:{len(dl.have)}")
-        finally:
-            self.mqtt.unsubscribe(topic)
+    def _nothing_desired(self, model: str) -> None:
+        """The desired state was cleared (``edge-fleet unpublish``): the device keeps what
+        it serves, and a state that was about the desired manifest no longer stands."""
+        if self._handled.pop(model, None) is None:
+            return
+        self.desired.decided(model, "", "")
+        loaded = self.installer.registry.loaded(model) is not None
+        if loaded and self.installer.registry.state(model).state in _DESIRED_STATES:
+            self._set_state(model, ACTIVE, "no desired state is published")
+        else:
+            self.mqtt.publish_status()
 
     # --- outcomes ----------------------------------------------------------------------
 
@@ -373,12 +324,13 @@ class Delivery:
         log.warning("delivery: %s %s refused: %s", model,
                     manifest.version if manifest else "?", reason)  # fmt: skip
         self._event(payloads.REJECTED, manifest, model=model, reason=reason, retry=not final)
-        self.desired.decided(model, payloads.REJECTED if final else "retrying", reason)
-        loaded = self.installer.registry.loaded(model)
-        what = manifest.version if manifest else "the desired manifest"
-        self._set_state(
-            model, ACTIVE if loaded else FAILED, f"delivery of {what} refused: {reason}"
-        )
+        self.desired.decided(model, payloads.REJECTED if final else RETRYING, reason)
+        version = manifest.version if manifest else None
+        if final:  # the model serves on what it had (if anything): /status says why
+            self._set_state(model, REJECTED, _refusal(version, reason))
+        else:
+            what = version or "the desired manifest"
+            self._set_state(model, RETRYING, f"delivery of {what} failed for now: {reason}")
 
     def _probation_failed(self, model: str, version: str, reason: str) -> None:
         loaded = self.installer.registry.loaded(model)
@@ -410,7 +362,7 @@ class Delivery:
             atomic_write(self.cfg.state_path / PAUSED_FILE, step.encode())
             log.warning("delivery: paused at %s (%s)", step, PAUSE_ENV)
             self.loop.pause(None)
-            raise _Superseded()
+            raise Superseded()
 
     # --- what survives a restart ----------------------------------------------------
 
@@ -428,9 +380,24 @@ class Delivery:
             if isinstance(r, dict) and isinstance(r.get("fingerprint"), str)
         }
 
-    def _remember_rejected(self, model: str, fingerprint: str, reason: str) -> None:
+    def _remember_rejected(
+        self, model: str, fingerprint: str, reason: str, manifest: Manifest | None
+    ) -> None:
         self._rejected[model] = {"fingerprint": fingerprint, "reason": reason}
+        if manifest is not None:
+            self._rejected[model]["version"] = manifest.version
+        self._save_state()
+
+    def _forget_rejected(self, model: str) -> None:
+        if self._rejected.pop(model, None) is not None:
+            self._save_state()
+
+    def _save_state(self) -> None:
         try:
             atomic_write(self.state_path, json.dumps({"rejected": self._rejected}).encode())
         except OSError as e:
             log.warning("delivery: cannot record the refusal in %s: %s", self.state_path, e)
+
+
+def _refusal(version: str | None, reason: str) -> str:
+    return f"delivery of {version or 'the desired manifest'} refused: {reason}"

@@ -25,28 +25,58 @@ class DesiredView:
         self._summaries: dict[str, dict[str, Any]] = {}  # payload digest -> summary
 
     def weigh(self, model: str, by_source: Mapping[str, bytes]) -> None:
-        """The worker looks at ``model``'s desired payloads now."""
+        """The worker looks at ``model``'s desired payloads now.
+
+        A decision is about one payload: when another one applies now, the old decision
+        is dropped until the worker has made one about the new payload.
+        """
         sources = {src: self._summary(payload) for src, payload in by_source.items()}
         applies = plan.effective(by_source)
+        digest = None if applies is None else _digest(applies[1].encode() + b"\0" + applies[0])
         with self._lock:
             view = self._models.setdefault(model, {})
             view["sources"] = sources
             view["applies"] = None if applies is None else applies[1]
+            if view.get("_digest") != digest:
+                view["_digest"] = digest
+                view.pop("decision", None)
+                view.pop("reason", None)
 
     def decided(self, model: str, decision: str, reason: str = "") -> None:
         with self._lock:
             view = self._models.setdefault(model, {})
-            view["decision"] = decision
+            view["decision"] = decision or None
             view["reason"] = reason or None
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
-                m: {**v, "sources": dict(v.get("sources", {}))} for m, v in self._models.items()
+                m: {
+                    **{k: v for k, v in view.items() if not k.startswith("_")},
+                    "sources": dict(view.get("sources", {})),
+                }
+                for m, view in self._models.items()
+            }
+
+    def applying(self, model: str) -> dict[str, Any] | None:
+        """The model's ``desired`` in the status: what the applicable desired manifest
+        asks and what the device decided about it; None when nothing is desired."""
+        with self._lock:
+            view = self._models.get(model)
+            if view is None or view.get("applies") is None:
+                return None
+            source = view["applies"]
+            summary = view.get("sources", {}).get(source, {})
+            return {
+                "version": summary.get("version"),
+                "serial": summary.get("serial"),
+                "source": source,
+                "decision": view.get("decision"),
+                "reason": view.get("reason") or summary.get("error"),
             }
 
     def _summary(self, payload: bytes) -> dict[str, Any]:
-        digest = hashlib.sha256(payload).hexdigest()
+        digest = _digest(payload)
         cached = self._summaries.get(digest)
         if cached is not None:
             return cached
@@ -59,3 +89,7 @@ class DesiredView:
             self._summaries.clear()
         self._summaries[digest] = summary
         return summary
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.config import Config
-from agent.models.registry import ACTIVE, FAILED, ROLLED_BACK, UPDATING, ModelState, Registry
+from agent.models.registry import ACTIVE, FAILED, INSTALLING, ROLLED_BACK, ModelState, Registry
 from agent.models.runtime import LoadedModel, check_parity, load_model
 from agent.models.store import ModelStore
 from agent.secrets import resolve_secret_path
+from agent.updates.plan import REPLAY_FIX
 from agent.wire.errors import EdgeError, PackageError, ReplayedSerial, StorageFull
 from agent.wire.manifest import Manifest
 from agent.wire.package import check_artifact, verify_package
@@ -81,8 +82,12 @@ class Installer:
 
     # --- install -------------------------------------------------------------------
 
-    def install(self, package_dir: Path, *, source: str = "local") -> Manifest:
-        """Verify and activate the package in ``package_dir``; PackageError on refusal."""
+    def install(
+        self, package_dir: Path, *, source: str = "local", delivered: bool = False
+    ) -> Manifest:
+        """Verify and activate the package in ``package_dir``; PackageError on refusal.
+
+        ``delivered``: it came as a desired state (the fix for a refusal differs)."""
         with self._lock:
             name = "?"
             updating: ModelState | None = None
@@ -96,11 +101,12 @@ class Installer:
                              manifest.version, manifest.serial)  # fmt: skip
                     self._count(name, UNCHANGED)
                     return manifest
-                self._check_serial(manifest)
+                self._check_serial(manifest, delivered)
                 updating = self._mark_updating(name)
                 model = self._load_checked(package_dir, manifest)
                 with self.store.locked():
-                    self._check_serial(manifest)  # another process may have installed meanwhile
+                    # Another process may have installed meanwhile.
+                    self._check_serial(manifest, delivered)
                     model.path = self._store_write(
                         lambda: self.store.add_version(package_dir, manifest)
                     )
@@ -122,11 +128,11 @@ class Installer:
             return manifest
 
     def _mark_updating(self, name: str) -> ModelState | None:
-        """Show ``updating`` in /status while a new version of a serving model loads."""
+        """Show ``installing`` in /status while a new version of a serving model loads."""
         if self.registry.loaded(name) is None:
             return None
         before = self.registry.state(name)
-        self.registry.set_state(name, UPDATING)
+        self.registry.set_state(name, INSTALLING)
         return before
 
     def _restore_state(self, name: str, before: ModelState | None) -> None:
@@ -141,10 +147,29 @@ class Installer:
             and pointer.serial == manifest.serial
         )
 
-    def _check_serial(self, manifest: Manifest) -> None:
+    def _check_serial(self, manifest: Manifest, delivered: bool) -> None:
         last = self.store.last_serial(manifest.name)
-        if manifest.serial <= last:
-            raise ReplayedSerial(manifest.name, manifest.serial, last)
+        if manifest.serial > last:
+            return
+        name, version = manifest.name, manifest.version
+        pointer = self.store.active(name)
+        if delivered:
+            fix = REPLAY_FIX
+        elif pointer is not None and pointer.version == version:
+            fix = f"{name} {version} is active already: nothing to install"
+        else:
+            # Serials only grow, also for a local install: re-sign with a higher one, or
+            # roll back to the version if the store still holds it (no new serial needed).
+            fix = (
+                f"re-sign it with a higher serial: `edge-model sign PACKAGE --key KEY "
+                f"--serial {last + 1}`"
+            )
+            if version in self.store.versions(name):
+                fix += (
+                    f"; or, as {name} {version} is still installed, "
+                    f"`edge-agent rollback {name} --to {version}` serves it again"
+                )
+        raise ReplayedSerial(name, manifest.serial, last, fix=fix)
 
     def _load_checked(self, version_dir: Path, manifest: Manifest) -> LoadedModel:
         """Load, warm up and re-check parity; the registry is not touched."""
@@ -246,6 +271,8 @@ class Installer:
             return False
         try:
             self.registry.swap(self._load_installed(name, pointer.version))
+            if pointer.rolled_back is not None:  # the state a restart must not forget
+                self.registry.set_state(name, ROLLED_BACK, pointer.rolled_back)
             return True
         except EdgeError as e:
             reason = f"active version {pointer.version} cannot be loaded: {e}"
@@ -292,7 +319,7 @@ class Installer:
                 if attempt in self._failed_sync:
                     continue
                 try:
-                    self.registry.set_state(name, UPDATING)
+                    self.registry.set_state(name, INSTALLING, f"loading {pointer.version}")
                     model = self._load_installed(name, pointer.version)
                 except EdgeError as e:
                     self._failed_sync.add(attempt)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from agent.wire.errors import ManifestInvalid, ReplayedSerial
+from agent.wire.errors import ReplayedSerial
 from agent.wire.manifest import Manifest
-from agent.wire.topics import rollout_bucket
+from agent.wire.targeting import Rollout, outside, parse_rollout
 
 FLEET, DEVICE = "fleet", "device"
 SOURCES = (DEVICE, FLEET)  # in order of precedence
@@ -23,7 +22,14 @@ CURRENT = "current"  # already serving exactly this manifest
 ACCEPTED = (
     "accepted"  # this serial was accepted before (a probation rollback since keeps the older)
 )
-OUTSIDE = "not_in_rollout"  # a fleet rollout this device's bucket is not in
+OUTSIDE = "not_in_rollout"  # a fleet rollout whose tags or bucket leave this device out
+
+
+# An old signed manifest retained (or replayed): the publisher signs a new serial.
+REPLAY_FIX = (
+    "publish it again: `edge-fleet publish PACKAGE` (or `edge-fleet rollback MODEL --to "
+    "VERSION` for an older version) signs a new serial above every one retained"
+)
 
 
 @dataclass(frozen=True)
@@ -40,19 +46,9 @@ def effective(by_source: Mapping[str, bytes]) -> tuple[bytes, str] | None:
     return None
 
 
-def rollout_of(manifest: Manifest) -> tuple[float, str] | None:
-    """The signed manifest's ``rollout`` block as (percent, salt); None means everyone."""
-    rollout: Any = manifest.raw.get("rollout")
-    if rollout is None:
-        return None
-    if not isinstance(rollout, dict):
-        raise ManifestInvalid(f"rollout: expected an object, got {rollout!r:.60}")
-    percent, salt = rollout.get("percent", 100), rollout.get("salt", "")
-    if not isinstance(percent, int | float) or isinstance(percent, bool) or not 0 <= percent <= 100:
-        raise ManifestInvalid(f"rollout.percent: expected 0..100, got {percent!r}")
-    if not isinstance(salt, str):
-        raise ManifestInvalid(f"rollout.salt: expected a string, got {salt!r}")
-    return float(percent), salt
+def rollout_of(manifest: Manifest) -> Rollout | None:
+    """The signed manifest's ``rollout`` block; None means every device of the fleet."""
+    return parse_rollout(manifest.raw.get("rollout"))
 
 
 def decide(
@@ -62,23 +58,25 @@ def decide(
     *,
     active: tuple[str, int] | None,
     last_serial: int,
+    tags: Mapping[str, str] | None = None,
 ) -> Decision:
     """What to do with a desired manifest whose signature has been checked.
 
     ``active`` is the (version, serial) the store points at, ``last_serial`` the last
-    serial accepted for the name (-1: none). Raises ReplayedSerial for an old serial.
+    serial accepted for the name (-1: none), ``tags`` the device's (``device.tags``),
+    which a fleet rollout's ``where`` must all match. Raises ReplayedSerial for an old
+    serial.
     """
     if source == FLEET:
         rollout = rollout_of(manifest)
         if rollout is not None:
-            percent, salt = rollout
-            bucket = rollout_bucket(salt, device)
-            if not bucket < percent:
-                return Decision(OUTSIDE, f"not in rollout (bucket {bucket} >= {percent:g}%)")
+            reason = outside(rollout, device, tags or {})
+            if reason is not None:
+                return Decision(OUTSIDE, reason)
     if active == (manifest.version, manifest.serial):
         return Decision(CURRENT, f"already serving {manifest.version} (serial {manifest.serial})")
     if manifest.serial == last_serial:
         return Decision(ACCEPTED, f"serial {manifest.serial} was accepted before")
     if manifest.serial < last_serial:
-        raise ReplayedSerial(manifest.name, manifest.serial, last_serial)
+        raise ReplayedSerial(manifest.name, manifest.serial, last_serial, fix=REPLAY_FIX)
     return Decision(INSTALL)

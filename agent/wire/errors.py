@@ -44,9 +44,9 @@ class Unauthorized(EdgeError):
 class ModelNotFound(EdgeError):
     status = 404
 
-    def __init__(self, name: str, version: str | None = None) -> None:
+    def __init__(self, name: str, version: str | None = None, *, why: str | None = None) -> None:
         what = f"model {name!r}" if version is None else f"model {name!r} version {version!r}"
-        super().__init__(f"{what} is not installed")
+        super().__init__(f"{what} is not installed" + (f" ({why})" if why else ""))
         self.name = name
         self.version = version
 
@@ -119,10 +119,17 @@ class SignatureMissing(PackageError):
 
 
 class ReplayedSerial(PackageError):
-    def __init__(self, name: str, serial: int, last: int) -> None:
+    """A manifest whose serial is not above the last one the device accepted for the name.
+
+    ``fix`` says what to do about it where it happened (a delivery or a local install).
+    """
+
+    def __init__(self, name: str, serial: int, last: int, *, fix: str = "") -> None:
         super().__init__(
             f"manifest serial {serial} for {name!r} is not above the last accepted serial {last}"
+            + (f"; {fix}" if fix else "")
         )
+        self.name, self.serial, self.last = name, serial, last
 
 
 class ParityFailed(PackageError):

@@ -1,7 +1,8 @@
 """Every MQTT payload a device sends, built and checked here and nowhere else.
 
 The device builds its retained status, health reports, deployment events and result
-batches with these functions; the fleet side (status table, exporter, later the
+batches with these functions (batches and acks live in ``agent/wire/batches.py``, the
+shared field checks in ``agent/wire/checks.py``; their names are here as well); the fleet side (status table, exporter, later the
 collector) checks what it receives with the matching ``check_*``. A field added here is
 added for both. Times are ``agent.wire.times.rfc3339`` throughout.
 """
@@ -9,13 +10,13 @@ added for both. Times are ``agent.wire.times.rfc3339`` throughout.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
-from agent.wire.errors import EdgeError
-from agent.wire.times import parse_rfc3339, rfc3339
+from agent.wire import batches, checks
+from agent.wire.checks import number, object_of, optional_int, optional_str, time_field
+from agent.wire.times import rfc3339
 
 ONLINE, OFFLINE = "online", "offline"
 STATES = (ONLINE, OFFLINE)
@@ -28,12 +29,22 @@ ROLLED_BACK = "rolled_back"
 NOT_IN_ROLLOUT = "not_in_rollout"
 COMMAND = "command"
 EVENTS = (DOWNLOADING, VERIFIED, ACTIVATED, REJECTED, ROLLED_BACK, NOT_IN_ROLLOUT, COMMAND)
+# A model's deployment state in the status (models[name].state); `reason` says why.
+ACTIVE = "active"  # serving what is desired (or nothing is desired)
+PROBATION = "probation"  # a new version watched against the previous one
+INSTALLING = "installing"  # loading and checking a new version; the old one serves
+RETRYING = "retrying"  # a delivery failed for now (missing chunk, full disk): tried again
+FAILED = "failed"  # no version of it can be loaded
+MODEL_STATES = (
+    ACTIVE, PROBATION, DOWNLOADING, INSTALLING, REJECTED, RETRYING, ROLLED_BACK,
+    NOT_IN_ROLLOUT, FAILED,
+)  # fmt: skip
+# desired.source: the device's own desired state or its fleet's.
+DESIRED_SOURCES = ("device", "fleet")
 
 
-class InvalidPayload(EdgeError):
-    """A payload that is not the documented shape; the message names the topic and field."""
-
-    status = 400
+# The error every check raises, naming the topic and the field.
+InvalidPayload = checks.InvalidPayload
 
 
 def encode(payload: Mapping[str, Any]) -> bytes:
@@ -63,14 +74,24 @@ def status(
     *,
     reason: str | None = None,
     t: float | None = None,
+    tags: Mapping[str, str] | None = None,
+    trusted_keys: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The retained ``edge/devices/{device}/status``: online/offline, since when, models."""
+    """The retained ``edge/devices/{device}/status``: online/offline, since when, models.
+
+    Per model: ``version`` (serving, or null), ``state`` (``MODEL_STATES``), ``reason``,
+    ``serial`` and ``desired`` (``{version, serial, source, decision, reason}`` of the
+    desired manifest that applies, or null); ``tags`` are the device's, ``trusted_keys``
+    the ids of the publisher keys it trusts (``agent.wire.signing.key_id``).
+    """
     payload: dict[str, Any] = {
         "device": device,
         "fleet": fleet,
         "state": state,
         "since": rfc3339(t),
         "agent_version": __version__,
+        "tags": dict(tags or {}),
+        "trusted_keys": list(trusted_keys or []),
         "models": dict(models),
     }
     if reason:
@@ -79,16 +100,46 @@ def status(
 
 
 def check_status(payload: Any, where: str) -> dict[str, Any]:
-    obj = _object(payload, where)
+    """A status, of this agent or an older one: fields it lacks are not required."""
+    obj = object_of(payload, where)
     if obj.get("state") not in STATES:
         raise InvalidPayload(
             f"{where}: state: expected 'online' or 'offline', got {obj.get('state')!r}"
         )
-    _time(obj, "since", where, required=False)
+    time_field(obj, "since", where, required=False)
+    tags = obj.get("tags", {})
+    if not isinstance(tags, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise InvalidPayload(f"{where}: tags: expected an object of strings, got {tags!r:.60}")
+    keys = obj.get("trusted_keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise InvalidPayload(f"{where}: trusted_keys: expected a list of key ids, got {keys!r:.60}")
     models = obj.get("models", {})
     if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
         raise InvalidPayload(f"{where}: models: expected an object of objects, got {models!r}")
+    for name, m in models.items():
+        _check_model_status(m, f"{where}: models.{name}")
     return obj
+
+
+def _check_model_status(m: Mapping[str, Any], where: str) -> None:
+    for key in ("version", "state", "reason"):
+        optional_str(m, key, where)
+    optional_int(m, "serial", where)
+    desired = m.get("desired")
+    if desired is None:
+        return
+    if not isinstance(desired, dict):
+        raise InvalidPayload(f"{where}: desired: expected an object or null, got {desired!r:.60}")
+    at = f"{where}.desired"
+    for key in ("version", "decision", "reason"):
+        optional_str(desired, key, at)
+    optional_int(desired, "serial", at)
+    if desired.get("source") not in DESIRED_SOURCES:
+        raise InvalidPayload(
+            f"{at}: source: expected 'device' or 'fleet', got {desired.get('source')!r:.60}"
+        )
 
 
 # --- health ------------------------------------------------------------------------
@@ -117,10 +168,10 @@ def health(
 
 
 def check_health(payload: Any, where: str) -> dict[str, Any]:
-    obj = _object(payload, where)
-    _time(obj, "time", where, required=False)
+    obj = object_of(payload, where)
+    time_field(obj, "time", where, required=False)
     for key in HEALTH_NUMBERS:
-        _number(obj, key, where)
+        number(obj, key, where)
     for section in HEALTH_SECTIONS:
         value = obj.get(section, {})
         if not isinstance(value, dict):
@@ -129,7 +180,7 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
     if not isinstance(dropped, dict):
         raise InvalidPayload(f"{where}: buffer.dropped: expected an object, got {dropped!r:.60}")
     for reason in dropped:
-        _number(dropped, reason, f"{where}: buffer.dropped")
+        number(dropped, reason, f"{where}: buffer.dropped")
     models = obj.get("models", {})
     if not isinstance(models, dict):
         raise InvalidPayload(f"{where}: models: expected an object, got {models!r}")
@@ -137,7 +188,7 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
         if not isinstance(m, dict):
             raise InvalidPayload(f"{where}: models.{name}: expected an object, got {m!r}")
         for key in MODEL_NUMBERS:
-            _number(m, key, f"{where}: models.{name}")
+            number(m, key, f"{where}: models.{name}")
     return obj
 
 
@@ -155,12 +206,12 @@ def event(device: str, name: str, *, t: float | None = None, **fields: Any) -> d
 
 
 def check_event(payload: Any, where: str) -> dict[str, Any]:
-    obj = _object(payload, where)
+    obj = object_of(payload, where)
     if obj.get("event") not in EVENTS:
         raise InvalidPayload(
             f"{where}: event: expected one of {', '.join(EVENTS)}, got {obj.get('event')!r}"
         )
-    _time(obj, "time", where, required=True)
+    time_field(obj, "time", where, required=True)
     for key in ("device", "model", "version", "reason"):
         value = obj.get(key)
         if value is not None and not isinstance(value, str):
@@ -171,225 +222,21 @@ def check_event(payload: Any, where: str) -> dict[str, Any]:
     return obj
 
 
-# --- results -------------------------------------------------------------------------
-#
-# A batch on edge/devices/{device}/results is {"device": ..., "results": [row, ...]}. A
-# row is a result or, when it has a "feedback" key, the ground truth a caller posted
-# later for an earlier result (POST /feedback). Both kinds share the device's one
-# increasing seq, travel in the same batches and are acknowledged the same way.
+# --- results, feedback, acks: built and checked in agent/wire/batches.py --------------
+# The names stay here as well, so every payload is still ``payloads.<name>``.
 
-RESULT_KEYS = ("seq", "time", "model", "version", "inputs", "outputs", "latency_ms")
-FEEDBACK_KEYS = ("seq", "time", "feedback")
-# A caller's request id: printable, short enough to index.
-MAX_REQUEST_ID = 128
-
-
-def results_head(device: str) -> bytes:
-    """The start of a results batch; the forwarder appends joined row objects and
-    ``RESULTS_TAIL`` without re-parsing rows that are JSON already."""
-    return f'{{"device":{json.dumps(device)},"results":['.encode()
-
-
-RESULTS_TAIL = b"]}"
-
-
-def result_json(
-    seq: int,
-    *,
-    t: float,
-    model: str,
-    version: str,
-    inputs: str,
-    outputs: str,
-    latency_ms: float,
-    request_id: str | None = None,
-) -> str:
-    """One result object of a batch; ``inputs``/``outputs`` are JSON text already."""
-    rid = "" if request_id is None else f',"request_id":{json.dumps(request_id)}'
-    return (
-        f'{{"seq":{seq},"time":{t!r},"model":{json.dumps(model)},'
-        f'"version":{json.dumps(version)},"inputs":{inputs},'
-        f'"outputs":{outputs},"latency_ms":{latency_ms!r}{rid}}}'
-    )
-
-
-def feedback_json(seq: int, *, t: float, feedback: str) -> str:
-    """One feedback row of a batch; ``feedback`` is the JSON text of ``feedback()``."""
-    return f'{{"seq":{seq},"time":{t!r},"feedback":{feedback}}}'
-
-
-def request_id_problem(value: Any) -> str | None:
-    """Why ``value`` is not a request id, or None when it is one."""
-    if not isinstance(value, str):
-        return f"expected a string, got {value!r:.60}"
-    if not 1 <= len(value) <= MAX_REQUEST_ID:
-        return f"expected 1..{MAX_REQUEST_ID} characters, got {len(value)}"
-    if not value.isprintable():
-        return f"{value!r:.60} has unprintable characters"
-    return None
-
-
-def _label_ok(value: Any) -> bool:
-    scalar = (str, int, float, bool)
-    if isinstance(value, list):
-        return bool(value) and all(isinstance(v, scalar) for v in value)
-    return isinstance(value, scalar) and not (isinstance(value, float) and math.isnan(value))
-
-
-def feedback(
-    label: Any, *, request_id: str | None = None, result_seq: int | None = None
-) -> dict[str, Any]:
-    """Ground truth for one earlier result, named by the caller's request id or its seq.
-
-    ``label`` is the true outcome: one value (a class label or a number), or a list with
-    one value per row of the request.
-    """
-    body: dict[str, Any] = {"label": label}
-    if request_id is not None:
-        body["request_id"] = request_id
-    if result_seq is not None:
-        body["result_seq"] = result_seq
-    return check_feedback(body, "feedback")
-
-
-def check_feedback(payload: Any, where: str) -> dict[str, Any]:
-    obj = _object(payload, where)
-    if "label" not in obj:
-        raise InvalidPayload(f"{where}: label: missing (the true outcome)")
-    if not _label_ok(obj["label"]):
-        raise InvalidPayload(
-            f"{where}: label: expected a string, number or boolean, or a non-empty list"
-            f" of them, got {obj['label']!r:.60}"
-        )
-    rid, rseq = obj.get("request_id"), obj.get("result_seq")
-    if rid is None and rseq is None:
-        raise InvalidPayload(f"{where}: expected request_id or result_seq (which result)")
-    if rid is not None and (problem := request_id_problem(rid)) is not None:
-        raise InvalidPayload(f"{where}: request_id: {problem}")
-    if rseq is not None and not _positive_int(rseq):
-        raise InvalidPayload(f"{where}: result_seq: expected a positive integer, got {rseq!r:.60}")
-    unknown = sorted(set(obj) - {"label", "request_id", "result_seq"})
-    if unknown:
-        raise InvalidPayload(
-            f"{where}: {unknown[0]}: unknown field (expected label, request_id, result_seq)"
-        )
-    return obj
-
-
-def check_results(payload: Any, where: str) -> dict[str, Any]:
-    """A results batch: every row a result or a feedback row, each with a positive seq."""
-    obj = _object(payload, where)
-    if not isinstance(obj.get("device"), str):
-        raise InvalidPayload(f"{where}: device: expected a string, got {obj.get('device')!r:.60}")
-    rows = obj.get("results")
-    if not isinstance(rows, list):
-        raise InvalidPayload(f"{where}: results: expected a list, got {rows!r:.60}")
-    for i, row in enumerate(rows):
-        at = f"{where}: results[{i}]"
-        if not isinstance(row, dict):
-            raise InvalidPayload(f"{at}: expected an object")
-        keys = FEEDBACK_KEYS if "feedback" in row else RESULT_KEYS
-        missing = [k for k in keys if k not in row]
-        if missing:
-            raise InvalidPayload(f"{at}: missing {', '.join(missing)}")
-        if not _positive_int(row["seq"]):
-            raise InvalidPayload(f"{at}.seq: expected a positive integer, got {row['seq']!r:.60}")
-        t = row["time"]
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
-            raise InvalidPayload(f"{at}.time: expected seconds since the epoch, got {t!r:.60}")
-        if "feedback" in row:
-            check_feedback(row["feedback"], f"{at}.feedback")
-            continue
-        for key in ("model", "version"):
-            if not isinstance(row[key], str):
-                raise InvalidPayload(f"{at}.{key}: expected a string, got {row[key]!r:.60}")
-        rid = row.get("request_id")
-        if rid is not None and (problem := request_id_problem(rid)) is not None:
-            raise InvalidPayload(f"{at}.request_id: {problem}")
-    return obj
-
-
-# --- acknowledgements (collector -> device) ------------------------------------------
-
-# An ack names the seq ranges of the batches one transaction committed; more than this
-# many ranges go out as several acks.
-MAX_ACK_RANGES = 1000
-
-
-def ack(
-    device: str, ranges: list[tuple[int, int]], *, collector: str | None = None,
-    t: float | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """``edge/devices/{device}/results/ack``: these rows are committed centrally.
-
-    Each range ``[first, last]`` is a batch as the device sent it: every row the device
-    held between first and last was in it, so the device may delete the whole range.
-    """
-    payload: dict[str, Any] = {
-        "device": device,
-        "time": rfc3339(t),
-        "ranges": [[first, last] for first, last in ranges],
-    }
-    if collector:
-        payload["collector"] = collector
-    return check_ack(payload, "ack")
-
-
-def check_ack(payload: Any, where: str) -> dict[str, Any]:
-    obj = _object(payload, where)
-    if not isinstance(obj.get("device"), str):
-        raise InvalidPayload(f"{where}: device: expected a string, got {obj.get('device')!r:.60}")
-    _time(obj, "time", where, required=False)
-    ranges = obj.get("ranges")
-    if not isinstance(ranges, list) or not ranges:
-        raise InvalidPayload(f"{where}: ranges: expected a non-empty list, got {ranges!r:.60}")
-    if len(ranges) > MAX_ACK_RANGES:
-        raise InvalidPayload(f"{where}: ranges: at most {MAX_ACK_RANGES}, got {len(ranges)}")
-    for i, r in enumerate(ranges):
-        if (
-            not isinstance(r, list) or len(r) != 2
-            or not all(_positive_int(n) for n in r) or r[0] > r[1]
-        ):  # fmt: skip
-            raise InvalidPayload(
-                f"{where}: ranges[{i}]: expected [first, last] with 1 <= first <= last,"
-                f" got {r!r:.60}"
-            )
-    return obj
-
-
-def ack_ranges(payload: Mapping[str, Any]) -> list[tuple[int, int]]:
-    """The ``(first, last)`` pairs of a checked ack."""
-    return [(int(a), int(b)) for a, b in payload["ranges"]]
-
-
-# --- shared checks -------------------------------------------------------------------
-
-
-def _object(payload: Any, where: str) -> dict[str, Any]:
-    if not isinstance(payload, dict):
-        raise InvalidPayload(f"{where}: expected a JSON object, got {type(payload).__name__}")
-    return payload
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _number(payload: Mapping[str, Any], key: str, where: str) -> None:
-    value = payload.get(key)
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value)
-    ):
-        raise InvalidPayload(f"{where}: {key}: expected a number, got {value!r}")
-
-
-def _time(payload: Mapping[str, Any], key: str, where: str, *, required: bool) -> None:
-    value = payload.get(key)
-    if value is None:
-        if required:
-            raise InvalidPayload(f"{where}: {key}: missing")
-        return
-    try:
-        parse_rfc3339(value)
-    except ValueError:
-        raise InvalidPayload(f"{where}: {key}: {value!r:.60} is not an RFC 3339 time") from None
+RESULT_KEYS = batches.RESULT_KEYS
+FEEDBACK_KEYS = batches.FEEDBACK_KEYS
+MAX_REQUEST_ID = batches.MAX_REQUEST_ID
+RESULTS_TAIL = batches.RESULTS_TAIL
+MAX_ACK_RANGES = batches.MAX_ACK_RANGES
+results_head = batches.results_head
+result_json = batches.result_json
+feedback_json = batches.feedback_json
+request_id_problem = batches.request_id_problem
+feedback = batches.feedback
+check_feedback = batches.check_feedback
+check_results = batches.check_results
+ack = batches.ack
+check_ack = batches.check_ack
+ack_ranges = batches.ack_ranges

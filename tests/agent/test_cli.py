@@ -54,6 +54,19 @@ def test_check_config_ok(capsys: pytest.CaptureFixture[str], config: Path) -> No
     code, out, err = run(capsys, "check-config", "--config", str(config))
     assert (code, err) == (0, "")
     assert out.startswith(f"config OK ({config})")
+    config.write_text(config.read_text() + '[device.tags]\nsite = "north"\nring = "canary"\n')
+    code, out, err = run(capsys, "check-config", "--config", str(config))
+    assert (code, err) == (0, "")
+    assert "  tags   ring=canary, site=north\n" in out
+
+
+def test_check_config_names_a_bad_tag_by_its_key(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    config.write_text(config.read_text() + '[device.tags]\nsite = "no rth"\n')
+    code, out, err = run(capsys, "check-config", "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err.startswith("edge-agent: config: device.tags.site: 'no rth' is not a plain name")
 
 
 def test_check_config_lists_every_problem_with_its_key(
@@ -112,11 +125,22 @@ def test_install_models_rollback(
     code, out, _ = run(capsys, "models", "--json", "--config", str(config))
     assert '"active": "1.0.0"' in out
 
-    # The old manifest cannot be replayed after the rollback.
+    # The old manifest cannot be replayed after the rollback; the message says what to do.
     code, out, err = run(capsys, "install", str(iris_package), "--config", str(config))
     assert (code, out) == (1, "")
     assert err == (
-        "edge-agent: error: manifest serial 1 for 'iris' is not above the last accepted serial 2\n"
+        "edge-agent: error: manifest serial 1 for 'iris' is not above the last accepted serial 2"
+        "; iris 1.0.0 is active already: nothing to install\n"
+    )
+    code, out, _ = run(capsys, "rollback", "iris", "--to", "1.1.0", "--config", str(config))
+    assert (code, out.splitlines()[0]) == (0, "rolled back iris: 1.0.0 -> 1.1.0")
+    code, out, err = run(capsys, "install", str(iris_package), "--config", str(config))
+    assert (code, out) == (1, "")
+    assert err == (
+        "edge-agent: error: manifest serial 1 for 'iris' is not above the last accepted serial 2"
+        "; re-sign it with a higher serial: `edge-model sign PACKAGE --key KEY --serial 3`"
+        "; or, as iris 1.0.0 is still installed, `edge-agent rollback iris --to 1.0.0` serves it"
+        " again\n"
     )
 
 

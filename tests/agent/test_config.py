@@ -99,6 +99,33 @@ def test_device_and_fleet_are_plain_names(tmp_path: Path, value: str) -> None:
     assert all("not starting with a dot" in p for p in info.value.problems)
 
 
+def test_device_tags_from_a_table_or_the_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[device]\nid = "pi-1"\n[device.tags]\nsite = "north"\nring = "canary"\n'
+    )
+    assert load_config(path, env={}).device.tags == {"site": "north", "ring": "canary"}
+    env = {"EDGE_AGENT_DEVICE_TAGS": "site=south,ring=stable"}
+    assert load_config(path, env=env).device.tags == {"site": "south", "ring": "stable"}
+    assert load_config(env={}).device.tags == {}
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "problem"),
+    [
+        ('[device.tags]\nsite = "no rth"\n', {}, "device.tags.site: 'no rth' is not a plain name"),
+        ("[device.tags]\nsite = 3\n", {}, "device.tags.site: 3 is not a plain name"),
+        ('[device]\ntags = ["a"]\n', {}, "device.tags: expected a table of name = value"),
+        ("", {"EDGE_AGENT_DEVICE_TAGS": "site"}, "device.tags: 'site' is not key=value"),
+    ],
+)
+def test_a_bad_tag_is_reported_with_its_key(
+    tmp_path: Path, toml: str, env: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, toml), env=env)
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
 def test_a_missing_file_asked_for_by_name_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such configuration file"):
         load_config(tmp_path / "nope.toml", env={})

@@ -42,6 +42,22 @@ def test_summary_shows_models_broker_buffer_and_drops() -> None:
     ]
 
 
+def test_summary_shows_tags_and_a_desired_version_that_is_not_served() -> None:
+    desired = {"version": "1.2.0", "serial": 9, "source": "fleet", "decision": "not_in_rollout"}
+    text = format_status({
+        "device": "pi-7", "fleet": "f", "agent_version": "0.1.0", "tags": {"ring": "canary"},
+        "broker": {}, "buffer": {},
+        "models": {"iris": {"version": "1.1.0", "state": "not_in_rollout",
+                            "reason": "not in rollout (bucket 52 >= 50%)", "desired": desired}},
+    })  # fmt: skip
+    lines = text.splitlines()
+    assert lines[0] == "device   pi-7 (fleet f), agent 0.1.0, tags ring=canary"
+    assert lines[-2:] == [
+        "  iris             1.1.0      not_in_rollout: not in rollout (bucket 52 >= 50%)",
+        "                   desired 1.2.0 (serial 9, fleet): not_in_rollout",
+    ]
+
+
 def test_no_models_says_so() -> None:
     text = format_status({"device": "d", "fleet": "f", "models": {}, "buffer": {}, "broker": {}})
     assert "models   none installed" in text

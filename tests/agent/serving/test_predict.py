@@ -186,7 +186,18 @@ def test_no_model_is_503(tmp_path: Path) -> None:
     with serve(tmp_path, transport=False) as served:
         r = served.client().predict({"features": [[1, 2, 3, 4]]})
         assert r.status == 503
-        assert r.error == "no model is loaded yet"
+        assert r.error == "no model is loaded yet (none is installed: `edge-agent install PACKAGE`)"
+
+
+def test_the_503_says_why_no_model_serves(tmp_path: Path) -> None:
+    with serve(tmp_path, transport=False) as served:
+        served.registry.set_state("iris", "not_in_rollout", "not in rollout (bucket 52 >= 50%)")
+        r = served.client().predict({"features": [[1, 2, 3, 4]]})
+        assert r.status == 503
+        assert r.error == "no model is loaded yet (iris: not in rollout (bucket 52 >= 50%))"
+        named = served.client().request("GET", "/v2/models/iris")
+        assert named.status == 404
+        assert named.error == "model 'iris' is not installed (not in rollout (bucket 52 >= 50%))"
 
 
 def test_every_answered_prediction_is_in_the_buffer(iris: Served) -> None:

@@ -153,7 +153,8 @@ BAD: list[tuple[str, Deliver, str]] = [
     ("corrupt-chunk", _corrupt_chunk, "sha256 is"),
     ("missing-chunk", _missing_chunk, "missing chunk 1"),
     ("wrong-hash", _wrong_hash, "the manifest says " ),
-    ("replayed-serial", _replayed, "is not above the last accepted serial 1"),
+    ("replayed-serial", _replayed,
+     "is not above the last accepted serial 1; publish it again: `edge-fleet publish PACKAGE`"),
     ("disk-too-small", _disk_short, "bytes free, the artifact"),
     ("onnx-will-not-load", _will_not_load, "onnxruntime cannot load"),
     ("parity-fails", _parity, "parity"),
@@ -173,8 +174,15 @@ def test_bad_delivery_is_rejected_and_the_old_model_keeps_serving(
     assert serving(agent) == "1.0.0"
     assert predict_version(agent) == "1.0.0"
     status = agent.status()["models"]["iris"]
-    assert status["state"] == "active"
-    assert "refused" in status["reason"]
+    # Serving 1.0.0 still, and saying the desired version was refused (or is retried).
+    assert status["version"] == "1.0.0"
+    if event["retry"]:
+        assert status["state"] == "retrying"
+        assert status["reason"].startswith("delivery of 1.1.0 failed for now: ")
+    else:
+        assert status["state"] == "rejected"
+        assert status["reason"].startswith("delivery of ") and " refused: " in status["reason"]
+    assert status["desired"]["decision"] == ("retrying" if event["retry"] else "rejected")
 
 
 def test_unsigned_is_taken_only_with_allow_unsigned(

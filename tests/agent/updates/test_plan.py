@@ -45,8 +45,11 @@ def test_an_accepted_serial_is_not_retried_after_a_rollback() -> None:
 
 
 def test_an_old_serial_is_a_replay() -> None:
-    with pytest.raises(ReplayedSerial, match=r"serial 5 for 'iris' is not above .* 9"):
+    with pytest.raises(ReplayedSerial, match=r"serial 5 for 'iris' is not above .* 9") as info:
         plan.decide(manifest(), "fleet", "pi-1", active=("1.0.0", 9), last_serial=9)
+    # It says what to do: the publisher signs a new serial above every retained one.
+    assert "; publish it again: `edge-fleet publish PACKAGE`" in str(info.value)
+    assert "signs a new serial above every one retained" in str(info.value)
 
 
 def test_a_device_outside_the_rollout_is_told_its_bucket() -> None:
@@ -62,10 +65,26 @@ def test_a_device_outside_the_rollout_is_told_its_bucket() -> None:
     assert plan.decide(m, "device", outside, active=None, last_serial=-1).action == plan.INSTALL
 
 
+def test_a_rollout_where_takes_only_devices_with_every_tag() -> None:
+    m = manifest(rollout={"percent": 100, "salt": "north/iris", "where": {"ring": "canary"}})
+    canary = plan.decide(m, "fleet", "pi-1", active=None, last_serial=-1, tags={"ring": "canary"})
+    assert canary.action == plan.INSTALL
+    stable = plan.decide(m, "fleet", "pi-2", active=("1.0.0", 4), last_serial=4,
+                         tags={"ring": "stable", "site": "x"})  # fmt: skip
+    assert stable == plan.Decision(
+        plan.OUTSIDE, "not in rollout (tag ring=canary wanted, device has ring=stable)"
+    )
+    untagged = plan.decide(m, "fleet", "pi-3", active=None, last_serial=-1)
+    assert untagged.reason == "not in rollout (tag ring=canary wanted, device has no ring tag)"
+    # A device's own desired state carries no rollout: its tags do not matter.
+    assert plan.decide(m, "device", "pi-3", active=None, last_serial=-1).action == plan.INSTALL
+
+
 @pytest.mark.parametrize(
     ("rollout", "message"),
     [("half", "rollout: expected an object"), ({"percent": 101}, "rollout.percent: expected 0..100"),
-     ({"percent": 5, "salt": 3}, "rollout.salt: expected a string")],
+     ({"percent": 5, "salt": 3}, "rollout.salt: expected a string"),
+     ({"percent": 5, "where": {"ring": ""}}, "rollout.where.ring: '' is not a plain name")],
 )  # fmt: skip
 def test_a_malformed_rollout_is_refused(rollout: Any, message: str) -> None:
     with pytest.raises(ManifestInvalid, match=message):

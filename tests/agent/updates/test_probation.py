@@ -222,6 +222,8 @@ def test_version_failing_real_requests_is_rolled_back_by_itself(
     assert agent.request("POST", "/predict", {"features": rows})[0] == 200
     status = agent.status()["models"]["iris"]
     assert status["state"] == "rolled_back" and "probation of 1.1.0" in status["reason"]
+    assert status["desired"]["version"] == "1.1.0"
+    assert status["desired"]["decision"] == "rolled_back"
     # The rolled-back manifest stays retained; the agent does not take it again.
     activated = len([m for m in log.messages if b'"activated"' in m.payload])
     agent.stop()

@@ -93,6 +93,8 @@ def test_command_rollback_ends_the_trial_of_the_version_it_replaced(
         "iris"
     ]
     assert (iris["version"], iris["state"], iris["reason"]) == ("1.0.0", "rolled_back", "operator")
+    # Desired against actual: 1.1.0 is desired still, and the device rolled it back.
+    assert (iris["desired"]["version"], iris["desired"]["decision"]) == ("1.1.0", "rolled_back")
 
 
 def test_local_rollback_beside_the_agent_ends_the_trial(

@@ -35,6 +35,29 @@ def test_built_payloads_pass_their_own_checks_after_the_wire() -> None:
         assert check(payloads.decode(payloads.encode(payload), "t"), "t") == payload
 
 
+def test_status_carries_tags_trusted_keys_and_desired_against_actual() -> None:
+    model = {
+        "version": "1.0.0", "state": "rejected", "serial": 4,
+        "reason": "delivery of 1.1.0 refused: parity: ...",
+        "desired": {"version": "1.1.0", "serial": 5, "source": "fleet", "decision": "rejected",
+                    "reason": "parity: ..."},
+    }  # fmt: skip
+    status = payloads.status(
+        "pi-1", "north", "online", {"iris": model}, tags={"ring": "canary"},
+        trusted_keys=["0123456789abcdef"],
+    )  # fmt: skip
+    assert status["tags"] == {"ring": "canary"}
+    assert status["trusted_keys"] == ["0123456789abcdef"]
+    wire = payloads.check_status(payloads.decode(payloads.encode(status), "t"), "t")
+    assert wire["models"]["iris"]["desired"]["decision"] == "rejected"
+    assert payloads.status("pi-1", "north", "online", {})["tags"] == {}
+    # An older agent's status (no tags, no desired, a state this one no longer uses) is read.
+    older = {"state": "online", "models": {"iris": {"version": "1.0.0", "state": "updating"}}}
+    assert payloads.check_status(older, "t") == older
+    assert set(payloads.MODEL_STATES) >= {"active", "probation", "downloading", "installing",
+                                          "rejected", "rolled_back", "not_in_rollout"}  # fmt: skip
+
+
 def test_event_leaves_out_what_it_does_not_know() -> None:
     event = payloads.event("pi-1", payloads.VERIFIED, model="iris", version=None)
     assert "version" not in event
@@ -55,6 +78,17 @@ def test_event_leaves_out_what_it_does_not_know() -> None:
          "serial: expected an integer"),
         (payloads.check_results, {"device": "d", "results": [{"seq": 1}]}, "results[0]: missing"),
         (payloads.check_results, {"device": 7, "results": []}, "device: expected a string"),
+        (payloads.check_status, {"state": "online", "tags": {"ring": 1}},
+         "tags: expected an object of strings"),
+        (payloads.check_status, {"state": "online", "trusted_keys": "abc"},
+         "trusted_keys: expected a list of key ids"),
+        (payloads.check_status, {"state": "online", "models": {"m": {"serial": "3"}}},
+         "models.m: serial: expected an integer or null"),
+        (payloads.check_status,
+         {"state": "online", "models": {"m": {"desired": {"source": "cloud"}}}},
+         "models.m.desired: source: expected 'device' or 'fleet'"),
+        (payloads.check_health, {"buffer": {"dropped": {"max_rows": "x"}}},
+         "buffer.dropped: max_rows: expected a number"),
     ],
 )  # fmt: skip
 def test_checks_name_the_field(check: object, payload: dict[str, object], message: str) -> None:

@@ -1,0 +1,155 @@
+"""One desired artifact onto this device's disk: from its own store, else broker chunks.
+
+The delivery worker (``agent/updates/delivery.py``) calls ``package``; this module
+subscribes to ``edge/artifacts/{sha256}/+`` for as long as it needs chunks, writes
+each at its offset (``agent/updates/download.py``, resumable across reconnects and
+restarts) and checks size and sha256 of the whole. Chunks arrive on paho's thread and
+only pass through a queue here; the worker thread does the writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.disk import atomic_write
+from agent.updates.download import PartialDownload
+from agent.wire.errors import EdgeError, PackageError, StorageFull
+from agent.wire.manifest import Manifest
+from agent.wire.topics import Topics
+
+if TYPE_CHECKING:
+    from agent.config import Config
+    from agent.link import Link, Message
+    from agent.loops import Loop
+    from agent.models.store import ModelStore
+
+
+class Retry(EdgeError):
+    """A delivery that failed for now (missing chunk, corrupt artifact, full disk)."""
+
+
+class Superseded(Exception):
+    """A newer desired manifest arrived (or the agent stops) during the download."""
+
+
+class ArtifactFetcher:
+    """Makes a package folder for a desired manifest, without trusting the bytes early."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        mqtt: Link,
+        store: ModelStore,
+        loop: Loop,
+        pause: Callable[[str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.mqtt = mqtt
+        self.store = store
+        self.loop = loop  # beats while chunks arrive, says when the agent stops
+        self.pause = pause  # the test hook of delivery (EDGE_DELIVERY_PAUSE_AT)
+        self.topics = Topics(cfg.mqtt.topic_prefix)
+        self.root = cfg.state_path / "downloads"
+        self._chunks: queue.Queue[tuple[str, int, bytes]] = queue.Queue()
+
+    def package(
+        self,
+        manifest: Manifest,
+        *,
+        starting: Callable[[PartialDownload], None],
+        wanted: Callable[[], bool],
+    ) -> Path:
+        """A verified package folder for ``manifest``. ``starting(dl)`` is told before a
+        download starts or resumes; ``wanted()`` turning False (a newer desired manifest)
+        ends the download with ``Superseded``. Retry when it fails for now."""
+        local = self._from_store(manifest)
+        if local is not None:
+            return local
+        dl = PartialDownload(self.root, manifest.artifact)
+        if not dl.complete:
+            try:
+                dl.check_disk()
+            except StorageFull as e:
+                raise Retry(str(e)) from None
+            starting(dl)
+            self._fetch(manifest, dl, wanted)
+        self.pause("verify")
+        try:
+            dl.verify()
+        except PackageError as e:
+            raise Retry(f"downloaded artifact: {e}") from None
+        self.pause("verified")
+        return dl.package(manifest.to_dict())
+
+    def _from_store(self, manifest: Manifest) -> Path | None:
+        """A version already in the store with this artifact (a rollback, a re-signed
+        rollout) is installed from there: nothing to download."""
+        if manifest.version not in self.store.versions(manifest.name):
+            return None
+        try:
+            stored = self.store.manifest(manifest.name, manifest.version)
+        except EdgeError:
+            return None
+        if stored.artifact.sha256 != manifest.artifact.sha256:
+            return None
+        src = self.store.version_dir(manifest.name, manifest.version) / manifest.artifact.file
+        dl = PartialDownload(self.root, manifest.artifact)
+        pkg = dl.dir / "package"
+        pkg.mkdir(exist_ok=True)
+        target = pkg / manifest.artifact.file
+        target.unlink(missing_ok=True)
+        try:
+            os.link(src, target)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copyfile(src, target)
+        atomic_write(pkg / "manifest.json", json.dumps(manifest.to_dict()).encode())
+        return pkg
+
+    def _on_chunk(self, msg: Message) -> None:
+        parts = msg.topic.rsplit("/", 2)
+        if len(parts) == 3 and parts[2].isdigit():
+            self._chunks.put((parts[1], int(parts[2]), msg.payload))
+
+    def _fetch(self, manifest: Manifest, dl: PartialDownload, wanted: Callable[[], bool]) -> None:
+        art = manifest.artifact
+        while not self._chunks.empty():  # leftovers of an earlier subscription
+            self._chunks.get_nowait()
+        topic = self.topics.artifact_all(art.sha256)
+        self.mqtt.subscribe(topic, 1, self._on_chunk)
+        timeout = self.cfg.models.delivery_chunk_timeout_s
+        last_progress = time.monotonic()
+        try:
+            while not dl.complete:
+                self.loop.beat()
+                if self.loop.stopping or not wanted():
+                    raise Superseded()
+                try:
+                    sha, index, data = self._chunks.get(timeout=0.5)
+                except queue.Empty:
+                    if time.monotonic() - last_progress > timeout:
+                        first, count = dl.missing(limit=1)[0], dl.missing_count
+                        more = f" (and {count - 1} more)" if count > 1 else ""
+                        raise Retry(
+                            f"missing chunk {first}{more} of artifact {art.sha256}: "
+                            f"nothing new for {timeout:g} s; retrying in "
+                            f"{self.cfg.models.delivery_retry_s:g} s"
+                        ) from None
+                    continue
+                if sha != art.sha256:
+                    continue
+                try:
+                    new = dl.write(index, data)
+                except PackageError as e:
+                    raise Retry(f"artifact {art.sha256[:12]}: {e}") from None
+                if new:
+                    last_progress = time.monotonic()
+                    self.pause(f"chunk:{len(dl.have)}")
+        finally:
+            self.mqtt.unsubscribe(topic)
