@@ -3,9 +3,10 @@
 The real parts: mosquitto, ``edge-agent run`` serving iris under live traffic (answers,
 the caller's bad requests, ground-truth feedback), ``edge-fleet collect`` storing into
 SQLite, ``edge-fleet exporter --db`` on it and Debian's Prometheus scraping the exporter.
-A rollout plan is retained as an operator's ``edge-fleet rollout`` leaves it. This VM has
-no thermal zone, so one Raspberry Pi's health (the documented payload, with its SoC
-temperature) is published beside the agent's. Each panel's PromQL is then queried as
+The package is the fleet's desired state, and a rollout plan is retained as an
+operator's ``edge-fleet rollout`` leaves it. This VM has no thermal zone, so one
+Raspberry Pi's health (the documented payload, with its SoC temperature) is published
+beside the agent's. Each panel's PromQL is then queried as
 Grafana would ($fleet and $device set to All); a panel with a query that returns no
 series (or only NaN) fails the test, named.
 """
@@ -23,7 +24,8 @@ from typing import Any
 import pytest
 
 from agent.wire import payloads
-from tests.delivery_helpers import device_config
+from fleet.publish import publish
+from tests.delivery_helpers import device_config, operator
 from tests.fixtures.agent import RunningAgent
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
@@ -128,6 +130,8 @@ def test_every_panel_has_data_in_a_real_prometheus(
     cfg = device_config(broker, keypair, "d-1", "f1")
     cfg["health"] = {"interval_s": 1}
     agent = start_agent(cfg, packages=[iris_package])
+    # The fleet's desired state names what the device runs (as after `edge-fleet publish`).
+    publish(operator(broker), iris_package, fleet="f1", key=keypair.key)
     client = broker.client()
     board = payloads.health("pi-board", "f1", {
         "uptime_s": 3600.0, "cpu_percent": 20.0, "load": [0.4, 0.3, 0.2],
