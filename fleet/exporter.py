@@ -13,8 +13,11 @@ state. Counters the exporter sums from health windows (inferences, errors) are
 then partitioned between exporters and add up with ``sum``; everything else is the
 latest value an exporter saw and aggregates with ``max`` (docs/fleet.md).
 
-``--db URL`` adds what the collector stored, read from its database
-(``fleet/exporter_db.py``).
+Rollout plans (``{prefix}/fleets/+/models/+/rollout``, retained) are an ordinary
+subscription too and become the ``edge_fleet_rollout_*`` series
+(``fleet/exporter_rollouts.py``). ``--db URL`` adds what the collector stored, read
+from its database (``fleet/exporter_db.py``). The alert rules over all of these are
+in ``prometheus/edge-alerts.yml``.
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ from prometheus_client.core import (
 
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
 from fleet.exporter_db import CollectorFigures
+from fleet.exporter_rollouts import RolloutPlans
 from fleet.state import DeviceState, FleetState
 
 log = logging.getLogger(__name__)
 
 DEV = ["device", "fleet"]
 MODEL = [*DEV, "model", "version"]
+# The agent's drop reasons (agent/results/rows.py DROP_REASONS; fleet/ may not import
+# agent.results, a test keeps the two equal). Every device with health gets a series
+# for each, 0 included, so increase() and the dashboard see a drop the first time one
+# happens; an agent that sends `"dropped": {}` (before 0.2) has dropped nothing.
+DROP_REASONS = ("max_rows", "max_bytes", "max_age", "disk_full", "io_error")
 # (name, help, path in the health payload) of the plain per-device gauges
 _HEALTH_GAUGES: list[tuple[str, str, tuple[str, ...]]] = [
     ("edge_fleet_device_uptime_seconds", "Agent uptime.", ("uptime_s",)),
@@ -85,8 +94,10 @@ class FleetCollector:
         connected: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.time,
         figures: CollectorFigures | None = None,
+        rollouts: RolloutPlans | None = None,
     ) -> None:
         self.fleet = fleet
+        self.rollouts = rollouts if rollouts is not None else RolloutPlans(fleet.topics)
         self.connected = connected
         self.clock = clock
         self.figures = figures
@@ -97,6 +108,7 @@ class FleetCollector:
         devices = self.fleet.snapshot()
         yield from self._device_metrics(devices, now)
         yield from self._model_metrics(devices)
+        yield from self.rollouts.collect(now)
         yield from self._exporter_metrics()
         if self.figures is not None:
             yield from self.figures.collect(now)
@@ -170,10 +182,13 @@ class FleetCollector:
                     if isinstance(value, int | float):
                         load.add_metric([*labels, period], float(value))
             drops = (health.get("buffer") or {}).get("dropped")
+            counted = dict.fromkeys(DROP_REASONS, 0.0)
             if isinstance(drops, dict):
-                for reason, n in sorted(drops.items()):
-                    if isinstance(n, int | float):
-                        dropped.add_metric([*labels, str(reason)], float(n))
+                for reason, n in drops.items():
+                    if isinstance(n, int | float) and not isinstance(n, bool):
+                        counted[str(reason)] = float(n)
+            for reason, n in sorted(counted.items()):
+                dropped.add_metric([*labels, reason], n)
             n = _get(health, ("mqtt", "reconnects"))
             if n is not None:
                 reconnects.add_metric(labels, n)
@@ -192,6 +207,12 @@ class FleetCollector:
             "Always 1; a model's active version, previous version and deployment state.",
             labels=[*MODEL, "previous", "state"],
         )
+        desired = GaugeMetricFamily(
+            "edge_fleet_model_desired_info",
+            "Always 1; the version the applicable desired manifest asks of the device, "
+            "where it came from (fleet or device) and what the device decided about it.",
+            labels=[*MODEL, "source", "decision"],
+        )
         inferences = CounterMetricFamily(
             "edge_fleet_model_inferences",
             "Inferences, summed over the health reports this exporter received.",
@@ -199,7 +220,14 @@ class FleetCollector:
         )
         errors = CounterMetricFamily(
             "edge_fleet_model_errors",
-            "Failed inferences, summed over the health reports this exporter received.",
+            "Inferences the model itself failed (run-time errors, non-finite outputs), "
+            "summed over the health reports this exporter received.",
+            labels=MODEL,
+        )
+        bad_requests = CounterMetricFamily(
+            "edge_fleet_model_bad_requests",
+            "Requests refused as the caller's mistake (4xx: bad rows, wrong shape), "
+            "summed over the health reports this exporter received.",
             labels=MODEL,
         )
         p50 = GaugeMetricFamily(
@@ -218,18 +246,26 @@ class FleetCollector:
                 if m.get("state") is not None:
                     labels = [*dev, name, str(m.get("version") or "")]
                     info.add_metric([*labels, str(m.get("previous") or ""), str(m["state"])], 1.0)
+                wanted = m.get("desired")
+                if isinstance(wanted, dict) and wanted.get("version") is not None:
+                    desired.add_metric(
+                        [*dev, name, str(wanted["version"]),
+                         str(wanted.get("source") or ""), str(wanted.get("decision") or "")],
+                        1.0,
+                    )  # fmt: skip
             # Every version this exporter counted, so an upgrade does not cut off the
             # old version's series before its last increase is scraped.
             for (name, version), c in sorted(d.counters.items()):
                 inferences.add_metric([*dev, name, version], float(c.inferences))
                 errors.add_metric([*dev, name, version], float(c.errors))
+                bad_requests.add_metric([*dev, name, version], float(c.bad_requests))
             # Latency belongs to the version the health window measured.
             for name, h in ((d.health or {}).get("models") or {}).items():
                 labels = [*dev, name, str(h.get("version") or "")]
                 for family, key in ((p50, "p50_ms"), (p99, "p99_ms")):
                     if isinstance(h.get(key), int | float):
                         family.add_metric(labels, float(h[key]) / 1000.0)
-        yield from (info, inferences, errors, p50, p99)
+        yield from (info, desired, inferences, errors, bad_requests, p50, p99)
 
     def _exporter_metrics(self) -> Iterator[Metric]:
         connected = GaugeMetricFamily(
@@ -238,7 +274,9 @@ class FleetCollector:
         )
         connected.add_metric([], 1.0 if self.connected is None or self.connected() else 0.0)
         messages = CounterMetricFamily(
-            "edge_fleet_exporter_messages", "Status and health messages received.", labels=["kind"]
+            "edge_fleet_exporter_messages",
+            "Status, health and rollout messages received.",
+            labels=["kind"],
         )
         for kind, n in sorted(self.messages.items()):
             messages.add_metric([kind], float(n))
@@ -246,7 +284,7 @@ class FleetCollector:
             "edge_fleet_exporter_invalid_messages",
             "Messages ignored because their payload was not the documented shape.",
         )
-        invalid.add_metric([], float(self.fleet.invalid_messages))
+        invalid.add_metric([], float(self.fleet.invalid_messages + self.rollouts.invalid_messages))
         yield from (connected, messages, invalid)
 
 
@@ -312,17 +350,19 @@ def run(args: argparse.Namespace) -> int:
     if figures is not None:
         figures.open()  # a bad URL or a missing driver fails now; a database down does not
     fleet = FleetState(topics)
-    collector = FleetCollector(fleet, figures=figures)
+    rollouts = RolloutPlans(topics)
+    collector = FleetCollector(fleet, figures=figures, rollouts=rollouts)
 
     def on_message(message: mqtt.MQTTMessage) -> None:
         kind = message.topic.rsplit("/", 1)[-1]
         collector.messages[kind] = collector.messages.get(kind, 0) + 1
-        fleet.receive(message.topic, message.payload, retained=bool(message.retain))
+        if not rollouts.receive(message.topic, message.payload):
+            fleet.receive(message.topic, message.payload, retained=bool(message.retain))
 
     client = connect(
         options,
         purpose="exporter",
-        subscriptions=[(topics.all_status(), 1), (health_topic, 0)],
+        subscriptions=[(topics.all_status(), 1), (health_topic, 0), (topics.all_rollouts(), 1)],
         on_message=on_message,
     )
     collector.connected = client.is_connected

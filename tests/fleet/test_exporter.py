@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.exporter import FleetCollector
 from fleet.state import FleetState
-from tests.fixtures.broker import Broker, Creds, free_port
+from tests.fixtures.broker import Broker, Creds
+from tests.fixtures.prometheus import needs_prometheus, running_prometheus
 from tests.fleet.test_status import broker_args, health_payload, publish, status_payload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,6 +111,70 @@ def test_inference_counters_sum_health_windows_once_each() -> None:
     assert value(s, "edge_fleet_model_inferences_total", **labels, version="1.3.0") == 4
 
 
+def test_every_drop_reason_has_a_series_from_the_first_health() -> None:
+    # An agent that has dropped nothing sends `"dropped": {}`: without a series per reason
+    # the dashboard's drop panel had no data, and increase() missed the first drop.
+    from agent.results.rows import DROP_REASONS
+    from fleet.exporter import DROP_REASONS as EXPORTED
+
+    assert EXPORTED == DROP_REASONS  # fleet/ may not import agent.results: kept equal here
+    fleet = FleetState()
+    health = health_payload("pi-1", "north")
+    health["buffer"]["dropped"] = {}
+    fleet.apply("edge/devices/pi-1/health", msg(health), now=1.0)
+    fleet.apply("edge/devices/pi-2/health", msg(health_payload("pi-2", "north")), now=1.0)
+    s = scrape_collector(fleet, now=2.0)
+    for reason in DROP_REASONS:
+        assert value(s, "edge_fleet_buffer_dropped_total", device="pi-1", fleet="north",
+                     reason=reason) == 0.0  # fmt: skip
+    two = {"device": "pi-2", "fleet": "north"}
+    assert value(s, "edge_fleet_buffer_dropped_total", **two, reason="disk_full") == 2
+    assert value(s, "edge_fleet_buffer_dropped_total", **two, reason="max_rows") == 0
+    # A reason a newer agent adds is served as it comes.
+    health["buffer"]["dropped"] = {"max_rows": 1, "cosmic_ray": 4}
+    fleet.apply("edge/devices/pi-1/health", msg({**health, "time": "2026-01-02T00:00:00.000Z"}))
+    s = scrape_collector(fleet, now=3.0)
+    one = {"device": "pi-1", "fleet": "north"}
+    assert value(s, "edge_fleet_buffer_dropped_total", **one, reason="cosmic_ray") == 4
+    assert value(s, "edge_fleet_buffer_dropped_total", **one, reason="max_rows") == 1
+    # No health yet: no drop series (zeros would claim a report that never came).
+    fleet.apply("edge/devices/pi-3/status", msg(status_payload("pi-3", "north")), retained=True)
+    s = scrape_collector(fleet, now=3.0)
+    assert not [k for k in s if k[0].startswith("edge_fleet_buffer_dropped")
+                and dict(k[1])["device"] == "pi-3"]  # fmt: skip
+
+
+def test_bad_requests_are_counted_apart_from_model_errors() -> None:
+    fleet = FleetState()
+    health = health_payload("pi-1", "north", inferences=10)
+    health["models"]["iris"].update(errors=1, bad_requests=30)
+    fleet.apply("edge/devices/pi-1/health", msg(health), now=1.0)
+    fleet.apply(
+        "edge/devices/pi-1/health", msg({**health, "time": "2026-01-02T00:00:00.000Z"}), now=2.0
+    )
+    old = health_payload("pi-2", "north")  # an agent that does not report bad_requests
+    fleet.apply("edge/devices/pi-2/health", msg(old), now=1.0)
+    s = scrape_collector(fleet, now=3.0)
+    labels = {"fleet": "north", "model": "iris", "version": "1.2.0"}
+    assert value(s, "edge_fleet_model_bad_requests_total", device="pi-1", **labels) == 60
+    assert value(s, "edge_fleet_model_errors_total", device="pi-1", **labels) == 2
+    assert value(s, "edge_fleet_model_bad_requests_total", device="pi-2", **labels) == 0
+
+
+def test_desired_version_and_decision_per_device() -> None:
+    fleet = FleetState()
+    model = {"version": "1.2.0", "previous": "1.1.0", "state": "active", "serial": 7,
+             "desired": {"version": "1.3.0", "serial": 8, "source": "fleet",
+                         "decision": "rejected"}}  # fmt: skip
+    status = status_payload("pi-1", "north", models={"iris": model})
+    fleet.apply("edge/devices/pi-1/status", msg(status), retained=True)
+    s = scrape_collector(fleet, now=1.0)
+    assert value(s, "edge_fleet_model_desired_info", device="pi-1", fleet="north", model="iris",
+                 version="1.3.0", source="fleet", decision="rejected") == 1.0  # fmt: skip
+    assert value(s, "edge_fleet_model_info", device="pi-1", fleet="north", model="iris",
+                 version="1.2.0", previous="1.1.0", state="active") == 1.0  # fmt: skip
+
+
 def test_missing_temperature_and_forgotten_devices_leave_no_series() -> None:
     fleet = FleetState()
     fleet.apply("edge/devices/vm-1/status", msg(status_payload("vm-1", "lab")), retained=True)
@@ -156,6 +221,11 @@ def exporter(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def target_of(url: str) -> str:
+    """``host:port`` of a /metrics URL, as a scrape config names it."""
+    return urllib.parse.urlsplit(url).netloc
 
 
 def scrape(url: str) -> str:
@@ -269,17 +339,24 @@ def dashboard_expressions() -> list[str]:
 
 def test_dashboard_uses_only_metrics_the_exporter_serves(tmp_path: Path) -> None:
     from fleet.exporter_db import CollectorFigures
+    from fleet.exporter_rollouts import RolloutPlans
     from tests.fixtures.collected import stored_fleet
+    from tests.fleet.rollout_plan import plan
 
     fleet = FleetState()
-    fleet.apply("edge/devices/pi-1/status", msg(status_payload("pi-1", "north")), retained=True)
+    model = {"version": "1.2.0", "state": "active",
+             "desired": {"version": "1.2.0", "source": "fleet", "decision": "accepted"}}  # fmt: skip
+    status = status_payload("pi-1", "north", models={"iris": model})
+    fleet.apply("edge/devices/pi-1/status", msg(status), retained=True)
     fleet.apply("edge/devices/pi-1/health", msg(health_payload("pi-1", "north", rows=3)))
+    rollouts = RolloutPlans()
+    rollouts.receive("edge/fleets/north/models/iris/rollout", msg(plan()))
     # With --db: a collector's database holding results and labels.
     url = f"sqlite:///{tmp_path / 'collect.db'}"
     stored_fleet(url, time.time())
     figures = CollectorFigures(url)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(fleet, figures=figures))
+    registry.register(FleetCollector(fleet, figures=figures, rollouts=rollouts))
     served = set(parse(generate_latest(registry).decode()))
     figures.close()
     served_names = {name for name, _ in served}
@@ -299,47 +376,14 @@ def test_dashboard_uses_only_metrics_the_exporter_serves(tmp_path: Path) -> None
         assert any(figure in e for e in exprs), f"no panel shows {figure}"
 
 
-@pytest.mark.skipif(
-    shutil.which("prometheus") is None, reason="Debian package prometheus not installed"
-)
+@needs_prometheus
 @pytest.mark.slow
 def test_prometheus_scrapes_the_exporter(broker: Broker, tmp_path: Path) -> None:
     client = broker.client()
     publish(client, "edge/devices/pi-1/status", status_payload("pi-1", "north"), retain=True)
-    with exporter(broker) as (_, url):
-        target = url.split("//")[1].split("/")[0]
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n"
-            "scrape_configs:\n  - job_name: edge-fleet\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
-        )
-        port = free_port()
-        log = (tmp_path / "prometheus.log").open("w")
-        prom = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        api = f"http://127.0.0.1:{port}/api/v1"
-        try:
-            deadline = time.monotonic() + 60
-            up = result = None
-            while time.monotonic() < deadline:
-                with contextlib.suppress(OSError):
-                    targets = json.loads(scrape(f"{api}/targets"))["data"]["activeTargets"]
-                    up = [t["health"] for t in targets]
-                    query = urllib.request.quote("edge_fleet_device_online")
-                    result = json.loads(scrape(f"{api}/query?query={query}"))["data"]["result"]
-                    if up == ["up"] and result:
-                        break
-                time.sleep(0.5)
-            assert up == ["up"], (tmp_path / "prometheus.log").read_text()[-2000:]
-            assert result is not None
-            assert [
-                (r["metric"]["device"], r["metric"]["fleet"], r["value"][1]) for r in result
-            ] == [("pi-1", "north", "1")]
-        finally:
-            prom.terminate()
-            prom.wait(20)
-            log.close()
+    with exporter(broker) as (_, url), running_prometheus(tmp_path, [target_of(url)]) as prom:
+        prom.wait_up()
+        result = prom.wait(lambda: prom.query("edge_fleet_device_online"), "a series")
+        assert [(r["metric"]["device"], r["metric"]["fleet"], r["value"][1]) for r in result] == [
+            ("pi-1", "north", "1")
+        ]
