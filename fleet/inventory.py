@@ -24,6 +24,7 @@ from agent.wire.names import name_problem
 from agent.wire.times import parse_rfc3339
 
 from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
+from fleet.retained import history_key
 from fleet.state import DEVICE, FLEET, read_retained, subject_of
 from fleet.term import print_json, render_table, width
 
@@ -295,7 +296,7 @@ def gather_history(
 ) -> list[dict[str, Any]]:
     """Every history entry of ``model``, per target newest first (by serial)."""
     topics = options.topics
-    desired_sha: dict[tuple[str, str], str | None] = {}
+    desired_now: dict[tuple[str, str], tuple[Any, Any]] = {}
     histories: dict[tuple[str, str], list[dict[str, Any]]] = {}
     head = topics.prefix.split("/")
     for topic, payload in retained.items():
@@ -307,7 +308,7 @@ def gather_history(
             continue
         key = (FLEET if parts[0] == "fleets" else DEVICE, parts[1])
         if parts[4] == "desired":
-            desired_sha[key] = _sha256(data)
+            desired_now[key] = history_key(data)
         elif parts[4] == "history":
             entries = data.get("entries")
             histories[key] = (
@@ -317,10 +318,11 @@ def gather_history(
     for (scope, name), entries in sorted(
         histories.items(), key=lambda kv: (kv[0][0] == DEVICE, kv[0][1])
     ):
-        now_sha = desired_sha.get((scope, name))
+        now_sha = desired_now.get((scope, name))
         ordered = sorted(entries, key=lambda e: _int(e.get("serial")) or 0, reverse=True)
         for entry in ordered:
             sha = _sha256(entry)
+            now = history_key(entry) == now_sha
             rows.append(
                 {
                     "scope": scope,
@@ -331,7 +333,7 @@ def gather_history(
                     "serial": _int(entry.get("serial")),
                     "issued_at": _str(entry.get("issued_at")),
                     "sha256": sha,
-                    "desired": sha is not None and sha == now_sha,
+                    "desired": sha is not None and now,
                 }
             )
     return rows

@@ -260,7 +260,7 @@ def rollback(
         picks = [e for e in history if (e.get("version") == to if to else e.get("version") != now)]
         if not picks:
             known = sorted({str(e.get("version")) for e in history}) or ["none"]
-            want = f"version {to}" if to else f"a version other than {now}"
+            want = f"version {to}" if to else f"version other than {now}"
             raise PackageError(
                 f"{model}: no {want} in the history of {target} (published: {', '.join(known)})"
             )

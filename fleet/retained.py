@@ -215,6 +215,13 @@ def sign_desired(
     return sign_manifest(manifest, load_private_key(key))
 
 
+def history_key(entry: dict[str, Any]) -> tuple[Any, Any]:
+    """What names one history entry: its version and artifact (two versions may share
+    an artifact, and each must stay a rollback target)."""
+    artifact = entry.get("artifact")
+    return entry.get("version"), artifact.get("sha256") if isinstance(artifact, dict) else None
+
+
 def publish_desired(
     session: Session, target: Target, signed: dict[str, Any], state: ModelState
 ) -> None:
@@ -224,10 +231,12 @@ def publish_desired(
     session.wait([mid], f"desired state of {model} for {target}")
     history = list(state.history.get(target.history(t, model), []))
     entry = {k: v for k, v in signed.items() if k not in {"signature", "rollout"}}
-    # One entry per artifact: a rollout of the same version replaces its older entry,
-    # so re-signing never pushes other versions out of reach of a rollback.
-    sha = entry["artifact"]["sha256"]
-    history = [e for e in history if e.get("artifact", {}).get("sha256") != sha] + [entry]
+    # One entry per version and artifact: a rollout of the same version replaces its
+    # older entry, so re-signing never pushes other versions out of reach of a
+    # rollback. The version is part of the key: two versions may share an artifact
+    # (a release that only fixes its manifest), and a rollback must find the older one.
+    key = (entry.get("version"), entry["artifact"]["sha256"])
+    history = [e for e in history if history_key(e) != key] + [entry]
     payload = json.dumps({"entries": history[-HISTORY_KEEP:]}).encode()
     session.wait([session.publish(target.history(t, model), payload)], f"history of {model}")
 

@@ -21,7 +21,7 @@ from fleet.connection import BrokerOptions
 from fleet.expr import parse
 from fleet.publish import rollout as set_percent
 from fleet.report import Report
-from fleet.retained import Session, read_model_state
+from fleet.retained import Session, history_key, read_model_state
 from fleet.rollout_driver import Acts, RolloutError, claim, read_plans, read_view, step_label
 from fleet.term import Progress
 
@@ -79,7 +79,7 @@ def create(
             )
         sha = desired["artifact"]["sha256"]
         history = state.history.get(session.topics.fleet_history(fleet, model), [])
-        older = [e for e in history if e.get("artifact", {}).get("sha256") != sha]
+        older = [e for e in history if history_key(e) != history_key(desired)]
         rollout_block = desired.get("rollout") or {}
         plan = rollouts.plan(
             fleet=fleet, model=model, version=desired["version"], sha256=sha, steps=steps,

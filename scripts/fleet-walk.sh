@@ -17,13 +17,14 @@ ROOT="$PWD"
 export PATH="$ROOT/.venv/bin:$PATH"
 BASE="${WALK_PORT_BASE:-18930}"
 DEV_PORT=$BASE OPS_PORT=$((BASE + 1))
-if [ -n "${1:-}" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d /tmp/edge-walk.XXXXXX)"; fi
+GIVEN="${1:-}"
+if [ -n "$GIVEN" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d /tmp/edge-walk.XXXXXX)"; fi
 W="$(cd "$W" && pwd)"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    [ -n "${1:-}" ] || [ -n "${KEEP:-}" ] || rm -rf "$W"
+    [ -n "$GIVEN" ] || [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
@@ -89,14 +90,14 @@ for i in 0 1 2; do
         EDGE_AGENT_HTTP_PORT=$((BASE + 2 + i)) \
         edge-agent run --config "$W/$d/etc/agent.toml" 2>"$d.log" & pids+=($!)
 done
-online() { [ "$(edge-fleet status --wait 0 --json | python -c 'import json,sys; print(sum(d["state"] == "online" for d in json.load(sys.stdin)["devices"]))')" = 3 ]; }
+online() { [ "$(edge-fleet status --wait 1 --json | python -c 'import json,sys; print(sum(d["state"] == "online" for d in json.load(sys.stdin)["devices"]))')" = 3 ]; }
 until_ok 60 "three devices online" online
 
 # 5. The good version, to the whole fleet.
 run edge-fleet publish iris-1.0.0 --fleet shop --strict
 served() { for i in 0 1 2; do curl -sf "localhost:$((BASE + 2 + i))/v2/models/iris/versions/1.0.0/ready" || return 1; done; }
 until_ok 90 "1.0.0 served on three devices" served
-run edge-fleet status --wait 0
+run edge-fleet status --wait 1
 
 # 6. The bad version, to nobody yet; then a rollout that widens itself while the
 #    devices that took it are healthy, halts when they are not, and rolls back.
@@ -108,9 +109,17 @@ edge-fleet rollout iris --fleet shop --steps 34,67,100 --every 2s --poll 1 \
 code=$?
 set -e
 [ "$code" = 1 ] || { echo "walk: the rollout of a bad version did not halt (exit $code)" >&2; exit 1; }
-back() { [ "$(edge-fleet status --wait 0 --json | python -c 'import json,sys; print(sum(m.get("version") == "1.0.0" for d in json.load(sys.stdin)["devices"] for m in d["models"].values()))')" = 3 ]; }
+# Rolled back: the desired state names 1.0.0 again (a new serial), and every device
+# serves it; the device that refused 1.1.0 is active on 1.0.0, not left "rejected".
+back() {
+    edge-fleet status --wait 1 --json | python -c '
+import json, sys
+rows = [m for d in json.load(sys.stdin)["devices"] for m in d["models"].values()]
+ok = [m for m in rows if m["version"] == "1.0.0" and (m.get("desired") or {}).get("version") == "1.0.0" and m["deployment"]["state"] == "active"]
+sys.exit(0 if len(ok) == 3 else 1)'
+}
 until_ok 60 "three devices on 1.0.0 again" back
 run edge-fleet rollout iris --fleet shop
-run edge-fleet status --wait 0
+run edge-fleet status --wait 1
 run edge-fleet history iris --fleet shop
 echo "walk: done"

@@ -15,12 +15,13 @@ ROOT="$PWD"
 export PATH="$ROOT/.venv/bin:$PATH"
 BASE="${TOUR_PORT_BASE:-18830}"
 DEV_PORT=$BASE OPS_PORT=$((BASE + 1)) HTTP_PORT=$((BASE + 2))
+GIVEN="${1:-}"
 if [ -n "${1:-}" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d /tmp/edge-tour.XXXXXX)"; fi
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    [ -n "${1:-}" ] || [ -n "${KEEP:-}" ] || rm -rf "$W"
+    [ -n "$GIVEN" ] || [ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }

@@ -8,6 +8,7 @@ plain MQTT client.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,30 @@ def test_rollback_and_its_refusals(
     assert main(cli(broker, keypair, "rollback", "iris", "--fleet", "f1")) == 0
     body = desired(broker)
     assert (body["version"], body["serial"]) == ("1.0.0", 3)
+
+
+def test_two_versions_of_one_artifact_both_stay_in_the_history(
+    broker: Broker, keypair: Keypair, iris_package: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # 1.0.1 only changes the manifest (same model.onnx): the history was keyed by the
+    # artifact alone, so 1.0.1 replaced 1.0.0 and nothing was left to roll back to.
+    patch = tmp_path / "iris-1.0.1"
+    shutil.copytree(iris_package, patch)
+    manifest = json.loads((patch / "manifest.json").read_text())
+    manifest["version"] = "1.0.1"
+    manifest.pop("signature", None)
+    (patch / "manifest.json").write_text(json.dumps(manifest))
+    assert main(cli(broker, keypair, "publish", str(iris_package), "--fleet", "f1")) == 0
+    assert main(cli(broker, keypair, "publish", str(patch), "--fleet", "f1")) == 0
+    assert main(cli(broker, keypair, "rollout", "iris", "--fleet", "f1", "--percent", "50")) == 0
+    topic = "edge/fleets/f1/models/iris/history"
+    entries = json.loads(retained(broker, topic)[topic])["entries"]
+    assert [(e["version"], e["serial"]) for e in entries] == [("1.0.0", 1), ("1.0.1", 3)]
+    capsys.readouterr()
+    assert main(cli(broker, keypair, "rollback", "iris", "--fleet", "f1")) == 0
+    assert "rolled back to 1.0.0" in capsys.readouterr().out
+    assert desired(broker)["version"] == "1.0.0"
 
 
 def test_gc_clears_artifacts_nothing_names_and_keeps_the_rest(

@@ -230,7 +230,8 @@ def test_a_turn_halts_on_the_retained_status_of_the_devices(
                     "--every", "1h", "--halt-if", "rejected>=2")) == 0  # fmt: skip
     inside = [n for n in (f"d{i}" for i in range(100)) if rollout_bucket("f1/iris", n) < 50]
     refused = {"version": "1.0.0", "state": "rejected", "reason": "parity: row 2",
-               "desired": {"version": "1.1.0", "serial": 3, "decision": "rejected"}}  # fmt: skip
+               "desired": {"version": "1.1.0", "serial": 3, "source": "fleet",
+                           "decision": "rejected"}}  # fmt: skip
     retain_status(broker, inside[0], "f1", models={"iris": refused})
     retain_status(broker, inside[1], "f1", models={"iris": {"version": "1.1.0", "state": "active"}})
     s = Session(operator(broker), "test")
