@@ -33,6 +33,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from agent.wire.errors import EdgeError, UsageError
+from agent.wire.payloads import DROP_REASONS
 from prometheus_client import start_http_server
 from prometheus_client.core import (
     CollectorRegistry,
@@ -50,11 +51,9 @@ log = logging.getLogger(__name__)
 
 DEV = ["device", "fleet"]
 MODEL = [*DEV, "model", "version"]
-# The agent's drop reasons (agent/results/rows.py DROP_REASONS; fleet/ may not import
-# agent.results, a test keeps the two equal). Every device with health gets a series
-# for each, 0 included, so increase() and the dashboard see a drop the first time one
-# happens; an agent that sends `"dropped": {}` (before 0.2) has dropped nothing.
-DROP_REASONS = ("max_rows", "max_bytes", "max_age", "disk_full", "io_error")
+# Every device with health gets a series for each drop reason (the wire's list), 0
+# included, so increase() and the dashboard see a drop the first time one happens; an
+# agent that sends `"dropped": {}` (before 0.2) has dropped nothing.
 # (name, help, path in the health payload) of the plain per-device gauges
 _HEALTH_GAUGES: list[tuple[str, str, tuple[str, ...]]] = [
     ("edge_fleet_device_uptime_seconds", "Agent uptime.", ("uptime_s",)),
