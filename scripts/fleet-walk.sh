@@ -8,7 +8,7 @@
 # devices enrolled with `edge-fleet enroll`, each bundle installed with
 # `scripts/install-pi.sh --bundle --config-only` into its own folder (the devices are
 # agents on this machine, not systemd services), then `edge-fleet publish`, `status`,
-# `rollout --steps ... --halt-if ... --rollback-on-halt --follow`, `events`. Ports come
+# `rollout --steps ... --halt-if ... --rollback-on-halt --follow`, `history`. Ports come
 # from WALK_PORT_BASE (default 18930: +0 devices, +1 operators, +2..+4 the agents' HTTP).
 # tests/test_fleet_walk.py runs it; every step's output is what an operator sees.
 set -euo pipefail
@@ -17,25 +17,8 @@ ROOT="$PWD"
 export PATH="$ROOT/.venv/bin:$PATH"
 BASE="${WALK_PORT_BASE:-18930}"
 DEV_PORT=$BASE OPS_PORT=$((BASE + 1))
-GIVEN="${1:-}"
-if [ -n "$GIVEN" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d /tmp/edge-walk.XXXXXX)"; fi
-W="$(cd "$W" && pwd)"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ -n "$GIVEN" ] || [ -n "${KEEP:-}" ] || rm -rf "$W"
-}
-trap cleanup EXIT
-say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
-run() { say "$*"; "$@"; }
-until_ok() {  # until_ok SECONDS WHAT COMMAND...: retry a check, fail naming WHAT
-    local deadline=$((SECONDS + $1)) what="$2"; shift 2
-    until "$@" >/dev/null 2>&1; do
-        if [ $SECONDS -ge $deadline ]; then echo "walk: $what: not within the time" >&2; exit 1; fi
-        sleep 0.5
-    done
-}
+# shellcheck source=scripts/e2e/walk-steps.sh
+. scripts/e2e/walk-steps.sh walk "${1:-}"
 cd "$W"
 DEVICES=(pi-001 pi-002 pi-003)
 
@@ -102,9 +85,9 @@ run edge-fleet status --wait 1
 # 6. The bad version, to nobody yet; then a rollout that widens itself while the
 #    devices that took it are healthy, halts when they are not, and rolls back.
 run edge-fleet publish iris-1.1.0 --fleet shop --rollout 0 --strict
-say "edge-fleet rollout iris --fleet shop --steps 34,67,100 --every 2s --halt-if \"rejected>0\" --rollback-on-halt --follow"
+say "edge-fleet rollout iris --fleet shop --steps 34,67,100 --every 30s --halt-if \"rejected>0\" --rollback-on-halt --follow"
 set +e
-edge-fleet rollout iris --fleet shop --steps 34,67,100 --every 2s --poll 1 \
+edge-fleet rollout iris --fleet shop --steps 34,67,100 --every 30s --poll 1 \
     --halt-if "rejected>0" --rollback-on-halt --follow
 code=$?
 set -e

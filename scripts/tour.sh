@@ -15,24 +15,8 @@ ROOT="$PWD"
 export PATH="$ROOT/.venv/bin:$PATH"
 BASE="${TOUR_PORT_BASE:-18830}"
 DEV_PORT=$BASE OPS_PORT=$((BASE + 1)) HTTP_PORT=$((BASE + 2))
-GIVEN="${1:-}"
-if [ -n "${1:-}" ]; then W="$1"; mkdir -p "$W"; else W="$(mktemp -d /tmp/edge-tour.XXXXXX)"; fi
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ -n "$GIVEN" ] || [ -n "${KEEP:-}" ] || rm -rf "$W"
-}
-trap cleanup EXIT
-say() { printf '\n\033[1m$ %s\033[0m\n' "$*"; }
-run() { say "$*"; "$@"; }
-until_ok() {  # until_ok SECONDS WHAT COMMAND...: retry a check, fail naming WHAT
-    local deadline=$((SECONDS + $1)) what="$2"; shift 2
-    until "$@" >/dev/null 2>&1; do
-        if [ $SECONDS -ge $deadline ]; then echo "tour: $what: not within the time" >&2; exit 1; fi
-        sleep 0.5
-    done
-}
+# shellcheck source=scripts/e2e/walk-steps.sh
+. scripts/e2e/walk-steps.sh tour "${1:-}"
 cd "$W"
 
 # 1. A data scientist trains a model and turns it into a signed package.
