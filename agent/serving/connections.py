@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 IDLE, HEAD, BODY, BUSY = "idle", "head", "body", "busy"
 REAP_INTERVAL_S = 0.5
+REQUEST_WAIT_S = 0.05  # a refused client's request, out of descriptors (refuse())
 _REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
@@ -88,7 +90,12 @@ class Connections:
         with contextlib.suppress(OSError):
             # The accepting thread does this: it must never wait on the client. The
             # answer fits the socket's send buffer; what the client has sent already is
-            # read without waiting, so the close is a FIN and not a reset.
+            # read without waiting, so the close is a FIN and not a reset. Out of
+            # descriptors (rare, and nothing else can be accepted anyway) it waits up to
+            # REQUEST_WAIT_S for the request first: a request that arrives after the
+            # close meets a reset, and the client sees a broken pipe instead of the 503.
+            if reason == "descriptors":
+                select.select([conn], [], [], REQUEST_WAIT_S)
             conn.setblocking(False)
             conn.send(refusal(message))
             conn.shutdown(socket.SHUT_WR)
