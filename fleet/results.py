@@ -25,9 +25,16 @@ from agent.wire.times import parse_rfc3339, rfc3339
 
 from fleet.db import open_database
 from fleet.db_schema import RESULTS
+from fleet.term import fit_widths, format_row, render_table
+from fleet.term import width as term_width
 
 PARQUET_EXTRA = "pip install 'edge-agent[parquet]'"
 FORMATS = ("table", "json", "csv", "parquet")
+# Numbers right-aligned (SEQ, LATENCY_MS), text left.
+_NUMBERS = (2, 6)
+# What gives way when the table is wider than the terminal: the prediction and the
+# caller's request id (the full values are in --format json/csv).
+_ELASTIC = (5, 7)
 TABLE_COLUMNS = (
     "TIME", "DEVICE", "SEQ", "MODEL", "VERSION", "PREDICTION", "LATENCY_MS", "REQUEST_ID",
 )  # fmt: skip
@@ -204,19 +211,20 @@ def _cells(row: dict[str, Any]) -> tuple[str, ...]:
 
 def write_table(rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
     """Aligned columns; widths grow page by page, never shrink."""
-    widths = [len(h) for h in TABLE_COLUMNS]
+    natural = [len(h) for h in TABLE_COLUMNS]
     header = False
     page: list[tuple[str, ...]] = []
 
     def flush() -> None:
         nonlocal header
         for cells in page:
-            widths[:] = [max(w, len(c)) for w, c in zip(widths, cells, strict=True)]
+            natural[:] = [max(w, len(c)) for w, c in zip(natural, cells, strict=True)]
+        widths = fit_widths(natural, TABLE_COLUMNS, term_width(out), shrink=_ELASTIC)
         if not header:
-            out.write(_line(TABLE_COLUMNS, widths))
+            out.write(format_row(TABLE_COLUMNS, widths, _NUMBERS) + "\n")
             header = True
         for cells in page:
-            out.write(_line(cells, widths))
+            out.write(format_row(cells, widths, _NUMBERS) + "\n")
         page.clear()
 
     for row in rows:
@@ -225,15 +233,6 @@ def write_table(rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
             flush()
     if page:
         flush()
-
-
-def _line(cells: Iterable[str], widths: list[int]) -> str:
-    # Numbers right-aligned (SEQ, LATENCY_MS), text left.
-    parts = [
-        c.rjust(w) if i in (2, 6) else c.ljust(w)
-        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-    ]
-    return "  ".join(parts).rstrip() + "\n"
 
 
 def write_json(rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
@@ -332,12 +331,5 @@ def run_accuracy(args: argparse.Namespace) -> int:
         )
         for f in figures
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(ACCURACY_COLUMNS)]
-    for cells in (ACCURACY_COLUMNS, *rows):
-        print(
-            "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-        )
+    print(render_table(ACCURACY_COLUMNS, rows, max_width=term_width(), right=(2, 3, 4, 5)))
     return 0

@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 DEFAULT_WIDTH = 80
 PLAIN_EVERY_S = 5.0
@@ -23,7 +23,7 @@ GAP = "  "
 ELLIPSIS = "…"
 
 
-def width(out: TextIO | None = None) -> int:
+def width(out: IO[str] | None = None) -> int:
     """The terminal's width, or 80 when ``out`` is not a terminal (a pipe, a file).
 
     ``COLUMNS`` wins, as in every POSIX tool, so a test or a wide log can ask."""
@@ -42,6 +42,37 @@ def _shorten(cell: str, limit: int) -> str:
     return cell[: max(0, limit - 1)] + ELLIPSIS if limit > 0 else ""
 
 
+def fit_widths(
+    natural: Sequence[int],
+    columns: Sequence[str],
+    max_width: int = DEFAULT_WIDTH,
+    shrink: Sequence[int] | None = None,
+) -> list[int]:
+    """Column widths within ``max_width``: the widest of the ``shrink`` columns (default:
+    all) is narrowed one character at a time (never below its header or 6 characters).
+    A table that wraps is unreadable; a shortened cell (see ``format_row``) still says
+    what it is, but a shortened time or id does not: those stay out of ``shrink``."""
+    widths = list(natural)
+    floor = [max(len(c), 6) for c in columns]
+    candidates = list(range(len(widths)) if shrink is None else shrink)
+    while sum(widths) + len(GAP) * (len(widths) - 1) > max_width:
+        i = max(candidates, key=lambda k: widths[k] - floor[k])
+        if widths[i] <= floor[i]:
+            break  # nothing left to narrow: wider than the terminal, but whole
+        widths[i] -= 1
+    return widths
+
+
+def format_row(cells: Sequence[str], widths: Sequence[int], right: Sequence[int] = ()) -> str:
+    """One line of a table: cells padded (``right``: aligned right) or shortened with an
+    ellipsis to their width; the last column is not padded."""
+    parts = [
+        _shorten(c, w).rjust(w) if i in right else _shorten(c, w).ljust(w)
+        for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    ]
+    return GAP.join(parts).rstrip()
+
+
 def render_table(
     columns: Sequence[str],
     rows: Sequence[Sequence[str]],
@@ -49,33 +80,12 @@ def render_table(
     max_width: int = DEFAULT_WIDTH,
     right: Sequence[int] = (),
 ) -> str:
-    """Aligned columns within ``max_width``; the last column is not padded.
-
-    When the natural widths do not fit, the widest column is narrowed one character at
-    a time (never below its header or 6 characters) and its long cells end in an
-    ellipsis: a table that wraps is unreadable, a shortened cell still says what it is.
-    ``right`` lists the columns aligned right (numbers).
-    """
+    """Aligned columns within ``max_width`` (``fit_widths``); ``right`` lists the
+    columns aligned right (numbers)."""
     table = [list(columns), *([str(c) for c in r] for r in rows)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-    floor = [max(len(c), 6) for c in columns]
-
-    def total() -> int:
-        return sum(widths) + len(GAP) * (len(widths) - 1)
-
-    while total() > max_width:
-        i = max(range(len(widths)), key=lambda k: widths[k] - floor[k])
-        if widths[i] <= floor[i]:
-            break  # nothing left to narrow: wider than the terminal, but whole
-        widths[i] -= 1
-    lines = []
-    for r in table:
-        cells = [
-            _shorten(c, w).rjust(w) if i in right else _shorten(c, w).ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        lines.append(GAP.join(cells).rstrip())
-    return "\n".join(lines)
+    natural = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    widths = fit_widths(natural, columns, max_width)
+    return "\n".join(format_row(r, widths, right) for r in table)
 
 
 def print_json(obj: Any, out: TextIO | None = None) -> None:
