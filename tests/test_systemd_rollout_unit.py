@@ -13,8 +13,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from fleet.publish import publish
 from fleet.rollout_driver import SETTLE_S
 from fleet.rollout_plans import create
@@ -22,33 +20,14 @@ from tests.delivery_helpers import operator
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
 from tests.fleet.publish_helpers import retained
+from tests.unit_files import analyze, directives, needs_analyze, one_of
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "edge-fleet-rollout.service"
 MAX_EXPOSURE = 2.0
 EXE = "/opt/edge-agent/bin/edge-fleet"
 
-analyze = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(
-    analyze is None,
-    reason="systemd-analyze not installed (apt-get install systemd): unit not verified",
-)
-
-
-def directives() -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for raw in UNIT.read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
-
-
-def one(key: str) -> str:
-    values = directives()[key]
-    assert len(values) == 1, f"{key}= set {len(values)} times"
-    return values[0]
+one = one_of(UNIT)
 
 
 @needs_analyze
@@ -89,12 +68,12 @@ def test_unit_restarts_always_and_keeps_its_secrets_in_credentials() -> None:
     assert one("Restart") == "always"
     assert one("DynamicUser") == "yes"
     assert shlex.split(one("ExecStart")) == [EXE, "rollout", "--follow"]
-    creds = dict(v.split(":", 1) for v in directives()["LoadCredential"])
+    creds = dict(v.split(":", 1) for v in directives(UNIT)["LoadCredential"])
     assert set(creds) == {"mqtt-password", "signing-key"}
-    env = " ".join(directives()["Environment"])
+    env = " ".join(directives(UNIT)["Environment"])
     assert "EDGE_PASSWORD_FILE=%d/mqtt-password" in env
     assert "EDGE_SIGNING_KEY=%d/signing-key" in env
-    assert "StateDirectory" not in directives()  # every bit of state is on the broker
+    assert "StateDirectory" not in directives(UNIT)  # every bit of state is on the broker
 
 
 def test_the_units_command_drives_a_rollout_under_its_restrictions(
@@ -114,7 +93,7 @@ def test_the_units_command_drives_a_rollout_under_its_restrictions(
     shutil.copy(keypair.key, creds / "signing-key")
     env = {"PATH": "/usr/bin:/bin", "EDGE_BROKER": broker.operator_url,
            "EDGE_USERNAME": broker.operator.username}  # the EnvironmentFile=  # fmt: skip
-    for assignment in directives()["Environment"]:
+    for assignment in directives(UNIT)["Environment"]:
         for item in shlex.split(assignment):
             key, _, value = item.partition("=")
             env[key] = value.replace("%d", str(creds))

@@ -11,32 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit_files import analyze, directives, needs_analyze, one_of
+
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "edge-agent.service"
 MAX_EXPOSURE = 2.0
 
-analyze = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(
-    analyze is None,
-    reason="systemd-analyze not installed (apt-get install systemd): unit not verified",
-)
-
-
-def directives(path: Path = UNIT) -> dict[str, list[str]]:
-    """Every `Key=value` of the unit; a key may repeat (SystemCallFilter=)."""
-    found: dict[str, list[str]] = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if line and not line.startswith(("#", ";", "[")):
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
-    return found
-
-
-def one(key: str) -> str:
-    values = directives()[key]
-    assert len(values) == 1, f"{key}= set {len(values)} times"
-    return values[0]
+one = one_of(UNIT)
 
 
 @needs_analyze
@@ -130,7 +111,7 @@ def test_unit_keeps_request_logging_off_the_sd_card():
 def test_unit_allows_only_the_socket_families_the_agent_uses():
     assert one("RestrictAddressFamilies").split() == ["AF_UNIX", "AF_INET", "AF_INET6"]
     assert one("CapabilityBoundingSet") == ""
-    assert "@system-service" in directives()["SystemCallFilter"]
+    assert "@system-service" in directives(UNIT)["SystemCallFilter"]
 
 
 def test_onnxruntime_and_signatures_work_without_writable_executable_memory(tmp_path):
