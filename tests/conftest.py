@@ -13,6 +13,7 @@ pytest_plugins = [
         "tests.fixtures.agent",
         "tests.fixtures.disk",
         "tests.fixtures.postgres",
+        "tests.fixtures.nats",
     )
     if importlib.util.find_spec(name) is not None
 ]
