@@ -7,8 +7,9 @@
 #   python3-venv: the virtualenv.
 # `setup.sh --test` also installs what only the test suite uses: Prometheus (a real
 # scrape of the fleet exporter), systemd-analyze (the unit's security score),
-# PostgreSQL (the collector's database; tests/fixtures/postgres.py runs its own cluster)
-# and nginx (an HTTP origin for artifacts; tests/fixtures/nginx.py runs its own).
+# PostgreSQL (the collector's database; tests/fixtures/postgres.py runs its own cluster),
+# nginx (an HTTP origin for artifacts; tests/fixtures/nginx.py runs its own) and
+# nats-server (a clustered MQTT broker; tests/fixtures/nats.py runs its own 3 nodes).
 # A tool still missing after apt-get stops the set-up with its name
 # (scripts/e2e/need.sh); scripts/e2e/fresh-machine.sh proves the list on a bare
 # debootstrap. Idempotent: a second run only checks.
@@ -21,7 +22,7 @@ NEED_LOG_PREFIX=setup
 tools=(python3 python3 sha256sum coreutils mosquitto mosquitto mosquitto_passwd mosquitto
     openssl openssl curl curl)
 if [ "${1:-}" = "--test" ]; then
-    tools+=(prometheus prometheus systemd-analyze systemd nginx nginx)
+    tools+=(prometheus prometheus systemd-analyze systemd nginx nginx nats-server nats-server)
 fi
 # The venv module and its ensurepip are a separate Debian package; installed together
 # with the tools, in one apt-get run.
@@ -41,8 +42,8 @@ python3 -c 'import ensurepip, venv' || {
     echo "setup: python3 has no venv/ensurepip even after installing python3-venv" >&2
     exit 1
 }
-# The packaged broker, Prometheus, PostgreSQL cluster and nginx are not needed as services:
-# tests start their own.
+# The packaged broker, Prometheus, PostgreSQL cluster, nginx and NATS server are not
+# needed as services: tests start their own.
 
 EXTRAS="${EDGE_EXTRAS:-dev}"
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)-${EXTRAS}"

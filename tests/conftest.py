@@ -14,6 +14,7 @@ pytest_plugins = [
         "tests.fixtures.disk",
         "tests.fixtures.postgres",
         "tests.fixtures.nginx",
+        "tests.fixtures.nats",
     )
     if importlib.util.find_spec(name) is not None
 ]
