@@ -93,3 +93,20 @@ def test_a_download_cut_in_the_middle_resumes_with_a_range_request(
     first, second = sorted(nginx.wait_requests(f"/cut-{sha}", 2), key=lambda r: r.range)
     assert first.range == "" and second.range.startswith("bytes=") and second.status == 206
     assert first.bytes_sent + second.bytes_sent >= len(data) > second.bytes_sent
+
+
+def test_an_https_origin_is_trusted_through_the_devices_mqtt_ca(
+    tls_broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    sha, data = artifact(iris_package)
+    nginx.put(f"tls-{sha}", data)
+    cfg = device_config(tls_broker, keypair, "http-4")
+    bundle = tmp_path / "ca-bundle.crt"  # the broker's CA and the origin's, one file
+    bundle.write_bytes(tls_broker.ca.read_bytes() + nginx.ca_file.read_bytes())
+    cfg["mqtt"].update(url=tls_broker.tls_url, ca=str(bundle))  # no CA for the origin alone
+    agent = start_agent(cfg)
+    publish(operator(tls_broker), iris_package, fleet="f1", key=keypair.key,
+            urls=[nginx.tls_url("tls-{sha256}")])  # fmt: skip
+    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    assert [r.status for r in nginx.requests(f"/tls-{sha}")] == [200]
