@@ -42,6 +42,7 @@ from agent.wire.signing import key_id, load_private_key, verify_signature
 
 from fleet.artifacts import chunk_size_for, collect, ensure_artifact, retained_layout
 from fleet.connection import BrokerOptions, add_broker_arguments
+from fleet.origins import artifact_urls, origin_arguments, upload, with_origins
 from fleet.report import Report, output_arguments, run_reported
 from fleet.retained import Session, Target, publish_desired, read_model_state, sign_desired
 from fleet.targets import check_targets, check_trust, parse_where, read_known, where_argument
@@ -125,10 +126,14 @@ def publish(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     where: Mapping[str, str] | None = None,
     strict: bool = False,
+    urls: Sequence[str] = (),
+    upload_dir: Path | None = None,
+    broker_chunks: bool = False,
     report: Report | None = None,
 ) -> list[dict[str, Any]]:
-    """Upload the artifact (unless retained already) and set the desired state; returns
-    the signed manifests published, one per target. ``package``: a folder or a .tar."""
+    """Upload the artifact (unless retained already, or ``urls`` serve it without
+    ``broker_chunks``) and set the desired state; returns the signed manifests
+    published, one per target. ``package``: a folder or a .tar."""
     report = report or Report()
     targets = _targets(fleet, devices)
     _check_percent(percent)
@@ -141,6 +146,10 @@ def publish(
         folder = open_package(package, Path(scratch))
         manifest = verify_local(folder, key, report)
         art = manifest.artifact
+        origins = artifact_urls(urls, art.sha256, upload_dir)
+        chunks = broker_chunks or not origins
+        if upload_dir is not None:  # before any device hears of it
+            upload(folder / art.file, upload_dir, art.sha256, report)
         session = Session(options, "publish")
         try:
             known = read_known(session)
@@ -149,14 +158,16 @@ def publish(
             check_trust(known, kid, fleet=fleet, devices=devices, where=where, strict=strict,
                         report=report)  # fmt: skip
             state = read_model_state(session, manifest.name)
-            chunk_size, uploaded = ensure_artifact(
-                session, folder / art.file, art.sha256, art.size, wanted=chunk_size, report=report
-            )
+            uploaded = False
+            if chunks:
+                chunk_size, uploaded = ensure_artifact(session, folder / art.file, art.sha256,
+                                                       art.size, wanted=chunk_size, report=report)  # fmt: skip
+            body = with_origins(manifest.to_dict(), origins, chunks)
             serial = max(state.max_serial(), manifest.serial - 1)
             out, published = [], []
             for target in targets:
                 serial += 1
-                signed = sign_desired(manifest.to_dict(), serial=serial, chunk_size=chunk_size,
+                signed = sign_desired(body, serial=serial, chunk_size=chunk_size,
                                       target=target, percent=percent, key=key, where=where)  # fmt: skip
                 publish_desired(session, target, signed, state)
                 out.append(signed)
@@ -173,6 +184,8 @@ def publish(
         chunk_size=chunk_size,
         chunks=out[0]["artifact"]["chunks"],
         uploaded=uploaded,
+        urls=origins,
+        broker_chunks=chunks,
         signing_key=kid,
         package_key=(manifest.signature or {}).get("key_id"),
         published=published,
@@ -267,7 +280,7 @@ def rollback(
         entry = picks[-1]
         old = parse_manifest(entry)  # validates the history entry before re-signing it
         layout = retained_layout(session, old.artifact.sha256, old.artifact.size)
-        if layout is None or not layout.complete:
+        if old.artifact.broker_chunks and (layout is None or not layout.complete):
             raise PackageError(
                 f"{model} {old.version}: its artifact {old.artifact.sha256[:12]} is no longer "
                 "on the broker (cleared by gc?); publish that package again instead"
@@ -341,12 +354,14 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                    help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE}; below the broker's "
                         "packet limit; an artifact already on the broker keeps its own)")  # fmt: skip
+    origin_arguments(p)
     key_argument(p)
     output_arguments(p, strict=True)
     add_broker_arguments(p)
     p.set_defaults(func=lambda a: run_reported(a, lambda o, r: publish(
         o, a.package, fleet=a.fleet, devices=a.device, percent=a.rollout, key=a.signing_key,
-        chunk_size=a.chunk_size, where=parse_where(a.where), strict=a.strict, report=r)))  # fmt: skip
+        chunk_size=a.chunk_size, where=parse_where(a.where), strict=a.strict, urls=a.artifact_url,
+        upload_dir=a.upload_dir, broker_chunks=a.broker_chunks, report=r)))  # fmt: skip
 
     b = sub.add_parser("rollback", help="set an older version as desired again, or roll one "
                                         "device back at once (--device)")  # fmt: skip

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.disk import atomic_write, sha256_file
+from agent.disk import atomic_write, fsync_dir, sha256_file
 from agent.wire.errors import ChecksumMismatch, PackageError, SizeMismatch, StorageFull
 from agent.wire.manifest import MANIFEST_FILE, Artifact
 from agent.wire.package import write_manifest
@@ -144,6 +144,15 @@ class PartialDownload:
             os.fsync(f.fileno())
         self.have.add(index)
         return True
+
+    def adopt(self, path: Path) -> None:
+        """Take a whole artifact fetched some other way (an HTTP origin) as the part,
+        every chunk present: the chunk log stays the one record of "complete"."""
+        os.replace(path, self.part)
+        fsync_dir(self.dir)
+        # Written after the rename is durable: the log never claims bytes it lacks.
+        atomic_write(self.log, "".join(f"{i}\n" for i in range(self.artifact.chunks)).encode())
+        self.have = set(range(self.artifact.chunks))
 
     def verify(self) -> Path:
         """Size and sha256 of the assembled file; a mismatch discards it for a fresh start."""

@@ -1,5 +1,10 @@
-"""One desired artifact onto this device's disk: from its own store, else broker chunks.
+"""One desired artifact onto this device's disk: from its own store, else its HTTP(S)
+origins (``artifact.urls``, in order), else broker chunks.
 
+An origin download (``agent/updates/http_fetch.py``) resumes in ``http.part`` of the
+artifact's download folder; the verified file is handed to the PartialDownload whole
+(``adopt``). When every URL fails, the chunks are the fallback if the manifest says the
+publisher uploaded them (``artifact.broker_chunks``), else the delivery retries later.
 The delivery worker (``agent/updates/delivery.py``) calls ``package``; this module
 subscribes to ``edge/artifacts/{sha256}/+`` for as long as it needs chunks, writes
 each at its offset (``agent/updates/download.py``, resumable across reconnects and
@@ -10,6 +15,7 @@ only pass through a queue here; the worker thread does the writing.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import shutil
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.disk import atomic_write
+from agent.updates import http_fetch
 from agent.updates.download import PartialDownload
 from agent.wire.errors import EdgeError, PackageError, StorageFull
 from agent.wire.manifest import Manifest
@@ -29,6 +36,15 @@ if TYPE_CHECKING:
     from agent.link import Link, Message
     from agent.loops import Loop
     from agent.models.store import ModelStore
+
+log = logging.getLogger(__name__)
+HTTP_PART = "http.part"
+# What one URL can fail with; the next URL (or the chunks) gets its turn.
+ORIGIN_FAILURES = (
+    http_fetch.OriginError,
+    http_fetch.OriginChecksumMismatch,
+    http_fetch.OriginSizeMismatch,
+)
 
 
 class Retry(EdgeError):
@@ -79,7 +95,8 @@ class ArtifactFetcher:
             except StorageFull as e:
                 raise Retry(str(e)) from None
             starting(dl)
-            self._fetch(manifest, dl, wanted)
+            if not self._from_origins(manifest, dl, wanted):
+                self._fetch(manifest, dl, wanted)
         self.pause("verify")
         try:
             dl.verify()
@@ -111,6 +128,44 @@ class ArtifactFetcher:
             shutil.copyfile(src, target)
         atomic_write(pkg / "manifest.json", json.dumps(manifest.to_dict()).encode())
         return pkg
+
+    def _from_origins(
+        self, manifest: Manifest, dl: PartialDownload, wanted: Callable[[], bool]
+    ) -> bool:
+        """The artifact from its first URL that serves it, adopted by ``dl``; False when
+        there are none or all failed and the chunks remain. Retry when nothing remains."""
+        art = manifest.artifact
+        if not art.urls:
+            return False
+        ca = Path(self.cfg.mqtt.ca) if self.cfg.mqtt.ca else None  # resolved by the config
+
+        def progress(_have: int) -> None:
+            self.loop.beat()
+            if self.loop.stopping or not wanted():
+                raise Superseded()
+
+        problems: list[str] = []
+        part = dl.dir / HTTP_PART
+        for url in art.urls:
+            try:
+                http_fetch.download(url, part, size=art.size, sha256=art.sha256, ca_file=ca,
+                                    timeout_s=self.cfg.models.delivery_chunk_timeout_s,
+                                    progress=progress)  # fmt: skip
+            except ORIGIN_FAILURES as e:
+                log.warning("artifact %s: %s", art.sha256[:12], e)
+                problems.append(str(e))
+                continue
+            except OSError as e:  # this device's disk, not the origin
+                raise Retry(f"artifact {art.sha256[:12]}: writing {part}: {e}") from None
+            dl.adopt(part)
+            return True
+        if art.broker_chunks:
+            log.info("artifact %s: no origin served it; broker chunks instead", art.sha256[:12])
+            return False
+        raise Retry(
+            f"artifact {art.sha256[:12]}: no origin served it ({'; '.join(problems)}); "
+            f"retrying in {self.cfg.models.delivery_retry_s:g} s"
+        )
 
     def _on_chunk(self, msg: Message) -> None:
         parts = msg.topic.rsplit("/", 2)

@@ -5,7 +5,7 @@ offset to resume from, after a cut connection or a restart of the agent. The ori
 answers ``206`` with a ``Content-Range`` starting at that offset (append), ``200``
 (it ignores Range: start over), or ``416`` when nothing is left (the file is complete).
 Size and sha256 are checked at the end; a mismatch removes the partial. Standard
-library only: the device gains no dependency. Not yet called by delivery.
+library only: the device gains no dependency. Called by `agent/updates/fetch.py`.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ MODEL_FILE = "model.onnx"
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024 - 4096
 MIN_CHUNK_SIZE = 64
+# artifact.urls: HTTP(S) origins of the artifact file, tried in order by the device.
+MAX_URLS = 8
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -56,6 +58,10 @@ class Artifact:
     size: int
     sha256: str
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    # HTTP(S) origins of the file, in the order a device tries them; () = none.
+    urls: tuple[str, ...] = ()
+    # False when the publisher uploaded no chunks (absent in old manifests: chunks).
+    broker_chunks: bool = True
 
     @property
     def chunks(self) -> int:
@@ -153,6 +159,20 @@ def _tensor_specs(d: Mapping[str, Any], key: str) -> list[TensorSpec]:
     return specs
 
 
+def check_artifact_urls(urls: Any) -> tuple[str, ...]:
+    """``artifact.urls`` checked: 1..MAX_URLS http(s) URLs; ManifestInvalid names the bad one."""
+    if not isinstance(urls, list) or not 1 <= len(urls) <= MAX_URLS:
+        raise ManifestInvalid(
+            f"artifact.urls: expected a list of 1..{MAX_URLS} http(s) URLs, got {urls!r:.80}"
+        )
+    for i, url in enumerate(urls):
+        if not isinstance(url, str) or not re.fullmatch(r"https?://[^/\s?#]+\S*", url, re.I):
+            raise ManifestInvalid(
+                f"artifact.urls[{i}]: expected an http:// or https:// URL, got {url!r:.80}"
+            )
+    return tuple(urls)
+
+
 def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
     """Parse and validate a manifest; raises ManifestInvalid naming the field."""
     if isinstance(data, bytes | str):
@@ -191,7 +211,13 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
         raise ManifestInvalid(
             f"artifact.chunk_size: expected a positive integer, got {chunk_size!r}"
         )
-    artifact = Artifact(file, size, digest, chunk_size)
+    broker_chunks = art.get("broker_chunks", True)
+    if not isinstance(broker_chunks, bool):
+        raise ManifestInvalid(f"artifact.broker_chunks: expected true/false, got {broker_chunks!r}")
+    urls = check_artifact_urls(art["urls"]) if "urls" in art else ()
+    if not broker_chunks and not urls:
+        raise ManifestInvalid("artifact.broker_chunks: false, but no artifact.urls: no source left")
+    artifact = Artifact(file, size, digest, chunk_size, urls, broker_chunks)
     if "chunks" in art and art["chunks"] != artifact.chunks:
         raise ManifestInvalid(
             f"artifact.chunks: {art['chunks']!r} does not match size/chunk_size ({artifact.chunks})"

@@ -1,0 +1,112 @@
+"""Delivery from an HTTP origin end to end: real mosquitto, real agents, real nginx.
+
+``edge-fleet publish --artifact-url`` (the code behind it, ``fleet.publish``) signs the
+URLs into the manifest; the device downloads from nginx with Range requests, verifies
+the sha256 and signature as for broker chunks, and falls back to the chunks when the
+publisher uploaded them (``--broker-chunks``), else retries and says which URL failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.wire.package import read_manifest
+from fleet.publish import publish
+from tests.delivery_helpers import device_config, operator, predict_version, wait_event
+from tests.fixtures.broker import Broker, free_port
+from tests.fixtures.models import Keypair
+from tests.fixtures.nginx import Nginx
+from tests.fleet.publish_helpers import retained
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+
+def artifact(package: Path) -> tuple[str, bytes]:
+    art = read_manifest(package).artifact
+    return art.sha256, (package / art.file).read_bytes()
+
+
+def test_an_artifact_from_nginx_installs_with_nothing_retained_but_the_manifest(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx
+) -> None:
+    sha, _ = artifact(iris_package)
+    agent = start_agent(device_config(broker, keypair, "http-0"))
+    signed = publish(operator(broker), iris_package, fleet="f1", key=keypair.key,
+                     urls=[nginx.url("{sha256}")], upload_dir=nginx.root)  # fmt: skip
+    assert signed[0]["artifact"]["urls"] == [nginx.url(sha)]
+    assert signed[0]["artifact"]["broker_chunks"] is False
+    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    assert predict_version(agent) == "1.0.0"
+    assert [r.status for r in nginx.requests(f"/{sha}")] == [200]
+    assert retained(broker, "edge/artifacts/#") == {}
+
+
+def test_a_wrong_file_on_the_origin_is_refused_by_hash_then_chunks_install(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx
+) -> None:
+    sha, data = artifact(iris_package)
+    nginx.put(f"wrong-{sha}", data[::-1])  # the right size, not the right bytes
+    agent = start_agent(device_config(broker, keypair, "http-1"))
+    publish(operator(broker), iris_package, fleet="f1", key=keypair.key,
+            urls=[nginx.url("wrong-{sha256}")], broker_chunks=True)  # fmt: skip
+    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    assert predict_version(agent) == "1.0.0"
+    assert [r.status for r in nginx.requests(f"/wrong-{sha}")] == [200]
+    assert f"artifact from {nginx.url(f'wrong-{sha}')}: sha256 is" in agent.logs()
+    assert f"edge/artifacts/{sha}/0" in retained(broker, "edge/artifacts/#")
+
+
+def test_an_origin_that_is_down_is_reported_and_the_file_installs_once_it_appears(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx
+) -> None:
+    sha, data = artifact(iris_package)
+    down = f"http://127.0.0.1:{free_port()}/{sha}"
+    late = nginx.url(f"late-{sha}")
+    log = broker.subscribe("edge/devices/+/events")
+    agent = start_agent(device_config(broker, keypair, "http-2"))
+    publish(operator(broker), iris_package, fleet="f1", key=keypair.key, urls=[down, late])
+    event = wait_event(log, "rejected", device="http-2", version="1.0.0", retry=True)
+    assert f"artifact origin {down}: cannot connect" in event["reason"]
+    assert f"artifact origin {late}: HTTP 404" in event["reason"]
+    status = agent.wait_for(lambda s: s["models"].get("iris", {}).get("state") == "retrying")
+    assert late in status["models"]["iris"]["reason"]
+    nginx.put(f"late-{sha}", data)
+    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    assert predict_version(agent) == "1.0.0"
+    assert retained(broker, "edge/artifacts/#") == {}
+
+
+def test_a_download_cut_in_the_middle_resumes_with_a_range_request(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx
+) -> None:
+    sha, data = artifact(iris_package)
+    nginx.put(f"cut-{sha}", data)
+    agent = start_agent(device_config(broker, keypair, "http-3"))
+    nginx.cut_next(after=len(data) // 2)
+    publish(operator(broker), iris_package, fleet="f1", key=keypair.key,
+            urls=[nginx.relay_url("cut-{sha256}")])  # fmt: skip
+    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    # The cut request may be logged after the resumed one: order them by their Range.
+    first, second = sorted(nginx.wait_requests(f"/cut-{sha}", 2), key=lambda r: r.range)
+    assert first.range == "" and second.range.startswith("bytes=") and second.status == 206
+    assert first.bytes_sent + second.bytes_sent >= len(data) > second.bytes_sent
+
+
+def test_an_https_origin_is_trusted_through_the_devices_mqtt_ca(
+    tls_broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    sha, data = artifact(iris_package)
+    nginx.put(f"tls-{sha}", data)
+    cfg = device_config(tls_broker, keypair, "http-4")
+    bundle = tmp_path / "ca-bundle.crt"  # the broker's CA and the origin's, one file
+    bundle.write_bytes(tls_broker.ca.read_bytes() + nginx.ca_file.read_bytes())
+    cfg["mqtt"].update(url=tls_broker.tls_url, ca=str(bundle))  # no CA for the origin alone
+    agent = start_agent(cfg)
+    publish(operator(tls_broker), iris_package, fleet="f1", key=keypair.key,
+            urls=[nginx.tls_url("tls-{sha256}")])  # fmt: skip
+    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    assert [r.status for r in nginx.requests(f"/tls-{sha}")] == [200]
