@@ -4,7 +4,6 @@ the environment and credentials the unit gives it, drives a rollout to the end."
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from tests.delivery_helpers import operator
 from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
 from tests.fleet.publish_helpers import retained
-from tests.unit_files import analyze, directives, needs_analyze, one_of
+from tests.unit_files import directives, exposure, needs_analyze, one_of, verify_in_scratch_root
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "edge-fleet-rollout.service"
@@ -32,36 +31,14 @@ one = one_of(UNIT)
 
 @needs_analyze
 def test_unit_verifies_without_a_warning(tmp_path: Path) -> None:
-    exe = tmp_path / EXE.lstrip("/")
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
-    units = tmp_path / "usr/lib/systemd"
-    units.mkdir(parents=True)
-    for system in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
-        if system.is_dir():
-            shutil.copytree(system, units / "system", symlinks=True, dirs_exist_ok=True)
-            break
-    target = tmp_path / "etc/systemd/system" / UNIT.name
-    target.parent.mkdir(parents=True)
-    shutil.copy(UNIT, target)
-    proc = subprocess.run(
-        [analyze, "verify", f"--root={tmp_path}", str(target)],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    output = (proc.stdout + proc.stderr).strip()
-    assert proc.returncode == 0 and output == "", output
+    code, output = verify_in_scratch_root(UNIT, EXE, tmp_path)
+    assert code == 0 and output == "", output
 
 
 @needs_analyze
 def test_security_exposure_is_at_most_two() -> None:
-    proc = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
+    score, _word, report = exposure(UNIT)
+    assert score <= MAX_EXPOSURE, report
 
 
 def test_unit_restarts_always_and_keeps_its_secrets_in_credentials() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit_files import analyze, directives, needs_analyze, one_of
+from tests.unit_files import (
+    analyze,
+    directives,
+    exposure,
+    needs_analyze,
+    one_of,
+    verify_in_scratch_root,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "edge-agent.service"
@@ -22,30 +28,9 @@ one = one_of(UNIT)
 
 @needs_analyze
 def test_unit_verifies_without_a_warning(tmp_path):
-    # verify checks that ExecStart= exists: build the layout install-pi.sh creates,
-    # plus the targets the unit refers to, in a scratch root.
-    exe = tmp_path / "opt/edge-agent/bin/edge-agent"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
-    units = tmp_path / "usr/lib/systemd"
-    units.mkdir(parents=True)
-    for system in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
-        if system.is_dir():
-            shutil.copytree(system, units / "system", symlinks=True, dirs_exist_ok=True)
-            break
-    target = tmp_path / "etc/systemd/system/edge-agent.service"
-    target.parent.mkdir(parents=True)
-    shutil.copy(UNIT, target)
-    proc = subprocess.run(
-        [analyze, "verify", f"--root={tmp_path}", str(target)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    output = (proc.stdout + proc.stderr).strip()
-    assert proc.returncode == 0, output
+    # The layout install-pi.sh creates, in a scratch root.
+    code, output = verify_in_scratch_root(UNIT, "/opt/edge-agent/bin/edge-agent", tmp_path)
+    assert code == 0, output
     # Unknown or misspelt keys are only warnings ("Unknown key ..., ignoring"): a
     # hardening line that does nothing must fail the test too.
     assert output == "", output
@@ -67,18 +52,9 @@ def test_verify_catches_a_misspelt_hardening_key(tmp_path):
 
 @needs_analyze
 def test_security_exposure_is_at_most_two():
-    proc = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", proc.stdout)
-    assert m, proc.stdout + proc.stderr
-    score = float(m.group(1))
-    assert score <= MAX_EXPOSURE, f"exposure {score} {m.group(2)}; worst:\n" + "\n".join(
-        line for line in proc.stdout.splitlines() if line.startswith("✗")
+    score, word, report = exposure(UNIT)
+    assert score <= MAX_EXPOSURE, f"exposure {score} {word}; worst:\n" + "\n".join(
+        line for line in report.splitlines() if line.startswith("✗")
     )
 
 
