@@ -15,7 +15,14 @@ import pytest
 
 from agent.wire.package import read_manifest
 from fleet.publish import publish
-from tests.delivery_helpers import device_config, operator, predict_version, wait_event
+from tests.delivery_helpers import (
+    device_config,
+    events,
+    operator,
+    predict_version,
+    retained_status,
+    wait_event,
+)
 from tests.fixtures.broker import Broker, free_port
 from tests.fixtures.models import Keypair
 from tests.fixtures.nginx import Nginx
@@ -33,13 +40,19 @@ def test_an_artifact_from_nginx_installs_with_nothing_retained_but_the_manifest(
     broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx
 ) -> None:
     sha, _ = artifact(iris_package)
+    log = broker.subscribe("edge/devices/+/events")
     agent = start_agent(device_config(broker, keypair, "http-0"))
     signed = publish(operator(broker), iris_package, fleet="f1", key=keypair.key,
                      urls=[nginx.url("{sha256}")], upload_dir=nginx.root)  # fmt: skip
     assert signed[0]["artifact"]["urls"] == [nginx.url(sha)]
     assert signed[0]["artifact"]["broker_chunks"] is False
-    agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
+    status = agent.wait_for(lambda s: s["desired"].get("iris", {}).get("decision") == "activated",
+                            timeout=30)  # fmt: skip
     assert predict_version(agent) == "1.0.0"
+    verified = wait_event(log, "verified", device="http-0", version="1.0.0")
+    assert (verified["artifact_source"], verified["url"]) == ("origin", nginx.url(sha))
+    assert status["models"]["iris"]["desired"]["reason"] == f"artifact from {nginx.url(sha)}"
+    assert not [e for e in events(log, "http-0") if e["event"] == "artifact_fallback"]
     assert [r.status for r in nginx.requests(f"/{sha}")] == [200]
     assert retained(broker, "edge/artifacts/#") == {}
 
@@ -49,14 +62,35 @@ def test_a_wrong_file_on_the_origin_is_refused_by_hash_then_chunks_install(
 ) -> None:
     sha, data = artifact(iris_package)
     nginx.put(f"wrong-{sha}", data[::-1])  # the right size, not the right bytes
+    wrong, down = nginx.url(f"wrong-{sha}"), f"http://127.0.0.1:{free_port()}/{sha}"
+    log = broker.subscribe("edge/devices/+/events")
+    statuses = broker.subscribe("edge/devices/http-1/status")
     agent = start_agent(device_config(broker, keypair, "http-1"))
     publish(operator(broker), iris_package, fleet="f1", key=keypair.key,
-            urls=[nginx.url("wrong-{sha256}")], broker_chunks=True)  # fmt: skip
+            urls=[nginx.url("wrong-{sha256}"), down], broker_chunks=True)  # fmt: skip
     agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
     assert predict_version(agent) == "1.0.0"
     assert [r.status for r in nginx.requests(f"/wrong-{sha}")] == [200]
-    assert f"artifact from {nginx.url(f'wrong-{sha}')}: sha256 is" in agent.logs()
+    assert f"artifact from {wrong}: sha256 is" in agent.logs()
     assert f"edge/artifacts/{sha}/0" in retained(broker, "edge/artifacts/#")
+    # The operator hears of the broken origin from the fleet's events, URL by URL.
+    fallback = wait_event(log, "artifact_fallback", device="http-1", version="1.0.0")
+    assert (fallback["model"], fallback["sha256"], fallback["artifact_source"]) == (
+        "iris", sha, "broker_chunks",
+    )  # fmt: skip
+    assert [e["url"] for e in fallback["errors"]] == [wrong, down]
+    assert fallback["errors"][0]["error"].startswith(f"artifact from {wrong}: sha256 is ")
+    assert fallback["errors"][1]["error"].startswith(f"artifact origin {down}: cannot connect")
+    assert fallback["reason"].endswith("; broker chunks instead")
+    assert wait_event(log, "verified", device="http-1")["artifact_source"] == "broker_chunks"
+    # ... and the retained status says which source delivered what serves.
+    tried = f"artifact from broker chunks: no origin served it ({wrong}, {down})"
+    status = retained_status(
+        statuses,
+        "http-1",
+        lambda s: (s["models"].get("iris", {}).get("desired") or {}).get("decision") == "activated",
+    )
+    assert status["models"]["iris"]["desired"]["reason"] == tried
 
 
 def test_an_origin_that_is_down_is_reported_and_the_file_installs_once_it_appears(
