@@ -3,11 +3,15 @@
 ``edge-fleet publish --artifact-url`` (the code behind it, ``fleet.publish``) signs the
 URLs into the manifest; the device downloads from nginx with Range requests, verifies
 the sha256 and signature as for broker chunks, and falls back to the chunks when the
-publisher uploaded them (``--broker-chunks``), else retries and says which URL failed.
+publisher uploaded them (``--broker-chunks``), else retries and says which URL failed;
+a fallback is an ``artifact_fallback`` event. An agent stopped or killed mid-download
+resumes from its partial file with a Range request.
 """
 
 from __future__ import annotations
 
+import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from tests.delivery_helpers import (
 )
 from tests.fixtures.broker import Broker, free_port
 from tests.fixtures.models import Keypair
-from tests.fixtures.nginx import Nginx
+from tests.fixtures.nginx import SLOW_RATE, Nginx
 from tests.fleet.publish_helpers import retained
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
@@ -144,3 +148,54 @@ def test_an_https_origin_is_trusted_through_the_devices_mqtt_ca(
             urls=[nginx.tls_url("tls-{sha256}")])  # fmt: skip
     agent.wait_for(lambda s: s["models"].get("iris", {}).get("version") == "1.0.0", timeout=30)
     assert [r.status for r in nginx.requests(f"/tls-{sha}")] == [200]
+
+
+def _part_grows(part: Path, past: int, size: int, timeout: float = 30) -> int:
+    """The partial file's size once it holds more than ``past`` bytes (short of ``size``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        have = part.stat().st_size if part.exists() else 0
+        if have > past:
+            assert have < size, f"{part}: the download finished before the agent was stopped"
+            return have
+        time.sleep(0.02)
+    raise AssertionError(f"{part}: still at most {past} bytes after {timeout:g} s")
+
+
+def test_an_agent_stopped_and_killed_mid_download_resumes_from_its_partial_file(
+    broker: Broker, keypair: Keypair, start_agent: Any, rf_package: Path, nginx: Nginx
+) -> None:
+    sha, data = artifact(rf_package)
+    size = len(data)
+    assert size > 4 * SLOW_RATE, f"the rf artifact ({size} bytes) is too small to stop in"
+    nginx.put(f"slow-{sha}", data)
+    uri = f"/slow/slow-{sha}"
+    agent = start_agent(device_config(broker, keypair, "http-5"))
+    part = agent.state_dir / "downloads" / sha / "http.part"
+    publish(operator(broker), rf_package, fleet="f1", key=keypair.key,
+            urls=[nginx.slow_url("slow-{sha256}")])  # fmt: skip
+
+    # A clean stop (SIGTERM) mid-body: the worker ends the download and keeps the prefix.
+    _part_grows(part, past=0, size=size)
+    assert agent.stop() == 0
+    stopped = part.stat().st_size
+    assert 0 < stopped < size
+    agent.start()
+    # A crash (kill -9) mid-body of the resumed request: what reached the file stays.
+    _part_grows(part, past=stopped, size=size)
+    agent.kill()
+    killed = part.stat().st_size
+    agent.start()
+
+    agent.wait_for(lambda s: s["models"].get("rf", {}).get("version") == "1.0.0", timeout=60)
+    assert predict_version(agent, [[0.0] * 20]) == "1.0.0"
+    first, second, third = nginx.wait_requests(uri, 3)
+    assert first.range == "" and first.status == 200
+    # Each start resumes from exactly what the partial file held when the agent went.
+    assert (second.range, second.status) == (f"bytes={stopped}-", 206)
+    assert (third.range, third.status) == (f"bytes={killed}-", 206)
+    sent = first.bytes_sent + second.bytes_sent + third.bytes_sent
+    assert size <= sent < 2 * size, f"{sent} bytes sent for a {size}-byte artifact"
+    installed = agent.state_dir / "models" / "rf" / "1.0.0" / "model.onnx"
+    assert hashlib.sha256(installed.read_bytes()).hexdigest() == sha
+    assert not (agent.state_dir / "downloads" / sha).exists()
