@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from agent.updates.delivery import PAUSE_ENV, PAUSED_FILE
 from agent.wire.package import read_manifest
 from fleet.publish import publish
 from tests.delivery_helpers import (
@@ -57,6 +58,7 @@ def test_an_artifact_from_nginx_installs_with_nothing_retained_but_the_manifest(
     assert (verified["artifact_source"], verified["url"]) == ("origin", nginx.url(sha))
     assert status["models"]["iris"]["desired"]["reason"] == f"artifact from {nginx.url(sha)}"
     assert not [e for e in events(log, "http-0") if e["event"] == "artifact_fallback"]
+    assert 'edge_model_artifacts_total{model="iris",source="origin"} 1.0' in agent.metrics_text()
     assert [r.status for r in nginx.requests(f"/{sha}")] == [200]
     assert retained(broker, "edge/artifacts/#") == {}
 
@@ -95,6 +97,8 @@ def test_a_wrong_file_on_the_origin_is_refused_by_hash_then_chunks_install(
         lambda s: (s["models"].get("iris", {}).get("desired") or {}).get("decision") == "activated",
     )
     assert status["models"]["iris"]["desired"]["reason"] == tried
+    counted = 'edge_model_artifacts_total{model="iris",source="broker_chunks"} 1.0'
+    assert counted in agent.metrics_text()
 
 
 def test_an_origin_that_is_down_is_reported_and_the_file_installs_once_it_appears(
@@ -187,8 +191,14 @@ def test_an_agent_stopped_and_killed_mid_download_resumes_from_its_partial_file(
     killed = part.stat().st_size
     agent.start()
 
-    agent.wait_for(lambda s: s["models"].get("rf", {}).get("version") == "1.0.0", timeout=60)
+    status = agent.wait_for(lambda s: s["desired"].get("rf", {}).get("decision") == "activated",
+                            timeout=60)  # fmt: skip
     assert predict_version(agent, [[0.0] * 20]) == "1.0.0"
+    # The completed download kept its origin across the restarts.
+    assert (
+        status["models"]["rf"]["desired"]["reason"]
+        == f"artifact from {nginx.slow_url(f'slow-{sha}')}"
+    )
     first, second, third = nginx.wait_requests(uri, 3)
     assert first.range == "" and first.status == 200
     # Each start resumes from exactly what the partial file held when the agent went.
@@ -199,3 +209,31 @@ def test_an_agent_stopped_and_killed_mid_download_resumes_from_its_partial_file(
     installed = agent.state_dir / "models" / "rf" / "1.0.0" / "model.onnx"
     assert hashlib.sha256(installed.read_bytes()).hexdigest() == sha
     assert not (agent.state_dir / "downloads" / sha).exists()
+
+
+def test_a_download_complete_before_a_kill_still_names_its_origin(
+    broker: Broker, keypair: Keypair, start_agent: Any, iris_package: Path, nginx: Nginx
+) -> None:
+    sha, data = artifact(iris_package)
+    nginx.put(f"done-{sha}", data)
+    log = broker.subscribe("edge/devices/+/events")
+    agent = start_agent(device_config(broker, keypair, "http-6"), env={PAUSE_ENV: "verify"})
+    publish(operator(broker), iris_package, fleet="f1", key=keypair.key,
+            urls=[nginx.url("done-{sha256}")], broker_chunks=True)  # fmt: skip
+    paused = agent.state_dir / PAUSED_FILE
+    deadline = time.monotonic() + 30
+    while not paused.exists():
+        assert time.monotonic() < deadline, f"never paused:\n{agent.logs()[-3000:]}"
+        time.sleep(0.05)
+    agent.kill()  # the artifact is complete on disk, not yet verified nor installed
+    del agent.env[PAUSE_ENV]
+    paused.unlink()
+    agent.start()
+    status = agent.wait_for(lambda s: s["desired"].get("iris", {}).get("decision") == "activated",
+                            timeout=30)  # fmt: skip
+    assert (
+        status["models"]["iris"]["desired"]["reason"] == f"artifact from {nginx.url(f'done-{sha}')}"
+    )
+    verified = wait_event(log, "verified", device="http-6")
+    assert (verified["artifact_source"], verified["url"]) == ("origin", nginx.url(f"done-{sha}"))
+    assert [r.status for r in nginx.requests(f"/done-{sha}")] == [200]  # not fetched again
