@@ -125,7 +125,7 @@ class Delivery:
             self._artifacts = Counter(
                 "edge_model_artifacts",
                 "Artifacts a delivery obtained, by where they came from (origin, "
-                "broker_chunks, store; fallback: broker chunks after every URL failed)",
+                "broker_chunks, store)",
                 ["model", "source"],
                 registry=metrics.registry,
             )
