@@ -1,33 +1,40 @@
-"""The device's MQTT connection: paho-mqtt 2, MQTT 5, one client for every component.
+"""The device's MQTT connection: paho-mqtt 2, MQTT 5 or 3.1.1, one client for every component.
 
-``connect_async`` + ``loop_start``: an absent broker never delays start-up or serving;
-paho reconnects with backoff (``mqtt.reconnect_min_s`` .. ``mqtt.reconnect_max_s``). The
-retained status is ``online`` from each connect and ``offline`` as the last will.
-Subscriptions registered with ``subscribe`` are renewed in ``on_connect``, so a
-reconnect (clean start) restores them.
+A named thread (``agent.loops.Loop``) connects and runs paho's network loop; when a
+connection ends it asks ``agent/link_failover.py`` for the next URL of ``mqtt.urls``,
+the MQTT version to speak there and the jittered wait, so an absent broker never delays
+start-up or serving. paho's own reconnect is off: it knows a single host and a fixed
+backoff. The retained status is ``online`` from each connect and ``offline`` as the
+last will, set before each connection. Subscriptions registered with ``subscribe`` are
+renewed in ``on_connect``, so a reconnect (clean start) or a move restores them; one
+the broker refuses (SUBACK 0x80: NATS while it elects a JetStream leader) is asked for
+again about a second later until granted. The device also reads its own status: a late
+will of an earlier connection (NATS publishes the will of a dead or taken-over session
+late, possibly through another node) is answered with ``online`` again.
 
 ``publish`` returns a ``PublishHandle`` that completes on the PUBACK, with its reason
-under MQTT 5 (mosquitto answers an ACL denial with 135, MQTT 3.1.1 drops it silently).
-A payload over the broker's Maximum Packet Size is refused before paho would resend it
-after every reconnect while the broker cuts the connection each time.
+under MQTT 5 (mosquitto answers an ACL denial with 135; MQTT 3.1.1 has no reason, the
+broker drops it silently). A payload over the broker's Maximum Packet Size (MQTT 5
+only) is refused before paho would resend it after every reconnect while the broker
+cuts the connection each time. Under 3.1.1 an answer's correlation data is not sent
+(the commands put it in the answer's body).
 
-A connection that cannot be made is logged once per cause, with the config key to fix
-(``agent/link_diagnosis.py``); ``last_error`` keeps it for /status.
+A connection that cannot be made is logged once per cause and URL, with the config key
+to fix (``agent/link_diagnosis.py``); ``last_error`` keeps it for /status.
 
-Every callback catches and logs its exceptions: one escaping would end paho's network
-thread and with it the connection.
+Every callback catches and logs its exceptions: one escaping would end the network
+thread's loop step and with it the connection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -37,7 +44,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import link_diagnosis as diagnosis
 from agent.config import Config
-from agent.link import Handler, PublishHandle, Refusals, dispatcher
+from agent.link import Handler, Message, PublishHandle, Refusals, dispatcher
+from agent.link_failover import V5, Endpoint, Failover
+from agent.loops import Loop
 from agent.metrics import LinkMetrics, Metrics
 from agent.secrets import read_secret, resolve_secret_path
 from agent.wire import payloads
@@ -47,6 +56,10 @@ log = logging.getLogger(__name__)
 
 # Room for the fixed header, topic and properties of a PUBLISH next to its payload.
 _HEADER_ROOM = 1024
+# A refused subscription is asked for again after about this long (jittered).
+RESUBSCRIBE_S = 1.0
+# The own-status watch answers a late offline will at most this often.
+REASSERT_S = 1.0
 
 
 class MqttClient:
@@ -62,10 +75,8 @@ class MqttClient:
         self.device = cfg.device.id
         self.topics = Topics(cfg.mqtt.topic_prefix)
         self._status = status  # -> the /status body; its "models" go in the retained status
-        url = urlsplit(cfg.mqtt.url)
-        self.tls = url.scheme == "mqtts"
-        self.host = url.hostname or "localhost"
-        self.port = url.port or (8883 if self.tls else 1883)
+        self.failover = Failover(cfg.mqtt)
+        self.tls = self.failover.current.tls  # one scheme for every URL (config checks it)
 
         self._lock = threading.Lock()
         self._pending: dict[int, PublishHandle] = {}
@@ -77,18 +88,29 @@ class MqttClient:
         self._started = False
         self._stopping = False
         self.reconnects = 0
-        self.subscriptions_granted = 0  # SUBACKs that granted a filter, over all connects
-        self.trouble = diagnosis.Trouble(cfg.mqtt, self.host, self.port, tls=self.tls)
+        self.subscriptions_granted = 0  # SUBACKs that granted a component's filter, ever
+        self.subscribe_retries = 0  # subscriptions asked for again after a refused SUBACK
+        self.status_reasserts = 0  # online published again over an offline status of ours
+        self._sub_mids: dict[int, str] = {}  # SUBSCRIBE packet id -> its filter
+        self._last_reassert = -REASSERT_S
+        self._reassert_timer: threading.Timer | None = None
+        # What the running attempt came to, set by paho's callbacks on the network thread.
+        self._attempt_connected = False
+        self._attempt_refused: ReasonCode | None = None
+        self.loop: Loop | None = None
 
+        # reconnect_on_failure=False: the network thread below reconnects, to the next
+        # URL; paho would also retry a 3.1.1 broker's "unacceptable version" with 3.1.
+        # Made as 3.1.1 so paho sets up clean_session (always clean, as MQTT 5's clean
+        # start); _connect() picks the version for each connection.
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.mqtt.client_id or self.device,
-            protocol=paho.MQTTv5,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+            reconnect_on_failure=False,
         )
         self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(
-            max(1, round(cfg.mqtt.reconnect_min_s)), max(1, round(cfg.mqtt.reconnect_max_s))
-        )
         # Result batches in flight plus room for status, health and events.
         self._client.max_inflight_messages_set(cfg.mqtt.max_inflight + 10)
         # Bounded while offline: a QoS 1 publish beyond this fails instead of growing memory.
@@ -103,7 +125,6 @@ class MqttClient:
                 certfile=_file(cfg.mqtt.cert),
                 keyfile=_file(cfg.mqtt.key),
             )
-        self._client.on_pre_connect = self._on_pre_connect
         # When the broker last sent anything (a PINGRESP included): on a silent network
         # cut the socket stays open and "connected" holds until the keepalive runs out,
         # so /status shows this too. paho has no hook for it: every incoming packet goes
@@ -117,7 +138,6 @@ class MqttClient:
 
         self._client._packet_handle = counted_packet  # type: ignore[method-assign]
         self._client.on_connect = self._on_connect
-        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_log = self._on_log
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
@@ -125,26 +145,74 @@ class MqttClient:
 
         self._m = LinkMetrics(metrics.registry) if metrics is not None else None
         self.refusals = Refusals(self._m)
+        # The own-status watch (subscribed like any other filter, so renewed and retried).
+        self._own_status = self.topics.status(self.device)
+
+    # --- where we are ------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The broker URL connected to, or tried next."""
+        return self.failover.current
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
+
+    @property
+    def trouble(self) -> diagnosis.Trouble:
+        return self.endpoint.trouble
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version of the current (or next) connection: "5" or "3.1.1"."""
+        return self.endpoint.speaks
+
+    def report(self) -> dict[str, Any]:
+        """The link's part of /status: where it is, which version, how often it moved."""
+        return {
+            "url": self.url,
+            "urls": self.failover.urls,
+            "protocol": self.protocol,
+            "moves": self.failover.moves,
+            "reconnects": self.reconnects,
+            "subscribe_retries": self.subscribe_retries,
+            "status_reasserts": self.status_reasserts,
+        }
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Begin connecting in the background; returns at once, broker or not."""
-        self._set_will()
-        log.info("mqtt: connecting to %s:%d as %s", self.host, self.port, self.device)
-        self._client.connect_async(self.host, self.port, keepalive=self.cfg.mqtt.keepalive)
-        self._client.loop_start()
+        self.subscribe(self._own_status, 1, self._on_own_status)
+        ep = self.endpoint
+        log.info("mqtt: connecting to %s as %s (%s)", ", ".join(self.failover.urls),
+                 self.device, f"MQTT {ep.protocol}" if not ep.learn else "MQTT 5 or 3.1.1")  # fmt: skip
+        # A connection lasts hours: _session() beats while paho's loop runs.
+        self.loop = Loop("mqtt", self._session, stall_s=60.0)
         self._started = True
+        self.loop.start()
 
     def stop(self, timeout: float = 3.0) -> None:
         """Announce ``offline`` (retained) if connected, then disconnect without the will."""
-        if not self._started:
+        if not self._started or self.loop is None:
             return
+        self._stopping = True  # from here on, our own offline is not answered
         if self.connected:
             self.publish_status("offline", reason="stopped").wait(timeout)
-        self._stopping = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        if self._reassert_timer is not None:
+            self._reassert_timer.cancel()
+        self._client.disconnect()  # also wakes paho's select, so the session ends now
+        self.loop.stop(timeout)
+        self._client._thread = None
         self._started = False
         self._stopping = False
         self._set_connected(False)
@@ -155,9 +223,67 @@ class MqttClient:
         log.info("mqtt: stopped")
 
     def alive(self) -> bool:
-        """paho's network thread is running (it reconnects by itself while it runs)."""
-        thread = getattr(self._client, "_thread", None)
-        return self._started and thread is not None and thread.is_alive()
+        """The network thread runs and has made progress within a minute."""
+        return self._started and self.loop is not None and self.loop.alive()
+
+    # --- the network thread: one connection per step --------------------------------
+
+    def _session(self) -> float:
+        """Connect to the current URL and run paho's loop until the connection ends;
+        return the wait before the next attempt (where: ``self.failover``)."""
+        assert self.loop is not None
+        # paho's threaded mode with our thread: other threads' publish() only queue the
+        # packet and wake the select, this thread writes (paho writes without a lock).
+        self._client._thread = threading.current_thread()
+        ep = self.endpoint
+        self._attempt_connected, self._attempt_refused = False, None
+        if not self._connect(ep):
+            return self._after(self.failover.failed)
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        stop_by: float | None = None
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.loop.beat()
+            rc = self._client.loop(1.0)
+            if self.loop.stopping:
+                # stop() sent DISCONNECT; this covers a connect made just after it.
+                if stop_by is None:
+                    stop_by = time.monotonic() + 2.0
+                    self._client.disconnect()
+                elif time.monotonic() > stop_by:
+                    break
+        if self.loop.stopping:
+            return 0.0
+        if self._attempt_connected:
+            return self._after(self.failover.lost)
+        refused = self._attempt_refused
+        if refused is not None and int(refused.value) == diagnosis.UNSUPPORTED_VERSION:
+            return self._after(self.failover.unsupported)
+        if refused is not None:
+            return self._after(self.failover.failed)
+        return self._after(self.failover.dropped)
+
+    def _connect(self, ep: Endpoint) -> bool:
+        """Open the TCP (and TLS) connection and send CONNECT; False when that failed."""
+        self._set_will()
+        # paho fixes the version when the Client is made; it switches itself (to 3.1 on
+        # a refused 3.1.1 CONNECT) by setting this attribute, and so do we, per URL:
+        # queued messages and subscriptions stay with the one client.
+        self._client._protocol = paho.MQTTv5 if ep.speaks == V5 else paho.MQTTv311
+        ep.trouble.attempt()
+        try:
+            self._client.connect(ep.host, ep.port, keepalive=self.cfg.mqtt.keepalive)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            ep.trouble.connect_failed(e)
+            return False
+        return True
+
+    def _after(self, outcome: Callable[[], float]) -> float:
+        """Tell the failover what the attempt came to; count a move; the wait."""
+        moves = self.failover.moves
+        wait = outcome()
+        if self._m is not None and self.failover.moves > moves:
+            self._m.moves.inc(self.failover.moves - moves)
+        return wait
 
     def silent_s(self) -> float | None:
         """Seconds since the last packet from the broker; None before the first."""
@@ -235,7 +361,11 @@ class MqttClient:
 
         ``correlation_data`` answers an MQTT 5 request (the device commands).
         """
-        properties = None if correlation_data is None else _response_properties(correlation_data)
+        # MQTT 3.1.1 has no properties: the commands answer with the correlation in the body.
+        v5 = self._client._protocol == paho.MQTTv5
+        properties = None
+        if correlation_data is not None and v5:
+            properties = _response_properties(correlation_data)
         data = payload if isinstance(payload, bytes | str) else json.dumps(payload)
         raw = data.encode() if isinstance(data, str) else data
         handle = PublishHandle(topic)
@@ -293,7 +423,7 @@ class MqttClient:
             self._subs[topic] = (qos, handler)
             up = self.connected
         if up:
-            self._client.subscribe(topic, qos=qos)
+            self._subscribe(topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
@@ -302,17 +432,89 @@ class MqttClient:
         if self.connected:
             self._client.unsubscribe(topic)
 
+    def _subscribe(self, topic: str, qos: int) -> None:
+        # Under our lock: on_subscribe takes it too, so the SUBACK cannot beat the record.
+        with self._lock:
+            _, mid = self._client.subscribe(topic, qos=qos)
+            if mid is not None:
+                self._sub_mids[mid] = topic
+
     def _on_subscribe(
         self, client: paho.Client, userdata: Any, mid: int, rcs: list[ReasonCode], p: Any
     ) -> None:
         try:
+            with self._lock:
+                topic = self._sub_mids.pop(mid, None)
             for rc in rcs:
-                if rc.is_failure:
-                    log.error("mqtt: subscription refused by the broker: %s", rc.getName())
+                if not rc.is_failure:
+                    # The components' filters; the own-status watch is the link's own.
+                    self.subscriptions_granted += topic != self._own_status
+                elif topic is not None:
+                    self._retry_subscribe(topic, rc)
                 else:
-                    self.subscriptions_granted += 1
+                    log.error("mqtt: subscription refused by the broker: %s", rc.getName())
         except Exception:
             log.exception("mqtt: on_subscribe failed")
+
+    def _retry_subscribe(self, topic: str, rc: ReasonCode) -> None:
+        """A refused SUBACK: ask again in about a second, until granted (NATS refuses
+        while it elects the JetStream leader the subscription's consumer needs)."""
+        self.subscribe_retries += 1
+        if self._m is not None:
+            self._m.subscribe_retries.inc()
+        if self.subscribe_retries == 1 or self.subscribe_retries % 100 == 0:
+            log.warning("mqtt: subscription to %s refused by the broker (%s); asking again"
+                        " (%d retries so far)", topic, rc.getName(), self.subscribe_retries)  # fmt: skip
+
+        def again() -> None:
+            try:
+                with self._lock:
+                    sub = self._subs.get(topic)
+                if sub is not None and self.connected:
+                    self._subscribe(topic, sub[0])
+            except Exception:
+                log.exception("mqtt: subscribing to %s again failed", topic)
+
+        timer = threading.Timer(RESUBSCRIBE_S * random.uniform(0.5, 1.5), again)
+        timer.name, timer.daemon = "mqtt-resubscribe", True
+        timer.start()
+
+    # --- the own-status watch --------------------------------------------------------
+
+    def _on_own_status(self, msg: Message) -> None:
+        """An ``offline`` status of ours while connected is a late will (of a connection
+        before this one, published by the broker only now): say ``online`` again."""
+        try:
+            state = json.loads(msg.payload).get("state")
+        except (ValueError, AttributeError):
+            return
+        if state != "offline" or self._stopping or not self.connected:
+            return
+        with self._lock:
+            if self._reassert_timer is not None:
+                return  # one is due already
+            wait = self._last_reassert + REASSERT_S - time.monotonic()
+            if wait > 0:
+                timer = threading.Timer(wait, self._reassert)
+                timer.name, timer.daemon = "mqtt-reassert", True
+                self._reassert_timer = timer
+                timer.start()
+                return
+        self._reassert()
+
+    def _reassert(self) -> None:
+        try:
+            with self._lock:
+                self._reassert_timer = None
+                self._last_reassert = time.monotonic()
+            if self._stopping or not self.connected:
+                return
+            self.status_reasserts += 1
+            log.info("mqtt: the broker holds an offline status of ours (a late will of an"
+                     " earlier connection): publishing online again")  # fmt: skip
+            self.publish_status("online")
+        except Exception:
+            log.exception("mqtt: re-asserting the online status failed")
 
     # --- connection events -----------------------------------------------------------
 
@@ -328,31 +530,26 @@ class MqttClient:
 
     @property
     def failed_attempts(self) -> int:
-        return self.trouble.failed_attempts
-
-    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
-        self.trouble.attempt()
+        """Connection attempts failed since the last connect, over every URL."""
+        return self.failover.failures
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         # Runs for every paho log line, sometimes under paho's locks: only remember.
         if level == paho.MQTT_LOG_ERR:
             self.trouble.socket_log(buf)
 
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        try:
-            # Called from paho's `except OSError:` around the TCP connect and TLS handshake.
-            self.trouble.connect_failed(sys.exc_info()[1])
-        except Exception:
-            log.exception("mqtt: on_connect_fail failed")
-
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
         try:
             if rc.is_failure:
+                self._attempt_refused = rc
                 self.trouble.refused(rc)
                 return
+            self._attempt_connected = True
+            self.failover.connected()
             self.trouble.connected()
+            # MQTT 5 only; a 3.1.1 CONNACK has no properties (paho hands an empty set).
             self._max_packet = getattr(props, "MaximumPacketSize", None)
             if self._ever_connected:
                 self.reconnects += 1
@@ -361,12 +558,15 @@ class MqttClient:
             self._ever_connected = True
             with self._lock:
                 subs = list(self._subs.items())
+                self._sub_mids.clear()  # SUBACKs of an earlier connection never come
                 self._connected.set()  # see subscribe()
-            for topic, (qos, _) in subs:
-                client.subscribe(topic, qos=qos)
             self._set_connected(True)
+            # online before the subscriptions: the own-status watch then finds it retained
+            # instead of the will of the last connection.
             self.publish_status("online")
-            log.info("mqtt: connected to %s:%d", self.host, self.port)
+            for topic, (qos, _) in subs:
+                self._subscribe(topic, qos)
+            log.info("mqtt: connected to %s (MQTT %s)", self.url, self.protocol)
         except Exception:
             log.exception("mqtt: on_connect failed")
 
@@ -380,10 +580,9 @@ class MqttClient:
                 return
             if was:
                 self.trouble.lost(rc.getName())
-                log.warning("mqtt: disconnected (%s); reconnecting", rc.getName())
+                log.warning("mqtt: disconnected from %s (%s); reconnecting", self.url, rc.getName())
             else:
                 self.trouble.closed_before_connack(rc.getName())
-            self._set_will()
         except Exception:
             log.exception("mqtt: on_disconnect failed")
 
