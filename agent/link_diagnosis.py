@@ -145,7 +145,7 @@ def unreachable(t: Trouble, text: str) -> tuple[str, str, int]:
 
 def refusal(m: MqttConfig, rc: ReasonCode) -> tuple[str, str]:
     code = int(rc.value)
-    if code == UNSUPPORTED_VERSION:
+    if unsupported(rc):
         return f"the broker does not speak MQTT 5: {rc.getName()} (reason {code})", (
             'set mqtt.protocol = "3.1.1" (or "auto", which finds out by itself)'
         )
@@ -164,6 +164,11 @@ def refusal(m: MqttConfig, rc: ReasonCode) -> tuple[str, str]:
         f"check user {m.username!r} (mqtt.username) and its password in"
         f" mqtt.password_file ({password})"
     )
+
+
+def unsupported(rc: ReasonCode) -> bool:
+    """The CONNACK says the broker does not speak the MQTT version we sent."""
+    return int(rc.value) == UNSUPPORTED_VERSION
 
 
 def clean(text: str) -> str:

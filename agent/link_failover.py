@@ -52,6 +52,11 @@ class Endpoint:
     def speaks(self) -> str:
         return V311 if self.probing else self.protocol
 
+    @property
+    def may_learn(self) -> bool:
+        """auto and still on MQTT 5: a "not MQTT 5" answer teaches, it is no failure."""
+        return self.learn and self.protocol == V5 and not self.probing
+
 
 def endpoints(m: MqttConfig) -> list[Endpoint]:
     """The configured brokers in failover order (``mqtt.urls`` wins over ``mqtt.url``)."""
@@ -102,7 +107,7 @@ class Failover:
         """The broker answered that it does not speak our version; the wait before the
         next attempt (at once on the same URL when it can learn 3.1.1)."""
         ep = self.current
-        if ep.learn and ep.protocol == V5:
+        if ep.may_learn:
             ep.protocol, ep.learn = V311, False
             log.warning("mqtt: %s does not speak MQTT 5 (CONNACK: unsupported protocol"
                         " version): using MQTT 3.1.1 for it", ep.url)  # fmt: skip

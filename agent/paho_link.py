@@ -256,7 +256,7 @@ class MqttClient:
         if self._attempt_connected:
             return self._after(self.failover.lost)
         refused = self._attempt_refused
-        if refused is not None and int(refused.value) == diagnosis.UNSUPPORTED_VERSION:
+        if refused is not None and diagnosis.unsupported(refused):
             return self._after(self.failover.unsupported)
         if refused is not None:
             return self._after(self.failover.failed)
@@ -544,7 +544,9 @@ class MqttClient:
         try:
             if rc.is_failure:
                 self._attempt_refused = rc
-                self.trouble.refused(rc)
+                # auto: "not MQTT 5" is what we asked, not a failure (link_failover logs it).
+                if not (self.endpoint.may_learn and diagnosis.unsupported(rc)):
+                    self.trouble.refused(rc)
                 return
             self._attempt_connected = True
             self.failover.connected()
