@@ -72,6 +72,10 @@ class Trouble:
         else:
             self.failed(*unreachable(self, "connection failed"))
 
+    def answered(self) -> None:
+        """A CONNACK came (one the link handles itself, such as "not MQTT 5" under auto)."""
+        self._connack = True
+
     def refused(self, rc: ReasonCode) -> None:
         self._connack = True
         self.failed(*refusal(self.m, rc))

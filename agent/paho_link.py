@@ -545,7 +545,9 @@ class MqttClient:
             if rc.is_failure:
                 self._attempt_refused = rc
                 # auto: "not MQTT 5" is what we asked, not a failure (link_failover logs it).
-                if not (self.endpoint.may_learn and diagnosis.unsupported(rc)):
+                if self.endpoint.may_learn and diagnosis.unsupported(rc):
+                    self.trouble.answered()
+                else:
                     self.trouble.refused(rc)
                 return
             self._attempt_connected = True
