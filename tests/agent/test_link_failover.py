@@ -102,7 +102,7 @@ def test_a_late_offline_will_is_answered_with_online(
     assert c.status_reasserts == 1
     # The broker now holds online: what a newcomer (edge-fleet status) reads.
     fresh = broker.subscribe(topic)
-    fresh.wait_for(lambda ms: bool(ms))
+    fresh.wait_for(bool)
     assert states(fresh, topic) == ["online"]
 
     # Its own offline when it stops is not answered.
