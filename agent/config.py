@@ -408,7 +408,7 @@ def _url_problems(m: MqttConfig) -> list[str]:
             problems.append(f"mqtt.urls[{i}]: {url!r} is not valid, expected {_URL_FORM}")
         elif url in m.urls[:i]:
             problems.append(f"mqtt.urls[{i}]: {url!r} is already mqtt.urls[{m.urls.index(url)}]")
-    schemes = {url.split(":", 1)[0] for url in m.urls}
+    schemes = {url.split(":", 1)[0] for url in m.urls if _URL.fullmatch(url)}
     if len(schemes) > 1:
         # One TLS set-up (mqtt.ca, mqtt.cert, mqtt.key) serves every URL.
         problems.append(
