@@ -204,6 +204,81 @@ def test_explicit_5_against_nats_says_which_key_to_change(
     assert c.report()["protocol"] == "5"
 
 
+# --- a broker that hangs up on MQTT 5 without an answer ------------------------------
+
+
+class HangUpOnV5:
+    """A TCP relay in front of a real mosquitto that closes every MQTT 5 CONNECT without
+    a CONNACK (as some 3.1.1-only brokers do) and relays 3.1.1 connections untouched."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server((HOST, 0))
+        self.port = self.server.getsockname()[1]
+        self.hung_up = 0
+        threading.Thread(target=self._accept, daemon=True, name="hang-up-on-v5").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        first = conn.recv(4096)  # the CONNECT: fixed header, length, "MQTT", level
+        level = first[first.index(b"MQTT") + 4] if b"MQTT" in first else 0
+        if level == 5:
+            self.hung_up += 1
+            conn.close()
+            return
+        try:
+            upstream = socket.create_connection((HOST, self.target))
+        except OSError:  # the broker is down: so is the relay's connection
+            conn.close()
+            return
+        upstream.sendall(first)
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                s.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_auto_probes_311_after_two_v5_hang_ups_and_keeps_it(
+    broker: Broker, clients: list[MqttClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    creds = broker.add_device("dev-1", fleet="f1")
+    relay = HangUpOnV5(broker.port)
+    try:
+        cfg = make_config(broker, creds, url=f"mqtt://{HOST}:{relay.port}")
+        cfg.mqtt.reconnect_min_s = 0.2
+        c = start(clients, cfg)
+        assert c.wait_connected(15), c.last_error
+        assert c.protocol == "3.1.1" and relay.hung_up == 2
+        learnt = [r.getMessage() for r in caplog.records if "without an answer" in r.getMessage()]
+        assert len(learnt) == 1 and str(relay.port) in learnt[0]
+        # Kept: the next connection goes straight to 3.1.1.
+        broker.stop()  # a restart: the link reconnects through the relay
+        broker.start()
+        wait_until(lambda: c.reconnects == 1 and c.connected, 15, "connected again")
+        assert relay.hung_up == 2 and c.protocol == "3.1.1"
+    finally:
+        relay.close()
+
+
 # --- device commands under 3.1.1: the reply field --------------------------------------
 
 
