@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -44,22 +43,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import link_diagnosis as diagnosis
 from agent.config import Config
-from agent.link import Handler, Message, PublishHandle, Refusals, dispatcher
+from agent.link import Handler, PublishHandle, Refusals
 from agent.link_failover import V5, Endpoint, Failover
+from agent.link_status import DeviceStatus
+from agent.link_subscriptions import Subscriptions
 from agent.loops import Loop
 from agent.metrics import LinkMetrics, Metrics
 from agent.secrets import read_secret, resolve_secret_path
-from agent.wire import payloads
 from agent.wire.topics import Topics
 
 log = logging.getLogger(__name__)
 
 # Room for the fixed header, topic and properties of a PUBLISH next to its payload.
 _HEADER_ROOM = 1024
-# A refused subscription is asked for again after about this long (jittered).
-RESUBSCRIBE_S = 1.0
-# The own-status watch answers a late offline will at most this often.
-REASSERT_S = 1.0
 
 
 class MqttClient:
@@ -74,13 +70,11 @@ class MqttClient:
         self.cfg = cfg
         self.device = cfg.device.id
         self.topics = Topics(cfg.mqtt.topic_prefix)
-        self._status = status  # -> the /status body; its "models" go in the retained status
         self.failover = Failover(cfg.mqtt)
         self.tls = self.failover.current.tls  # one scheme for every URL (config checks it)
 
         self._lock = threading.Lock()
         self._pending: dict[int, PublishHandle] = {}
-        self._subs: dict[str, tuple[int, Handler]] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
         self._ever_connected = False
@@ -88,12 +82,6 @@ class MqttClient:
         self._started = False
         self._stopping = False
         self.reconnects = 0
-        self.subscriptions_granted = 0  # SUBACKs that granted a component's filter, ever
-        self.subscribe_retries = 0  # subscriptions asked for again after a refused SUBACK
-        self.status_reasserts = 0  # online published again over an offline status of ours
-        self._sub_mids: dict[int, str] = {}  # SUBSCRIBE packet id -> its filter
-        self._last_reassert = -REASSERT_S
-        self._reassert_timer: threading.Timer | None = None
         # What the running attempt came to, set by paho's callbacks on the network thread.
         self._attempt_connected = False
         self._attempt_refused: ReasonCode | None = None
@@ -141,12 +129,14 @@ class MqttClient:
         self._client.on_log = self._on_log
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
-        self._client.on_subscribe = self._on_subscribe
 
         self._m = LinkMetrics(metrics.registry) if metrics is not None else None
         self.refusals = Refusals(self._m)
-        # The own-status watch (subscribed like any other filter, so renewed and retried).
-        self._own_status = self.topics.status(self.device)
+        # The retained status; its own topic is subscribed like any other filter (so
+        # renewed and retried), to answer a late will.
+        self.status = DeviceStatus(cfg, self.publish, lambda: self.connected, status)
+        self.subscriptions = Subscriptions(self._client, self._m, own=self.status.topic)
+        self._client.on_subscribe = self.subscriptions.on_subscribe
 
     # --- where we are ------------------------------------------------------------------
 
@@ -192,7 +182,7 @@ class MqttClient:
 
     def start(self) -> None:
         """Begin connecting in the background; returns at once, broker or not."""
-        self.subscribe(self._own_status, 1, self._on_own_status)
+        self.subscribe(self.status.topic, 1, self.status.seen)
         ep = self.endpoint
         log.info("mqtt: connecting to %s as %s (%s)", ", ".join(self.failover.urls),
                  self.device, f"MQTT {ep.protocol}" if not ep.learn else "MQTT 5 or 3.1.1")  # fmt: skip
@@ -205,16 +195,15 @@ class MqttClient:
         """Announce ``offline`` (retained) if connected, then disconnect without the will."""
         if not self._started or self.loop is None:
             return
-        self._stopping = True  # from here on, our own offline is not answered
+        self._stopping = self.status.leaving = True  # our own offline is not answered
         if self.connected:
             self.publish_status("offline", reason="stopped").wait(timeout)
-        if self._reassert_timer is not None:
-            self._reassert_timer.cancel()
+        self.status.cancel()
         self._client.disconnect()  # also wakes paho's select, so the session ends now
         self.loop.stop(timeout)
         self._client._thread = None
         self._started = False
-        self._stopping = False
+        self._stopping = self.status.leaving = False
         self._set_connected(False)
         with self._lock:
             pending, self._pending = self._pending, {}
@@ -264,7 +253,8 @@ class MqttClient:
 
     def _connect(self, ep: Endpoint) -> bool:
         """Open the TCP (and TLS) connection and send CONNECT; False when that failed."""
-        self._set_will()
+        # Set before every connection so its "since" and models are today's.
+        self._client.will_set(self.status.topic, self.status.will(), qos=1, retain=True)
         # paho fixes the version when the Client is made; it switches itself (to 3.1 on
         # a refused 3.1.1 CONNECT) by setting this attribute, and so do we, per URL:
         # queued messages and subscriptions stay with the one client.
@@ -307,44 +297,15 @@ class MqttClient:
         return None if self._max_packet is None else self._max_packet - _HEADER_ROOM
 
     def status_payload(self, state: str, reason: str | None = None) -> dict[str, Any]:
-        report = self._report()
-        return payloads.status(
-            self.device,
-            self.cfg.device.fleet,
-            state,
-            dict(report.get("models", {})),
-            reason=reason,
-            tags=report.get("tags", self.cfg.device.tags),
-            trusted_keys=report.get("trusted_keys"),
-        )
-
-    def _report(self) -> Mapping[str, Any]:
-        """The /status body: its models, tags and trusted keys go in the retained status."""
-        if self._status is None:
-            return {}
-        try:
-            return self._status()
-        except Exception:
-            log.exception("mqtt: reading the models for the status failed")
-            return {}
+        return self.status.payload(state, reason)
 
     def publish_status(self, state: str = "online", reason: str | None = None) -> PublishHandle:
-        """Refresh the retained status (call when models change).
+        """Refresh the retained status (call when models change); only while connected."""
+        return self.status.publish(state, reason)
 
-        Only while connected: a status queued offline could land after the fresh one
-        ``on_connect`` sends, leaving a stale retained status behind.
-        """
-        if not self.connected:
-            handle = PublishHandle(self.topics.status(self.device))
-            handle._complete(-1, "not connected; the status is sent on connect")
-            return handle
-        payload = self.status_payload(state, reason)
-        return self.publish(self.topics.status(self.device), payload, qos=1, retain=True)
-
-    def _set_will(self) -> None:
-        # Renewed before every connection so "since" and models are those of the last one.
-        will = self.status_payload("offline", reason="connection lost")
-        self._client.will_set(self.topics.status(self.device), json.dumps(will), qos=1, retain=True)
+    @property
+    def status_reasserts(self) -> int:
+        return self.status.reasserts
 
     # --- publish ---------------------------------------------------------------------
 
@@ -416,105 +377,18 @@ class MqttClient:
 
     def subscribe(self, topic: str, qos: int, handler: Handler) -> None:
         """Receive ``topic`` (a filter) now and after every reconnect; ``handler(Message)``."""
-        self._client.message_callback_add(topic, dispatcher(topic, handler))
-        # on_connect lists the topics and marks the link up under the same lock: a topic
-        # added meanwhile is in that list or subscribes here (twice is harmless).
-        with self._lock:
-            self._subs[topic] = (qos, handler)
-            up = self.connected
-        if up:
-            self._subscribe(topic, qos)
+        self.subscriptions.add(topic, qos, handler)
 
     def unsubscribe(self, topic: str) -> None:
-        with self._lock:
-            self._subs.pop(topic, None)
-        self._client.message_callback_remove(topic)
-        if self.connected:
-            self._client.unsubscribe(topic)
+        self.subscriptions.remove(topic)
 
-    def _subscribe(self, topic: str, qos: int) -> None:
-        # Under our lock: on_subscribe takes it too, so the SUBACK cannot beat the record.
-        with self._lock:
-            _, mid = self._client.subscribe(topic, qos=qos)
-            if mid is not None:
-                self._sub_mids[mid] = topic
+    @property
+    def subscriptions_granted(self) -> int:
+        return self.subscriptions.granted
 
-    def _on_subscribe(
-        self, client: paho.Client, userdata: Any, mid: int, rcs: list[ReasonCode], p: Any
-    ) -> None:
-        try:
-            with self._lock:
-                topic = self._sub_mids.pop(mid, None)
-            for rc in rcs:
-                if not rc.is_failure:
-                    # The components' filters; the own-status watch is the link's own.
-                    self.subscriptions_granted += topic != self._own_status
-                elif topic is not None:
-                    self._retry_subscribe(topic, rc)
-                else:
-                    log.error("mqtt: subscription refused by the broker: %s", rc.getName())
-        except Exception:
-            log.exception("mqtt: on_subscribe failed")
-
-    def _retry_subscribe(self, topic: str, rc: ReasonCode) -> None:
-        """A refused SUBACK: ask again in about a second, until granted (NATS refuses
-        while it elects the JetStream leader the subscription's consumer needs)."""
-        self.subscribe_retries += 1
-        if self._m is not None:
-            self._m.subscribe_retries.inc()
-        if self.subscribe_retries == 1 or self.subscribe_retries % 100 == 0:
-            log.warning("mqtt: subscription to %s refused by the broker (%s); asking again"
-                        " (%d retries so far)", topic, rc.getName(), self.subscribe_retries)  # fmt: skip
-
-        def again() -> None:
-            try:
-                with self._lock:
-                    sub = self._subs.get(topic)
-                if sub is not None and self.connected:
-                    self._subscribe(topic, sub[0])
-            except Exception:
-                log.exception("mqtt: subscribing to %s again failed", topic)
-
-        timer = threading.Timer(RESUBSCRIBE_S * random.uniform(0.5, 1.5), again)
-        timer.name, timer.daemon = "mqtt-resubscribe", True
-        timer.start()
-
-    # --- the own-status watch --------------------------------------------------------
-
-    def _on_own_status(self, msg: Message) -> None:
-        """An ``offline`` status of ours while connected is a late will (of a connection
-        before this one, published by the broker only now): say ``online`` again."""
-        try:
-            state = json.loads(msg.payload).get("state")
-        except (ValueError, AttributeError):
-            return
-        if state != "offline" or self._stopping or not self.connected:
-            return
-        with self._lock:
-            if self._reassert_timer is not None:
-                return  # one is due already
-            wait = self._last_reassert + REASSERT_S - time.monotonic()
-            if wait > 0:
-                timer = threading.Timer(wait, self._reassert)
-                timer.name, timer.daemon = "mqtt-reassert", True
-                self._reassert_timer = timer
-                timer.start()
-                return
-        self._reassert()
-
-    def _reassert(self) -> None:
-        try:
-            with self._lock:
-                self._reassert_timer = None
-                self._last_reassert = time.monotonic()
-            if self._stopping or not self.connected:
-                return
-            self.status_reasserts += 1
-            log.info("mqtt: the broker holds an offline status of ours (a late will of an"
-                     " earlier connection): publishing online again")  # fmt: skip
-            self.publish_status("online")
-        except Exception:
-            log.exception("mqtt: re-asserting the online status failed")
+    @property
+    def subscribe_retries(self) -> int:
+        return self.subscriptions.retries
 
     # --- connection events -----------------------------------------------------------
 
@@ -560,16 +434,11 @@ class MqttClient:
                 if self._m is not None:
                     self._m.reconnects.inc()
             self._ever_connected = True
-            with self._lock:
-                subs = list(self._subs.items())
-                self._sub_mids.clear()  # SUBACKs of an earlier connection never come
-                self._connected.set()  # see subscribe()
             self._set_connected(True)
             # online before the subscriptions: the own-status watch then finds it retained
             # instead of the will of the last connection.
             self.publish_status("online")
-            for topic, (qos, _) in subs:
-                self._subscribe(topic, qos)
+            self.subscriptions.renew()
             log.info("mqtt: connected to %s (MQTT %s)", self.url, self.protocol)
         except Exception:
             log.exception("mqtt: on_connect failed")
@@ -579,6 +448,7 @@ class MqttClient:
     ) -> None:
         try:
             was = self.connected
+            self.subscriptions.down()
             self._set_connected(False)
             if self._stopping:
                 return
