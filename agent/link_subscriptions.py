@@ -2,9 +2,10 @@
 
 Each connection starts clean (a move to another broker, a reconnect), so ``renew()``
 subscribes every registered filter again from ``on_connect``. A SUBACK that refuses a
-filter (0x80: NATS does this while it elects the JetStream leader that the
+filter with 0x80 (NATS does this while it elects the JetStream leader that the
 subscription's consumer needs) is retried about a second later, jittered, until the
-broker grants it; the retries are counted.
+broker grants it; the retries are counted. Other refusals (MQTT 5's 0x87 not
+authorized, a bad filter) are logged, not retried.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from agent.link import Handler, dispatcher
 log = logging.getLogger("agent.paho_link")
 
 RESUBSCRIBE_S = 1.0  # a refused subscription is asked for again after about this long
+# SUBACK 0x80, the only failure MQTT 3.1.1 knows; what NATS answers during an election.
+UNSPECIFIED = 0x80
 
 
 class Subscriptions:
@@ -85,10 +88,11 @@ class Subscriptions:
             for rc in rcs:
                 if not rc.is_failure:
                     self.granted += topic != self._own
-                elif topic is not None:
+                elif topic is not None and int(rc.value) == UNSPECIFIED:
                     self._retry(topic, rc)
-                else:
-                    log.error("mqtt: subscription refused by the broker: %s", rc.getName())
+                else:  # not authorized, a bad filter: asking again would not help
+                    log.error("mqtt: subscription to %s refused by the broker: %s (reason %d)",
+                              topic, rc.getName(), int(rc.value))  # fmt: skip
         except Exception:
             log.exception("mqtt: on_subscribe failed")
 
