@@ -109,3 +109,24 @@ def test_a_late_offline_will_is_answered_with_online(
     c.stop()
     fresh.wait_for(lambda ms: states(fresh, topic)[-1:] == ["offline"])
     assert c.status_reasserts == 1
+
+
+def test_a_real_agent_reports_its_move_in_status(
+    broker_factory: Callable[..., Broker], start_agent: Any
+) -> None:
+    """edge-agent run with mqtt.urls from the environment; /status follows the move."""
+    a, b = broker_factory(), broker_factory()
+    creds = shared_device(a, b, "test-device-0")
+    settings = a.mqtt_settings(creds)
+    del settings["url"]
+    agent = start_agent(
+        {"mqtt": {**settings, "reconnect_min_s": 0.5, "reconnect_max_s": 2.0}},
+        env={"EDGE_AGENT_MQTT_URLS": f"{a.url},{b.url}"},
+    )
+    agent.wait_for(lambda s: s["broker"]["connected"], timeout=15)
+    broker_block = agent.status()["broker"]
+    assert broker_block["url"] == a.url and broker_block["urls"] == [a.url, b.url]
+    assert (broker_block["protocol"], broker_block["moves"]) == ("5", 0)
+    a.kill()
+    agent.wait_for(lambda s: s["broker"]["connected"] and s["broker"]["url"] == b.url, 15)
+    assert agent.status()["broker"]["moves"] == 1
