@@ -22,7 +22,12 @@ from prometheus_client import start_http_server
 
 from fleet.collect_metrics import CollectorMetrics
 from fleet.collector import DEFAULT_GROUP, SESSION_EXPIRY_S, Collector, Settings, default_client_id
-from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
+from fleet.connection import (
+    BrokerOptions,
+    BrokerUnreachable,
+    add_broker_arguments,
+    broker_options,
+)
 from fleet.db import Database, DatabaseUnavailable, open_database
 
 log = logging.getLogger(__name__)
@@ -192,8 +197,7 @@ def _connected(
 def _transient(e: BrokerUnavailable) -> bool:
     """The broker is not there (yet): no TCP connection, or no CONNACK in time. A CONNACK
     that refuses the account, or a failed TLS handshake, is not transient."""
-    text = str(e)
-    return ": cannot connect: " in text or "no answer to CONNECT" in text
+    return isinstance(e, BrokerUnreachable)
 
 
 def run(args: argparse.Namespace) -> int:
