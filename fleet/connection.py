@@ -66,7 +66,7 @@ KEEPALIVE_S = 30
 UNSUPPORTED_PROTOCOL = 0x84
 
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
-SessionHandler = Callable[[mqtt.Client, bool], None]
+SessionHandler = Callable[["FleetClient", bool], None]
 Subscription = tuple[str, int]
 
 
