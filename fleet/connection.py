@@ -180,6 +180,7 @@ class _Link:
         self.last_url: str | None = None  # where the last CONNACK came from
         self.outcome: dict[str, Any] = {}  # what the attempt under way saw
         self.answered = threading.Event()
+        self.granted = threading.Event()  # a SUBACK granted what on_connect asked for
         self._lock = threading.Lock()
         self._requested: dict[int, list[Subscription]] = {}  # SUBSCRIBE mid -> filters
 
@@ -298,7 +299,7 @@ class _Link:
                     log.info("%s: no MQTT 5; using MQTT 3.1.1", result.text)
                     mqtt5, result = False, older
             if isinstance(result, FleetClient):
-                return result
+                return self._granted(result, timeout)
             if result.kind == "unsupported":
                 raise BrokerUnavailable(
                     f"{result.text}: it does not speak MQTT 5 (--mqtt-protocol 5); use"
@@ -316,6 +317,17 @@ class _Link:
                     + ")"
                 )
             time.sleep(min(delay, left))
+
+    def _granted(self, client: FleetClient, timeout: float) -> FleetClient:
+        """Wait for the SUBACK: a command reading retained messages for ``--wait`` seconds
+        must count from the subscription, and NATS takes seconds to grant one (it makes a
+        JetStream consumer per filter)."""
+        if not self.granted.wait(timeout):
+            disconnect(client)
+            raise BrokerUnreachable(
+                f"broker {client.url}: subscriptions not granted within {timeout:g} s"
+            )
+        return client
 
     # --- paho callbacks (network thread) ------------------------------------------------
 
@@ -342,7 +354,11 @@ class _Link:
             if self.on_session is not None:
                 self.on_session(client, bool(flags.session_present))
             subs = self.subscriptions
-            self._subscribe(client, list(subs(client) if callable(subs) else subs))
+            wanted = list(subs(client) if callable(subs) else subs)
+            if wanted:
+                self._subscribe(client, wanted)
+            else:
+                self.granted.set()
             self.outcome["ok"] = True
             self.answered.set()
         except Exception:
@@ -399,7 +415,10 @@ class _Link:
             with self._lock:
                 subs = self._requested.pop(mid, [])
             refused = [s for s, r in zip(subs, reasons, strict=False) if r.is_failure]
-            if not refused or not isinstance(c, FleetClient):
+            if not refused:
+                self.granted.set()
+                return
+            if not isinstance(c, FleetClient):
                 return
             c.refused_subscriptions += 1
             for (topic, _qos), reason in zip(subs, reasons, strict=False):
@@ -445,7 +464,7 @@ def connect(
     """Connect, wait for the broker's CONNACK and return the running client.
 
     The URLs are tried in order, one attempt each; with several, around again until
-    ``timeout``. Once connected, a lost connection moves the client to the next URL
+    ``timeout``; then the SUBACK of ``subscriptions`` is waited for (``timeout`` again). Once connected, a lost connection moves the client to the next URL
     (``Rotation``), whoever keeps it running. ``options.protocol`` "auto" speaks MQTT 5
     and falls back to 3.1.1 when the broker refuses 5 (``client.mqtt5`` says which);
     the version stays for the client's life.
