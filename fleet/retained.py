@@ -96,7 +96,15 @@ class Session:
         # An account that may not publish hears "not authorized" here, not a timeout.
         self.wait([mid], f"reading the retained state (publish to {self._barrier})", timeout)
         if not self._barrier_seen.wait(timeout):
-            raise BrokerUnavailable(f"broker {self.client.url}: no answer within {timeout:g} s")
+            # Under 3.1.1 a publish the ACL denies is acknowledged and dropped: the
+            # barrier never comes back, and that is the likelier reason.
+            hint = "" if self.client.mqtt5 else (
+                f" (under MQTT 3.1.1 a publish the ACL denies is dropped without a word:"
+                f" may {self.options.username or 'this account'} publish to {self._barrier}?)"
+            )  # fmt: skip
+            raise BrokerUnavailable(
+                f"broker {self.client.url}: no answer within {timeout:g} s{hint}"
+            )
         self.client.unsubscribe(list(filters))
         with self._lock:
             return {t: p for t, p in self._inbox.items() if p}
