@@ -123,7 +123,7 @@ class Rotation:
 class FleetClient(mqtt.Client):
     """paho's client, knowing which broker URL it is on and which MQTT version it speaks."""
 
-    url: str = ""  # the URL of the current (or last) connection
+    url: str = ""  # the URL connected to (or being tried after a lost connection)
     mqtt5: bool = True
     moves: int = 0  # changes of URL after the first connection
     refused_subscriptions: int = 0  # SUBACKs refused, each asked again
@@ -176,7 +176,7 @@ class _Link:
         self.on_session = on_session
         self.rotation = Rotation(options.urls)
         self.endpoints = {u: parse_url(u, "--broker")[:2] for u in options.urls}
-        self.settled = False  # connect() returned: a lost connection moves on from now
+        self.settled = False  # a CONNACK accepted us: a lost connection moves on from now
         self.last_url: str | None = None  # where the last CONNACK came from
         self.outcome: dict[str, Any] = {}  # what the attempt under way saw
         self.answered = threading.Event()
@@ -254,7 +254,8 @@ class _Link:
         where = f"broker {url}"
         client = self.build(mqtt5)
         client.url = url
-        client.connect_timeout = wait
+        # Also the TCP and TLS timeout of every later reconnect: not below 2 s.
+        client.connect_timeout = max(wait, ATTEMPT_MIN_S)
         self.outcome = {}
         self.answered.clear()
         try:
