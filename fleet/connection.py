@@ -79,12 +79,12 @@ class BrokerUnreachable(BrokerUnavailable):
 
 
 class Rotation:
-    """The broker URLs in turn: after a failure (a lost connection or a failed attempt)
-    the next one; ``failed`` says how long to wait before trying it.
+    """The broker URLs in turn, the agent's rule (agent/link_failover.py): after a lost
+    connection or a failed attempt the next one; each says how long to wait first.
 
-    A move to the next URL waits uniform(0, min_s); after a whole round without success
-    the wait is full jitter, uniform(0, min(max_s, min_s * 2**round)) with round 0 for
-    the first whole round, so a cluster's clients do not come back in step.
+    A lost connection, or a failed attempt within a round, waits uniform(0, min_s); after
+    a whole round of failed attempts the wait is full jitter, uniform(0, min(max_s, min_s
+    * 2**rounds)), so a cluster's clients do not come back in step.
     """
 
     def __init__(
@@ -98,20 +98,25 @@ class Rotation:
         self.min_s, self.max_s = min_s, max_s
         self.rng = rng or random.Random()
         self.index = 0
-        self.failures = 0  # since the last success
+        self.failures = 0  # attempts failed since the last connection
 
     @property
     def current(self) -> str:
         return self.urls[self.index]
 
     def failed(self) -> float:
-        """Move to the next URL; the seconds to wait before trying it."""
+        """An attempt did not connect: the next URL, and the seconds to wait first."""
         self.failures += 1
         self.index = (self.index + 1) % len(self.urls)
         if self.failures % len(self.urls):
             return self.rng.uniform(0, self.min_s)
-        rounds = self.failures // len(self.urls)
-        return self.rng.uniform(0, min(self.max_s, self.min_s * 2 ** (rounds - 1)))
+        rounds = min(self.failures // len(self.urls), 32)
+        return self.rng.uniform(0, min(self.max_s, self.min_s * 2.0**rounds))
+
+    def lost(self) -> float:
+        """A connection that was up ended: the next URL, after a short wait."""
+        self.index = (self.index + 1) % len(self.urls)
+        return self.rng.uniform(0, self.min_s)
 
     def connected(self) -> None:
         self.failures = 0
@@ -178,6 +183,7 @@ class _Link:
         self.endpoints = {u: parse_url(u, "--broker")[:2] for u in options.urls}
         self.settled = False  # a CONNACK accepted us: a lost connection moves on from now
         self.last_url: str | None = None  # where the last CONNACK came from
+        self.up = False  # the current connection got its CONNACK
         self.outcome: dict[str, Any] = {}  # what the attempt under way saw
         self.answered = threading.Event()
         self.granted = threading.Event()  # a SUBACK granted what on_connect asked for
@@ -345,6 +351,7 @@ class _Link:
                     self.answered.set()
                 return
             self.settled = True  # from now on a lost connection moves to the next URL
+            self.up = True
             self.rotation.connected()
             if self.last_url is not None and client.url != self.last_url:
                 client.moves += 1
@@ -374,7 +381,9 @@ class _Link:
             if not self.settled:
                 self.answered.set()  # closed before (or after a refusing) CONNACK
             elif reason.is_failure and not c.closing:
-                self._move(c, f"disconnected from {c.url}: {reason}")
+                was_up, self.up = self.up, False
+                why = f"disconnected from {c.url}" if was_up else f"no connection to {c.url}"
+                self._move(c, f"{why}: {reason}", lost=was_up)
         except Exception:
             log.exception("on_disconnect failed")
 
@@ -389,9 +398,9 @@ class _Link:
         except Exception:
             log.exception("on_connect_fail failed")
 
-    def _move(self, client: FleetClient, why: str) -> None:
+    def _move(self, client: FleetClient, why: str, *, lost: bool = False) -> None:
         """The next URL, after the rotation's wait; paho's loop makes the attempt."""
-        delay = self.rotation.failed()
+        delay = self.rotation.lost() if lost else self.rotation.failed()
         url = self.rotation.current
         host, port = self.endpoints[url]
         # paho sleeps its reconnect delay with time.sleep: a float is fine whatever its

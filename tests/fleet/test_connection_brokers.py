@@ -152,15 +152,13 @@ def test_rotation_moves_then_backs_off_per_round() -> None:
             return b
 
     r = Rotation(["a", "b", "c"], min_s=1.0, max_s=10.0, rng=Highest())  # type: ignore[arg-type]
-    waits = []
-    for _ in range(15):
-        waits.append(r.failed())
-    # a move within a round: min_s; a whole round: 1, 2, 4, 8, then capped at 10
-    assert waits == [1, 1, 1, 1, 1, 2, 1, 1, 4, 1, 1, 8, 1, 1, 10]
+    waits = [r.failed() for _ in range(12)]
+    # a move within a round: min_s; after whole rounds: 2, 4, 8, then capped at 10
+    assert waits == [1, 1, 2, 1, 1, 4, 1, 1, 8, 1, 1, 10]
     assert r.current == "a"
-    r.failed()
     r.connected()
-    assert r.current == "b" and r.failed() == 1  # after a success: a move again
+    assert r.lost() == 1 and r.current == "b"  # a connection lost: a move, a short wait
+    assert r.failed() == 1 and r.current == "c"  # and the count of failures starts again
 
 
 def _same_harness_password(broker: Broker, creds: Creds) -> None:
