@@ -64,6 +64,7 @@ KEEPALIVE_S = 30
 # CONNACK "unsupported protocol version": paho maps a 3.1.1 broker's return code 1,
 # which is what NATS 2.9 answers to an MQTT 5 CONNECT, to this reason code.
 UNSUPPORTED_PROTOCOL = 0x84
+RETRY_SUBACK = 0x80  # the SUBACK refusal that is asked again (NATS in an election)
 
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
 SessionHandler = Callable[["FleetClient", bool], None]
@@ -330,10 +331,10 @@ class _Link:
         must count from the subscription, and NATS takes seconds to grant one (it makes a
         JetStream consumer per filter)."""
         if not self.granted.wait(timeout):
-            disconnect(client)
-            raise BrokerUnreachable(
-                f"broker {client.url}: subscriptions not granted within {timeout:g} s"
-            )
+            log.warning(
+                "broker %s: subscriptions not granted within %g s; asking again meanwhile",
+                client.url, timeout,
+            )  # fmt: skip
         return client
 
     # --- paho callbacks (network thread) ------------------------------------------------
@@ -424,21 +425,26 @@ class _Link:
         try:
             with self._lock:
                 subs = self._requested.pop(mid, [])
-            refused = [s for s, r in zip(subs, reasons, strict=False) if r.is_failure]
-            if not refused:
+            pairs = list(zip(subs, reasons, strict=False))
+            # 0x80 "unspecified error" is what NATS answers while it cannot make the
+            # subscription's JetStream consumer (a leader election after a node died):
+            # a later SUBSCRIBE is granted. (A 3.1.1 SUBACK has no other failure code.)
+            # Not authorized, a bad filter and the like are final: said once, not retried.
+            again = [sub for sub, r in pairs if r.is_failure and int(r.value) == RETRY_SUBACK]
+            for (topic, _qos), reason in pairs:
+                if reason.is_failure and int(reason.value) != RETRY_SUBACK:
+                    log.error("subscription to %s refused: %s", topic, reason)
+            if not again:
                 self.granted.set()
                 return
             if not isinstance(c, FleetClient):
                 return
             c.refused_subscriptions += 1
-            for (topic, _qos), reason in zip(subs, reasons, strict=False):
-                if reason.is_failure:
-                    level = logging.ERROR if c.refused_subscriptions == 1 else logging.DEBUG
-                    log.log(level, "subscription to %s refused: %s (asking again)", topic, reason)
-            # NATS refuses while it cannot make the subscription's JetStream consumer
-            # (a leader election after a node died); it grants a later SUBSCRIBE.
+            level = logging.WARNING if c.refused_subscriptions == 1 else logging.DEBUG
+            for topic, _qos in again:
+                log.log(level, "subscription to %s refused (0x80); asking again", topic)
             timer = threading.Timer(
-                RESUBSCRIBE_S * random.uniform(0.5, 1.5), self._resubscribe, (c, refused)
+                RESUBSCRIBE_S * random.uniform(0.5, 1.5), self._resubscribe, (c, again)
             )
             timer.daemon = True
             timer.start()
@@ -474,7 +480,8 @@ def connect(
     """Connect, wait for the broker's CONNACK and return the running client.
 
     The URLs are tried in order, one attempt each; with several, around again until
-    ``timeout``; then the SUBACK of ``subscriptions`` is waited for (``timeout`` again). Once connected, a lost connection moves the client to the next URL
+    ``timeout``; then the SUBACK of ``subscriptions`` is waited for (``timeout`` again,
+    then it goes on with a warning while a refused 0x80 is asked again). Once connected, a lost connection moves the client to the next URL
     (``Rotation``), whoever keeps it running. ``options.protocol`` "auto" speaks MQTT 5
     and falls back to 3.1.1 when the broker refuses 5 (``client.mqtt5`` says which);
     the version stays for the client's life.
