@@ -285,8 +285,9 @@ def run(args: argparse.Namespace, broker_kind: str, artifacts: str) -> dict[str,
             rss.stop()
             row["rss_peak"] = dict(rss.peak)
         stop.set()
+        deadline = time.monotonic() + 30
         for proc in procs:
-            proc.join(60)
+            proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
