@@ -29,6 +29,7 @@ What devices of one process share, and why (``--own-sessions`` turns the first o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -45,7 +46,6 @@ IDLE_WAIT_S = 5.0
 # Hundreds of threads waiting for one GIL each ask for it every switch interval (5 ms by
 # default): with that many waiters the hand-offs, not the work, took the CPU here.
 SWITCH_INTERVAL_S = 0.05
-DEVICE_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -123,10 +123,11 @@ def run_devices(spec: DeviceSpec, events: Any, stop: Any) -> None:
     from agent.updates.installer import Change, Installer
 
     logging.basicConfig(level=logging.ERROR)
-    # Below the servers: thousands of device threads would otherwise starve the broker
-    # of its share of the 2 cores (real devices bring their own CPUs). Threads made
-    # from here on inherit it.
-    os.nice(DEVICE_NICE)
+    # Below the servers and the operator: thousands of device threads would otherwise
+    # starve them of the 2 cores (real devices bring their own CPUs); nice 10 was not
+    # enough against 10000 threads (the publish's PUBACK waited over 60 s). SCHED_IDLE
+    # runs the devices only on CPU nobody else wants. Threads made from here inherit it.
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     if spec.share_sessions:
         share_sessions()
@@ -142,7 +143,8 @@ def run_devices(spec: DeviceSpec, events: Any, stop: Any) -> None:
             last = shipped.wait(0.25)
             batch = [outbox.popleft() for _ in range(len(outbox))]
             if batch:
-                events.put(batch)
+                with contextlib.suppress(ValueError):  # closed: the worker is ending
+                    events.put(batch)
             if last:
                 return
 
