@@ -148,6 +148,8 @@ def detail(body: dict[str, Any]) -> str:
         parts.append(f"from {body['from_version']}")
     if body.get("event") == payloads.ACTIVATED and body.get("previous"):
         parts.append(f"was {body['previous']}")
+    if body.get("event") == payloads.VERIFIED and body.get("artifact_source"):
+        parts.append(f"from {body.get('url') or body['artifact_source']}")
     if body.get("event") == payloads.DOWNLOADING and isinstance(body.get("chunks"), int):
         parts.append(f"{body.get('have', 0)}/{body['chunks']} chunks")
     if body.get("reason"):

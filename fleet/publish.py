@@ -42,7 +42,15 @@ from agent.wire.signing import key_id, load_private_key, verify_signature
 
 from fleet.artifacts import chunk_size_for, collect, ensure_artifact, retained_layout
 from fleet.connection import BrokerOptions, add_broker_arguments
-from fleet.origins import artifact_urls, origin_arguments, upload, with_origins
+from fleet.origins import (
+    UPLOAD_MIN_AGE_S,
+    artifact_urls,
+    collect_upload_dir,
+    gc_arguments,
+    origin_arguments,
+    upload,
+    with_origins,
+)
 from fleet.report import Report, output_arguments, run_reported
 from fleet.retained import Session, Target, publish_desired, read_model_state, sign_desired
 from fleet.targets import check_targets, check_trust, parse_where, read_known, where_argument
@@ -299,15 +307,29 @@ def rollback(
         session.close()
 
 
-def gc(options: BrokerOptions, *, dry_run: bool = False, report: Report | None = None) -> list[str]:
-    """Clear retained chunks no desired manifest or history entry needs; returns the
-    artifacts cleared whole."""
+def gc(
+    options: BrokerOptions,
+    *,
+    dry_run: bool = False,
+    upload_dir: Path | None = None,
+    upload_min_age_s: float = UPLOAD_MIN_AGE_S,
+    report: Report | None = None,
+) -> list[str]:
+    """Clear retained chunks no desired manifest or history entry needs, and with
+    ``upload_dir`` the ``{sha256}`` files there that none needs; returns the artifacts
+    cleared whole from the broker."""
     report = report or Report()
+    if upload_dir is not None and not upload_dir.is_dir():  # before touching the broker
+        raise UsageError(f"--upload-dir: {upload_dir} is not a folder")
     session = Session(options, "gc")
     try:
-        return list(collect(session, dry_run=dry_run, report=report)["artifacts_cleared"])
+        facts = collect(session, dry_run=dry_run, report=report)
     finally:
         session.close()
+    if upload_dir is not None:
+        collect_upload_dir(upload_dir, set(facts["artifacts_kept"]), dry_run=dry_run,
+                           report=report, min_age_s=upload_min_age_s)  # fmt: skip
+    return list(facts["artifacts_cleared"])
 
 
 # --- CLI --------------------------------------------------------------------------
@@ -379,10 +401,14 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     b.set_defaults(func=lambda a: run_reported(a, lambda o, rep: _rollback_command(a, o, rep)))
 
     g = sub.add_parser(
-        "gc", help="clear retained artifact chunks no desired state or history needs"
-    )
+        "gc", help="clear retained artifact chunks (and --upload-dir files) no desired state "
+                   "or history needs"
+    )  # fmt: skip
     g.add_argument("--dry-run", action="store_true", help="only say what would be cleared")
+    gc_arguments(g)
     output_arguments(g)
     add_broker_arguments(g)
-    g.set_defaults(func=lambda a: run_reported(a, lambda o, r: gc(o, dry_run=a.dry_run, report=r)))
+    g.set_defaults(func=lambda a: run_reported(a, lambda o, r: gc(
+        o, dry_run=a.dry_run, upload_dir=a.upload_dir, upload_min_age_s=a.upload_min_age,
+        report=r)))  # fmt: skip
     return [p, b, g]

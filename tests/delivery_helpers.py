@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from agent.wire.payloads import check_status
 from fleet.connection import BrokerOptions, broker_options
 from tests.fixtures.broker import Broker, MessageLog, Received
 from tests.fixtures.models import Keypair
@@ -68,6 +69,21 @@ def wait_event(
 
     log.wait_for(lambda msgs: find(msgs) is not None, timeout)
     found = find(list(log.messages))
+    assert found is not None
+    return found
+
+
+def retained_status(log: MessageLog, device: str, predicate: Any) -> dict[str, Any]:
+    """The device's latest retained status once ``predicate`` holds for it (checked by the
+    fleet side's own checker)."""
+    topic = f"edge/devices/{device}/status"
+
+    def latest(msgs: list[Any]) -> dict[str, Any] | None:
+        mine = [m for m in msgs if m.topic == topic and m.payload]
+        return check_status(json.loads(mine[-1].payload), topic) if mine else None
+
+    log.wait_for(lambda msgs: (s := latest(msgs)) is not None and bool(predicate(s)), 30)
+    found = latest(list(log.messages))
     assert found is not None
     return found
 

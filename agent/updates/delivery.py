@@ -9,10 +9,13 @@ device's own desired manifest if there is one, else the fleet's, and:
 2. asks the plan (agent/updates/plan.py): outside the rollout by tags or bucket
    (``not_in_rollout``), already served or accepted, a replayed serial (``rejected``),
    or install;
-3. takes the artifact from the store or downloads the missing chunks (``downloading``,
-   agent/updates/fetch.py), resumable across reconnects and restarts;
-4. checks size and sha256 (``verified``), then ``Installer.install`` (serial, schema,
-   load, parity, atomic activation): ``activated``, else ``rejected`` with the reason;
+3. takes the artifact from the store, else its HTTP(S) origins, else downloads the
+   missing chunks (``downloading``; ``artifact_fallback`` when every URL failed and the
+   chunks are the fallback; agent/updates/fetch.py), resumable across reconnects and
+   restarts;
+4. checks size and sha256 (``verified``, naming the ``artifact_source``), then
+   ``Installer.install`` (serial, schema, load, parity, atomic activation):
+   ``activated``, else ``rejected`` with the reason;
 5. puts a newer version on probation (agent/updates/probation.py); an older one is the
    operator's rollback and is not on trial.
 
@@ -46,7 +49,7 @@ from agent.models.registry import (
 from agent.updates import plan
 from agent.updates.desired import DesiredView
 from agent.updates.download import PartialDownload, clean_downloads
-from agent.updates.fetch import ArtifactFetcher, Retry, Superseded
+from agent.updates.fetch import ArtifactFetcher, Fetched, Retry, Superseded
 from agent.updates.plan import DEVICE, FLEET
 from agent.updates.probation import Probation
 from agent.wire import payloads
@@ -115,6 +118,17 @@ class Delivery:
                 cfg.models, metrics.inference, self._probation_failed, self._probation_passed
             )
         self.desired = DesiredView()
+        self._artifacts = None
+        if metrics is not None:
+            from prometheus_client import Counter
+
+            self._artifacts = Counter(
+                "edge_model_artifacts",
+                "Artifacts a delivery obtained, by where they came from (origin, "
+                "broker_chunks, store)",
+                ["model", "source"],
+                registry=metrics.registry,
+            )
         self._outcome, self._outcome_reason = "", ""
         self._rejected = self._load_state()
         self._handled.update({m: r["fingerprint"] for m, r in self._rejected.items()})
@@ -241,12 +255,17 @@ class Delivery:
             return
         self.desired.decided(model, plan.INSTALL)
         want = self._effective(model)
-        package = self.fetcher.package(
+        fetched = self.fetcher.package(
             manifest,
             starting=lambda dl: self._downloading(manifest, dl),
             wanted=lambda: self._effective(model) == want,
+            falling_back=lambda failures: self._falling_back(manifest, failures),
         )
-        self._event(payloads.VERIFIED, manifest)
+        package = fetched.package
+        self._event(payloads.VERIFIED, manifest, artifact_source=fetched.source,
+                    url=fetched.url)  # fmt: skip
+        if self._artifacts is not None:
+            self._artifacts.labels(model, fetched.source).inc()
         self._pause("install")
         loaded = self.installer.registry.loaded(model)
         previous = loaded.version if loaded is not None else None
@@ -254,7 +273,9 @@ class Delivery:
         self._pause("activated")
         self._after_install(model, manifest.version, previous)
         self._event(payloads.ACTIVATED, manifest, previous=previous)
-        self._outcome, self._outcome_reason = payloads.ACTIVATED, ""
+        # With origins in the manifest the desired reason says which one delivered.
+        reason = _source_text(fetched) if manifest.artifact.urls else ""
+        self._outcome, self._outcome_reason = payloads.ACTIVATED, reason
         self._forget_rejected(model)
         clean_downloads(self.root, keep=set())
 
@@ -305,6 +326,19 @@ class Delivery:
                     size=art.size)  # fmt: skip
         self._set_state(manifest.name, DOWNLOADING, f"downloading {manifest.version} "
                         f"({len(dl.have)}/{art.chunks} chunks)")  # fmt: skip
+
+    def _falling_back(self, manifest: Manifest, failures: list[tuple[str, str]]) -> None:
+        """Every URL failed and the manifest allows broker chunks: say so, URL by URL,
+        so the operator learns the origin is broken while the devices still update."""
+        art = manifest.artifact
+        summary = "; ".join(error for _, error in failures)
+        log.warning("artifact %s: no origin served it (%s); broker chunks instead",
+                    art.sha256[:12], summary)  # fmt: skip
+        self._event(payloads.ARTIFACT_FALLBACK, manifest, artifact_source=payloads.BROKER_CHUNKS,
+                    errors=payloads.origin_errors(failures),
+                    reason=f"no origin served it ({summary}); broker chunks instead")  # fmt: skip
+        self._set_state(manifest.name, DOWNLOADING, f"downloading {manifest.version} from "
+                        f"broker chunks: no origin served it ({summary})")  # fmt: skip
 
     def _nothing_desired(self, model: str) -> None:
         """The desired state was cleared (``edge-fleet unpublish``): the device keeps what
@@ -397,6 +431,18 @@ class Delivery:
             atomic_write(self.state_path, json.dumps({"rejected": self._rejected}).encode())
         except OSError as e:
             log.warning("delivery: cannot record the refusal in %s: %s", self.state_path, e)
+
+
+def _source_text(fetched: Fetched) -> str:
+    """Where the artifact came from, for the desired state's reason."""
+    if fetched.source == payloads.ORIGIN:
+        return f"artifact from {fetched.url}"
+    if fetched.source == payloads.STORE:
+        return "artifact from the store (installed before)"
+    if fetched.failures:
+        tried = ", ".join(url for url, _ in fetched.failures)
+        return f"artifact from broker chunks: no origin served it ({tried})"
+    return "artifact from broker chunks"
 
 
 def _refusal(version: str | None, reason: str) -> str:

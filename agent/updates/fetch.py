@@ -9,7 +9,9 @@ The delivery worker (``agent/updates/delivery.py``) calls ``package``; this modu
 subscribes to ``edge/artifacts/{sha256}/+`` for as long as it needs chunks, writes
 each at its offset (``agent/updates/download.py``, resumable across reconnects and
 restarts) and checks size and sha256 of the whole. Chunks arrive on paho's thread and
-only pass through a queue here; the worker thread does the writing.
+only pass through a queue here; the worker thread does the writing. ``package`` says
+where the artifact came from (``Fetched``), and ``falling_back`` hears each URL's
+failure before the chunks are fetched instead (the ``artifact_fallback`` event).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import queue
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.disk import atomic_write
 from agent.updates import http_fetch
 from agent.updates.download import PartialDownload
+from agent.wire import payloads
 from agent.wire.errors import EdgeError, PackageError, StorageFull
 from agent.wire.manifest import Manifest
 from agent.wire.topics import Topics
@@ -39,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HTTP_PART = "http.part"
+# The URL a complete download came from, so a restart between download and install
+# still says so; absent: the download is made of broker chunks.
+ORIGIN_FILE = "origin.url"
 # What one URL can fail with; the next URL (or the chunks) gets its turn.
 ORIGIN_FAILURES = (
     http_fetch.OriginError,
@@ -53,6 +60,17 @@ class Retry(EdgeError):
 
 class Superseded(Exception):
     """A newer desired manifest arrived (or the agent stops) during the download."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A verified package folder and where its artifact came from."""
+
+    package: Path
+    source: str  # payloads.ARTIFACT_SOURCES
+    url: str | None = None  # the origin that served it
+    # (url, error) of each origin that failed before the source that delivered
+    failures: tuple[tuple[str, str], ...] = ()
 
 
 class ArtifactFetcher:
@@ -81,29 +99,44 @@ class ArtifactFetcher:
         *,
         starting: Callable[[PartialDownload], None],
         wanted: Callable[[], bool],
-    ) -> Path:
+        falling_back: Callable[[list[tuple[str, str]]], None] | None = None,
+    ) -> Fetched:
         """A verified package folder for ``manifest``. ``starting(dl)`` is told before a
         download starts or resumes; ``wanted()`` turning False (a newer desired manifest)
-        ends the download with ``Superseded``. Retry when it fails for now."""
+        ends the download with ``Superseded``; ``falling_back(failures)`` before the
+        broker chunks are fetched because no URL served the artifact. Retry when it
+        fails for now."""
         local = self._from_store(manifest)
         if local is not None:
-            return local
+            return Fetched(local, payloads.STORE)
         dl = PartialDownload(self.root, manifest.artifact)
+        failures: list[tuple[str, str]] = []
         if not dl.complete:
             try:
                 dl.check_disk()
             except StorageFull as e:
                 raise Retry(str(e)) from None
             starting(dl)
-            if not self._from_origins(manifest, dl, wanted):
+            if not self._from_origins(manifest, dl, wanted, failures):
+                if failures and falling_back is not None:
+                    falling_back(failures)
                 self._fetch(manifest, dl, wanted)
+        url = self._origin_of(dl)
         self.pause("verify")
         try:
             dl.verify()
         except PackageError as e:
             raise Retry(f"downloaded artifact: {e}") from None
         self.pause("verified")
-        return dl.package(manifest.to_dict())
+        source = payloads.ORIGIN if url is not None else payloads.BROKER_CHUNKS
+        return Fetched(dl.package(manifest.to_dict()), source, url, tuple(failures))
+
+    @staticmethod
+    def _origin_of(dl: PartialDownload) -> str | None:
+        try:
+            return (dl.dir / ORIGIN_FILE).read_text("utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def _from_store(self, manifest: Manifest) -> Path | None:
         """A version already in the store with this artifact (a rollback, a re-signed
@@ -130,10 +163,15 @@ class ArtifactFetcher:
         return pkg
 
     def _from_origins(
-        self, manifest: Manifest, dl: PartialDownload, wanted: Callable[[], bool]
+        self,
+        manifest: Manifest,
+        dl: PartialDownload,
+        wanted: Callable[[], bool],
+        failures: list[tuple[str, str]],
     ) -> bool:
         """The artifact from its first URL that serves it, adopted by ``dl``; False when
-        there are none or all failed and the chunks remain. Retry when nothing remains."""
+        there are none or all failed and the chunks remain (each URL's failure added to
+        ``failures``). Retry when nothing remains."""
         art = manifest.artifact
         if not art.urls:
             return False
@@ -144,7 +182,6 @@ class ArtifactFetcher:
             if self.loop.stopping or not wanted():
                 raise Superseded()
 
-        problems: list[str] = []
         part = dl.dir / HTTP_PART
         for url in art.urls:
             try:
@@ -153,17 +190,20 @@ class ArtifactFetcher:
                                     progress=progress)  # fmt: skip
             except ORIGIN_FAILURES as e:
                 log.warning("artifact %s: %s", art.sha256[:12], e)
-                problems.append(str(e))
+                failures.append((url, str(e)))
                 continue
+            try:
+                # Before the adoption: once the part is complete it must name its origin.
+                atomic_write(dl.dir / ORIGIN_FILE, url.encode())
+                dl.adopt(part)
             except OSError as e:  # this device's disk, not the origin
                 raise Retry(f"artifact {art.sha256[:12]}: writing {part}: {e}") from None
-            dl.adopt(part)
             return True
         if art.broker_chunks:
-            log.info("artifact %s: no origin served it; broker chunks instead", art.sha256[:12])
-            return False
+            return False  # the caller says so (delivery's artifact_fallback event)
         raise Retry(
-            f"artifact {art.sha256[:12]}: no origin served it ({'; '.join(problems)}); "
+            f"artifact {art.sha256[:12]}: no origin served it "
+            f"({'; '.join(error for _, error in failures)}); "
             f"retrying in {self.cfg.models.delivery_retry_s:g} s"
         )
 
@@ -174,6 +214,8 @@ class ArtifactFetcher:
 
     def _fetch(self, manifest: Manifest, dl: PartialDownload, wanted: Callable[[], bool]) -> None:
         art = manifest.artifact
+        # These chunks, not an origin, complete the download (a stale name would lie).
+        (dl.dir / ORIGIN_FILE).unlink(missing_ok=True)
         while not self._chunks.empty():  # leftovers of an earlier subscription
             self._chunks.get_nowait()
         topic = self.topics.artifact_all(art.sha256)

@@ -30,7 +30,15 @@ REJECTED = "rejected"
 ROLLED_BACK = "rolled_back"
 NOT_IN_ROLLOUT = "not_in_rollout"
 COMMAND = "command"
-EVENTS = (DOWNLOADING, VERIFIED, ACTIVATED, REJECTED, ROLLED_BACK, NOT_IN_ROLLOUT, COMMAND)
+# Every artifact.urls entry failed; the broker chunks are downloaded instead.
+ARTIFACT_FALLBACK = "artifact_fallback"
+EVENTS = (
+    DOWNLOADING, VERIFIED, ACTIVATED, REJECTED, ROLLED_BACK, NOT_IN_ROLLOUT, COMMAND,
+    ARTIFACT_FALLBACK,
+)  # fmt: skip
+# Where an artifact came from (``artifact_source`` of ``verified`` and ``artifact_fallback``).
+ORIGIN, BROKER_CHUNKS, STORE = "origin", "broker_chunks", "store"
+ARTIFACT_SOURCES = (ORIGIN, BROKER_CHUNKS, STORE)
 # A model's deployment state in the status (models[name].state); `reason` says why.
 ACTIVE = "active"  # serving what is desired (or nothing is desired)
 PROBATION = "probation"  # a new version watched against the previous one
@@ -221,7 +229,37 @@ def check_event(payload: Any, where: str) -> dict[str, Any]:
     serial = obj.get("serial")
     if serial is not None and (not isinstance(serial, int) or isinstance(serial, bool)):
         raise InvalidPayload(f"{where}: serial: expected an integer, got {serial!r:.60}")
+    _check_artifact_source(obj, where)
     return obj
+
+
+def origin_errors(failures: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """``errors`` of an ``artifact_fallback`` event: each URL tried, with its failure."""
+    return [{"url": url, "error": error} for url, error in failures]
+
+
+def _check_artifact_source(obj: Mapping[str, Any], where: str) -> None:
+    source = obj.get("artifact_source")
+    if source is not None and source not in ARTIFACT_SOURCES:
+        raise InvalidPayload(
+            f"{where}: artifact_source: expected one of {', '.join(ARTIFACT_SOURCES)}, "
+            f"got {source!r:.60}"
+        )
+    url = obj.get("url")
+    if url is not None and not isinstance(url, str):
+        raise InvalidPayload(f"{where}: url: expected a string, got {url!r:.60}")
+    if obj.get("event") != ARTIFACT_FALLBACK:
+        return
+    errors = obj.get("errors")
+    pairs = errors if isinstance(errors, list) else []
+    if not pairs or not all(
+        isinstance(e, dict) and isinstance(e.get("url"), str) and isinstance(e.get("error"), str)
+        for e in pairs
+    ):
+        raise InvalidPayload(
+            f"{where}: errors: expected a non-empty list of objects with strings url and "
+            f"error, got {errors!r:.60}"
+        )
 
 
 # --- enrolment (operator -> operators, retained) ------------------------------------

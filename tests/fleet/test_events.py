@@ -77,6 +77,20 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def test_a_line_says_where_an_artifact_came_from_and_why_it_fell_back() -> None:
+    from fleet.events import detail
+
+    url = "https://cdn.example/9f2c"
+    verified = payloads.event("pi-1", payloads.VERIFIED, artifact_source="origin", url=url)
+    assert detail(verified) == f"from {url}"
+    chunks = payloads.event("pi-1", payloads.VERIFIED, artifact_source="broker_chunks")
+    assert detail(chunks) == "from broker_chunks"
+    why = f"no origin served it (artifact origin {url}: HTTP 404 Not Found); broker chunks instead"
+    fallback = payloads.event("pi-1", payloads.ARTIFACT_FALLBACK, artifact_source="broker_chunks",
+                              errors=[{"url": url, "error": "HTTP 404"}], reason=why)  # fmt: skip
+    assert detail(fallback) == why
+
+
 def test_live_events_while_waiting_filtered_by_fleet_and_model(
     broker: Broker, client: mqtt.Client, capsys: pytest.CaptureFixture[str]
 ) -> None:

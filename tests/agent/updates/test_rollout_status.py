@@ -16,13 +16,12 @@ from typing import Any
 import pytest
 
 from agent.wire.package import read_manifest
-from agent.wire.payloads import check_status
 from agent.wire.signing import key_id, load_private_key, load_public_key, sign_manifest
 from fleet.publish import publish
 from fleet.retained import Session, Target, sign_desired, upload_artifact
 from tests.agent.updates.test_delivery import _spoiled
-from tests.delivery_helpers import device_config, operator, wait_event
-from tests.fixtures.broker import Broker, MessageLog
+from tests.delivery_helpers import device_config, operator, retained_status, wait_event
+from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -48,21 +47,6 @@ def publish_where(
         session.wait([session.publish(topic, json.dumps(signed).encode())], "desired")
     finally:
         session.close()
-
-
-def retained_status(log: MessageLog, device: str, predicate: Any) -> dict[str, Any]:
-    """The device's latest retained status once ``predicate`` holds for it (checked by the
-    fleet side's own checker)."""
-    topic = f"edge/devices/{device}/status"
-
-    def latest(msgs: list[Any]) -> dict[str, Any] | None:
-        mine = [m for m in msgs if m.topic == topic and m.payload]
-        return check_status(json.loads(mine[-1].payload), topic) if mine else None
-
-    log.wait_for(lambda msgs: (s := latest(msgs)) is not None and bool(predicate(s)), 30)
-    found = latest(list(log.messages))
-    assert found is not None
-    return found
 
 
 def test_where_takes_the_tagged_device_and_the_others_say_why(

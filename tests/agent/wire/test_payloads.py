@@ -58,6 +58,16 @@ def test_status_carries_tags_trusted_keys_and_desired_against_actual() -> None:
                                           "rejected", "rolled_back", "not_in_rollout"}  # fmt: skip
 
 
+def test_a_fallback_event_names_each_url_and_its_failure() -> None:
+    errors = payloads.origin_errors([("https://cdn.example/a", "artifact origin ...: HTTP 404")])
+    event = payloads.event("pi-1", payloads.ARTIFACT_FALLBACK, model="iris", version="1.0.0",
+                           artifact_source=payloads.BROKER_CHUNKS, errors=errors)  # fmt: skip
+    wire = payloads.check_event(payloads.decode(payloads.encode(event), "t"), "t")
+    assert wire["errors"] == [
+        {"url": "https://cdn.example/a", "error": "artifact origin ...: HTTP 404"}
+    ]
+
+
 def test_event_leaves_out_what_it_does_not_know() -> None:
     event = payloads.event("pi-1", payloads.VERIFIED, model="iris", version=None)
     assert "version" not in event
@@ -89,6 +99,10 @@ def test_event_leaves_out_what_it_does_not_know() -> None:
          "models.m.desired: source: expected 'device' or 'fleet'"),
         (payloads.check_health, {"buffer": {"dropped": {"max_rows": "x"}}},
          "buffer.dropped: max_rows: expected a number"),
+        (payloads.check_event, {"event": "artifact_fallback", "time": rfc3339(), "errors": []},
+         "errors: expected a non-empty list of objects with strings url and error"),
+        (payloads.check_event, {"event": "verified", "time": rfc3339(), "artifact_source": "usb"},
+         "artifact_source: expected one of origin, broker_chunks, store"),
     ],
 )  # fmt: skip
 def test_checks_name_the_field(check: object, payload: dict[str, object], message: str) -> None:
