@@ -159,7 +159,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if cfg.device.tags:
         print("  tags   " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.device.tags.items())))
     print(f"  http   {cfg.http.host}:{cfg.http.port}" + (" (token)" if cfg.http.token_file else ""))
-    print(f"  mqtt   {cfg.mqtt.url or 'none (offline: serves and buffers)'}")
+    urls = cfg.mqtt.broker_urls
+    broker = ", ".join(urls) + f" (protocol {cfg.mqtt.protocol})" if urls else ""
+    print(f"  mqtt   {broker or 'none (offline: serves and buffers)'}")
     print(f"  state  {cfg.state_path.resolve()}")
     return 0
 

@@ -43,9 +43,19 @@ class DeviceConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+PROTOCOLS = ("auto", "5", "3.1.1")
+MAX_URLS = 16
+_URL = re.compile(r"mqtts?://[^/:]+(:\d+)?/?")
+_URL_FORM = "mqtt://host[:port] or mqtts://host[:port]"
+
+
 @dataclass
 class MqttConfig:
     url: str = ""  # empty: no broker, the agent serves and buffers offline
+    # Several brokers (the nodes of a cluster), tried in this order; wins over `url`.
+    urls: list[str] = field(default_factory=list)
+    # auto: MQTT 5, and 3.1.1 for a URL whose broker answers that it does not speak 5.
+    protocol: str = "auto"
     username: str = ""
     password_file: str = ""
     ca: str = ""
@@ -59,6 +69,11 @@ class MqttConfig:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
     max_inflight: int = 20
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The brokers to connect to, in failover order; empty: no broker."""
+        return list(self.urls) if self.urls else ([self.url] if self.url else [])
 
 
 @dataclass
@@ -161,10 +176,8 @@ SECTIONS: dict[str, type] = {
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "device.id": (is_name, f"a plain name ({NAME_RULE})"),
     "device.fleet": (is_name, f"a plain name ({NAME_RULE})"),
-    "mqtt.url": (
-        lambda v: v == "" or bool(re.fullmatch(r"mqtts?://[^/:]+(:\d+)?/?", v)),
-        "mqtt://host[:port] or mqtts://host[:port] (or empty for no broker)",
-    ),
+    "mqtt.url": (lambda v: v == "" or bool(_URL.fullmatch(v)), f"{_URL_FORM} (or empty for no broker)"),
+    "mqtt.protocol": (lambda v: v in PROTOCOLS, "'auto', '5' or '3.1.1'"),
     "mqtt.keepalive": (lambda v: 5 <= v <= 3600, "5..3600 seconds"),
     "mqtt.max_inflight": (lambda v: 1 <= v <= 1000, "1..1000"),
     "mqtt.topic_prefix": (lambda v: bool(re.fullmatch(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*", v)), "a topic prefix like 'edge'"),
@@ -210,6 +223,8 @@ TLS_FILE_KEYS = ("ca", "cert", "key")  # [mqtt] keys naming files, resolved like
 def _coerce(key: str, value: Any, default: Any, problems: list[str]) -> Any:
     """Turn a TOML or environment value into the type of ``default``."""
     kind = type(default)
+    if key == "mqtt.protocol" and type(value) is int:
+        value = str(value)  # protocol = 5 in TOML
     try:
         if key in _DURATION_KEYS and isinstance(value, str):
             m = _DURATION.match(value)
@@ -364,6 +379,7 @@ def validate(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
             f"mqtt.reconnect_min_s: {cfg.mqtt.reconnect_min_s} is above "
             f"mqtt.reconnect_max_s {cfg.mqtt.reconnect_max_s}"
         )
+    problems.extend(_url_problems(cfg.mqtt))
     if bool(cfg.mqtt.cert) != bool(cfg.mqtt.key):
         problems.append("mqtt.cert / mqtt.key: a client certificate needs both cert and key")
     for key in ("password_file", *TLS_FILE_KEYS):
@@ -377,4 +393,30 @@ def validate(cfg: Config, env: Mapping[str, str] | None = None) -> list[str]:
     for i, key_path in enumerate(cfg.models.trusted_keys):
         if not resolve_secret_path(key_path, env).is_file():
             problems.append(missing_file(f"models.trusted_keys[{i}]", key_path, env))
+    return problems
+
+
+def _url_problems(m: MqttConfig) -> list[str]:
+    """``mqtt.urls``: 1..16 distinct broker URLs of one scheme; ``mqtt.url`` agrees."""
+    if not m.urls:
+        return []
+    problems = []
+    if len(m.urls) > MAX_URLS:
+        problems.append(f"mqtt.urls: {len(m.urls)} URLs, expected 1..{MAX_URLS}")
+    for i, url in enumerate(m.urls):
+        if not _URL.fullmatch(url):
+            problems.append(f"mqtt.urls[{i}]: {url!r} is not valid, expected {_URL_FORM}")
+        elif url in m.urls[:i]:
+            problems.append(f"mqtt.urls[{i}]: {url!r} is already mqtt.urls[{m.urls.index(url)}]")
+    schemes = {url.split(":", 1)[0] for url in m.urls if _URL.fullmatch(url)}
+    if len(schemes) > 1:
+        # One TLS set-up (mqtt.ca, mqtt.cert, mqtt.key) serves every URL.
+        problems.append(
+            f"mqtt.urls: mixes mqtt:// and mqtts:// ({', '.join(m.urls)}); use one scheme for all"
+        )
+    if m.url and m.url != m.urls[0]:
+        problems.append(
+            f"mqtt.url / mqtt.urls: both set, and mqtt.url ({m.url!r}) is not the first of"
+            f" mqtt.urls ({m.urls[0]!r}); keep only mqtt.urls"
+        )
     return problems

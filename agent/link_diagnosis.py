@@ -25,6 +25,8 @@ from agent.config import MqttConfig
 HOSTNAME_MISMATCH = 62
 # CONNACK reasons that mean the login: MQTT 5 134/135, MQTT 3.1.1 4/5.
 LOGIN_REFUSED = {134, 135, 4, 5}
+# CONNACK 0x84; paho reports a 3.1.1 broker's return code 1 to a v5 CONNECT as this too.
+UNSUPPORTED_VERSION = 132
 # paho's on_log text for a socket error; a TLS alert from the broker arrives this way.
 SOCKET_ERROR_LOG = "failed to receive on socket: "
 
@@ -38,8 +40,12 @@ class Trouble:
     /status shows. A repeat of the same cause is counted, not logged again.
     """
 
-    def __init__(self, m: MqttConfig, host: str, port: int, *, tls: bool) -> None:
+    def __init__(
+        self, m: MqttConfig, host: str, port: int, *, tls: bool, url: str = "", key: str = ""
+    ) -> None:
         self.m, self.host, self.port, self.tls = m, host, port, tls
+        # The URL and the key that names it (mqtt.url, or mqtt.urls[i] of several).
+        self.url, self.key = url or m.url, key or "mqtt.url"
         self.last_error: str | None = None
         self.failed_attempts = 0  # connection attempts failed since the last connect
         self._logged: str | None = None  # a repeat of this cause is not logged again
@@ -57,14 +63,18 @@ class Trouble:
     def connect_failed(self, error: BaseException | None) -> None:
         """The TCP connect or the TLS handshake failed (paho's on_connect_fail)."""
         if isinstance(error, ssl.SSLError):
-            self.failed(*tls(self.m, error))
+            self.failed(*tls(self, error))
         elif self.tls and isinstance(error, ConnectionResetError):
             # mosquitto resets a TLS handshake sent to a listener without TLS.
-            self.failed(*tls(self.m, clean(str(error))))
+            self.failed(*tls(self, clean(str(error))))
         elif error is not None:
-            self.failed(*unreachable(self.m, clean(str(error))))
+            self.failed(*unreachable(self, clean(str(error))))
         else:
-            self.failed(*unreachable(self.m, "connection failed"))
+            self.failed(*unreachable(self, "connection failed"))
+
+    def answered(self) -> None:
+        """A CONNACK came (one the link handles itself, such as "not MQTT 5" under auto)."""
+        self._connack = True
 
     def refused(self, rc: ReasonCode) -> None:
         self._connack = True
@@ -91,9 +101,9 @@ class Trouble:
             self.failed(f"the broker closed the connection before answering ({reason})",
                         "see the broker's log")  # fmt: skip
         elif "SSL" in error or "TLS" in error.upper():
-            self.failed(*tls(self.m, error))
+            self.failed(*tls(self, error))
         else:
-            self.failed(*unreachable(self.m, error))
+            self.failed(*unreachable(self, error))
 
     def failed(self, cause: str, fix: str, level: int = logging.ERROR) -> None:
         """Record a failed attempt; log it only when the cause differs from the last one."""
@@ -106,13 +116,14 @@ class Trouble:
                 " the cause changes)", self.host, self.port, cause, fix)  # fmt: skip
 
 
-def tls(m: MqttConfig, error: ssl.SSLError | str) -> tuple[str, str]:
+def tls(t: Trouble, error: ssl.SSLError | str) -> tuple[str, str]:
     """The cause of a TLS failure and the config key that fixes it."""
+    m = t.m
     if isinstance(error, ssl.SSLCertVerificationError):
         cause = f"TLS: certificate verify failed: {str(error.verify_message).rstrip('.')}"
         if error.verify_code == HOSTNAME_MISMATCH:
             return cause, (
-                f"the host in mqtt.url ({m.url!r}) must be a name the broker's"
+                f"the host in {t.key} ({t.url!r}) must be a name the broker's"
                 " certificate is issued for"
             )
         ca = f"now {m.ca!r}" if m.ca else "now empty: the system's trust store"
@@ -124,20 +135,24 @@ def tls(m: MqttConfig, error: ssl.SSLError | str) -> tuple[str, str]:
             f"mqtt.cert / mqtt.key must be a certificate the broker's CA signed ({have})"
         )
     return f"TLS: handshake failed: {text}", (
-        f"mqtt.url ({m.url!r}) must name the broker's TLS port, mqtt.ca its CA"
+        f"{t.key} ({t.url!r}) must name the broker's TLS port, mqtt.ca its CA"
     )
 
 
-def unreachable(m: MqttConfig, text: str) -> tuple[str, str, int]:
+def unreachable(t: Trouble, text: str) -> tuple[str, str, int]:
     return (
         f"broker not reachable: {text}",
-        f"is it running, and is mqtt.url ({m.url!r}) right?",
+        f"is it running, and is {t.key} ({t.url!r}) right?",
         logging.WARNING,
     )
 
 
 def refusal(m: MqttConfig, rc: ReasonCode) -> tuple[str, str]:
     code = int(rc.value)
+    if unsupported(rc):
+        return f"the broker does not speak MQTT 5: {rc.getName()} (reason {code})", (
+            'set mqtt.protocol = "3.1.1" (or "auto", which finds out by itself)'
+        )
     if code not in LOGIN_REFUSED:
         return f"the broker refused the connection: {rc.getName()} (reason {code})", (
             "see the broker's log"
@@ -153,6 +168,11 @@ def refusal(m: MqttConfig, rc: ReasonCode) -> tuple[str, str]:
         f"check user {m.username!r} (mqtt.username) and its password in"
         f" mqtt.password_file ({password})"
     )
+
+
+def unsupported(rc: ReasonCode) -> bool:
+    """The CONNACK says the broker does not speak the MQTT version we sent."""
+    return int(rc.value) == UNSUPPORTED_VERSION
 
 
 def clean(text: str) -> str:

@@ -222,6 +222,16 @@ class LinkMetrics:
         self.reconnects = Counter(
             "edge_mqtt_reconnects", "Connections re-established after a loss", registry=registry
         )
+        self.moves = Counter(
+            "edge_agent_mqtt_moves",
+            "Changes of broker URL (mqtt.urls): after a lost connection or a failed attempt",
+            registry=registry,
+        )
+        self.subscribe_retries = Counter(
+            "edge_mqtt_subscribe_retries",
+            "Subscriptions asked for again after the broker refused them (SUBACK 0x80)",
+            registry=registry,
+        )
         self.failures = Counter(
             "edge_mqtt_publish_failures",
             "Publishes the broker refused (PUBACK reason) or that could not be sent",

@@ -1,33 +1,39 @@
-"""The device's MQTT connection: paho-mqtt 2, MQTT 5, one client for every component.
+"""The device's MQTT connection: paho-mqtt 2, MQTT 5 or 3.1.1, one client for every component.
 
-``connect_async`` + ``loop_start``: an absent broker never delays start-up or serving;
-paho reconnects with backoff (``mqtt.reconnect_min_s`` .. ``mqtt.reconnect_max_s``). The
-retained status is ``online`` from each connect and ``offline`` as the last will.
-Subscriptions registered with ``subscribe`` are renewed in ``on_connect``, so a
-reconnect (clean start) restores them.
+A named thread (``agent.loops.Loop``) connects and runs paho's network loop; when a
+connection ends it asks ``agent/link_failover.py`` for the next URL of ``mqtt.urls``,
+the MQTT version to speak there and the jittered wait, so an absent broker never delays
+start-up or serving. paho's own reconnect is off: it knows a single host and a fixed
+backoff. The retained status is ``online`` from each connect and ``offline`` as the
+last will, set before each connection. Subscriptions registered with ``subscribe`` are
+renewed in ``on_connect``, so a reconnect (clean start) or a move restores them; one
+the broker refuses (SUBACK 0x80: NATS while it elects a JetStream leader) is asked for
+again about a second later until granted. The device also reads its own status: a late
+will of an earlier connection (NATS publishes the will of a dead or taken-over session
+late, possibly through another node) is answered with ``online`` again.
 
 ``publish`` returns a ``PublishHandle`` that completes on the PUBACK, with its reason
-under MQTT 5 (mosquitto answers an ACL denial with 135, MQTT 3.1.1 drops it silently).
-A payload over the broker's Maximum Packet Size is refused before paho would resend it
-after every reconnect while the broker cuts the connection each time.
+under MQTT 5 (mosquitto answers an ACL denial with 135; MQTT 3.1.1 has no reason, the
+broker drops it silently). A payload over the broker's Maximum Packet Size (MQTT 5
+only) is refused before paho would resend it after every reconnect while the broker
+cuts the connection each time. Under 3.1.1 an answer's correlation data is not sent
+(the commands put it in the answer's body).
 
-A connection that cannot be made is logged once per cause, with the config key to fix
-(``agent/link_diagnosis.py``); ``last_error`` keeps it for /status.
+A connection that cannot be made is logged once per cause and URL, with the config key
+to fix (``agent/link_diagnosis.py``); ``last_error`` keeps it for /status.
 
-Every callback catches and logs its exceptions: one escaping would end paho's network
-thread and with it the connection.
+Every callback catches and logs its exceptions: one escaping would end the network
+thread's loop step and with it the connection.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -37,10 +43,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import link_diagnosis as diagnosis
 from agent.config import Config
-from agent.link import Handler, PublishHandle, Refusals, dispatcher
+from agent.link import Handler, PublishHandle, Refusals
+from agent.link_failover import V5, Endpoint, Failover
+from agent.link_status import DeviceStatus
+from agent.link_subscriptions import Subscriptions
+from agent.loops import Loop
 from agent.metrics import LinkMetrics, Metrics
 from agent.secrets import read_secret, resolve_secret_path
-from agent.wire import payloads
 from agent.wire.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -61,15 +70,11 @@ class MqttClient:
         self.cfg = cfg
         self.device = cfg.device.id
         self.topics = Topics(cfg.mqtt.topic_prefix)
-        self._status = status  # -> the /status body; its "models" go in the retained status
-        url = urlsplit(cfg.mqtt.url)
-        self.tls = url.scheme == "mqtts"
-        self.host = url.hostname or "localhost"
-        self.port = url.port or (8883 if self.tls else 1883)
+        self.failover = Failover(cfg.mqtt)
+        self.tls = self.failover.current.tls  # one scheme for every URL (config checks it)
 
         self._lock = threading.Lock()
         self._pending: dict[int, PublishHandle] = {}
-        self._subs: dict[str, tuple[int, Handler]] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self._connected = threading.Event()
         self._ever_connected = False
@@ -77,18 +82,23 @@ class MqttClient:
         self._started = False
         self._stopping = False
         self.reconnects = 0
-        self.subscriptions_granted = 0  # SUBACKs that granted a filter, over all connects
-        self.trouble = diagnosis.Trouble(cfg.mqtt, self.host, self.port, tls=self.tls)
+        # What the running attempt came to, set by paho's callbacks on the network thread.
+        self._attempt_connected = False
+        self._attempt_refused: ReasonCode | None = None
+        self.loop: Loop | None = None
 
+        # reconnect_on_failure=False: the network thread below reconnects, to the next
+        # URL; paho would also retry a 3.1.1 broker's "unacceptable version" with 3.1.
+        # Made as 3.1.1 so paho sets up clean_session (always clean, as MQTT 5's clean
+        # start); _connect() picks the version for each connection.
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.mqtt.client_id or self.device,
-            protocol=paho.MQTTv5,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+            reconnect_on_failure=False,
         )
         self._client.suppress_exceptions = True
-        self._client.reconnect_delay_set(
-            max(1, round(cfg.mqtt.reconnect_min_s)), max(1, round(cfg.mqtt.reconnect_max_s))
-        )
         # Result batches in flight plus room for status, health and events.
         self._client.max_inflight_messages_set(cfg.mqtt.max_inflight + 10)
         # Bounded while offline: a QoS 1 publish beyond this fails instead of growing memory.
@@ -103,7 +113,6 @@ class MqttClient:
                 certfile=_file(cfg.mqtt.cert),
                 keyfile=_file(cfg.mqtt.key),
             )
-        self._client.on_pre_connect = self._on_pre_connect
         # When the broker last sent anything (a PINGRESP included): on a silent network
         # cut the socket stays open and "connected" holds until the keepalive runs out,
         # so /status shows this too. paho has no hook for it: every incoming packet goes
@@ -117,36 +126,84 @@ class MqttClient:
 
         self._client._packet_handle = counted_packet  # type: ignore[method-assign]
         self._client.on_connect = self._on_connect
-        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_log = self._on_log
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
-        self._client.on_subscribe = self._on_subscribe
 
         self._m = LinkMetrics(metrics.registry) if metrics is not None else None
         self.refusals = Refusals(self._m)
+        # The retained status; its own topic is subscribed like any other filter (so
+        # renewed and retried), to answer a late will.
+        self.status = DeviceStatus(cfg, self.publish, lambda: self.connected, status)
+        self.subscriptions = Subscriptions(self._client, self._m, own=self.status.topic)
+        self._client.on_subscribe = self.subscriptions.on_subscribe
+
+    # --- where we are ------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The broker URL connected to, or tried next."""
+        return self.failover.current
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port
+
+    @property
+    def trouble(self) -> diagnosis.Trouble:
+        return self.endpoint.trouble
+
+    @property
+    def url(self) -> str:
+        return self.endpoint.url
+
+    @property
+    def protocol(self) -> str:
+        """The MQTT version of the current (or next) connection: "5" or "3.1.1"."""
+        return self.endpoint.speaks
+
+    def report(self) -> dict[str, Any]:
+        """The link's part of /status: where it is, which version, how often it moved."""
+        return {
+            "url": self.url,
+            "urls": self.failover.urls,
+            "protocol": self.protocol,
+            "moves": self.failover.moves,
+            "reconnects": self.reconnects,
+            "subscribe_retries": self.subscribe_retries,
+            "status_reasserts": self.status_reasserts,
+        }
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Begin connecting in the background; returns at once, broker or not."""
-        self._set_will()
-        log.info("mqtt: connecting to %s:%d as %s", self.host, self.port, self.device)
-        self._client.connect_async(self.host, self.port, keepalive=self.cfg.mqtt.keepalive)
-        self._client.loop_start()
+        self.subscribe(self.status.topic, 1, self.status.seen)
+        ep = self.endpoint
+        log.info("mqtt: connecting to %s as %s (%s)", ", ".join(self.failover.urls),
+                 self.device, f"MQTT {ep.protocol}" if not ep.learn else "MQTT 5 or 3.1.1")  # fmt: skip
+        # A connection lasts hours: _session() beats while paho's loop runs.
+        self.loop = Loop("mqtt", self._session, stall_s=60.0)
         self._started = True
+        self.loop.start()
 
     def stop(self, timeout: float = 3.0) -> None:
         """Announce ``offline`` (retained) if connected, then disconnect without the will."""
-        if not self._started:
+        if not self._started or self.loop is None:
             return
+        self._stopping = self.status.leaving = True  # our own offline is not answered
         if self.connected:
             self.publish_status("offline", reason="stopped").wait(timeout)
-        self._stopping = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.status.cancel()
+        self._client.disconnect()  # also wakes paho's select, so the session ends now
+        self.loop.stop(timeout)
+        self._client._thread = None
         self._started = False
-        self._stopping = False
+        self._stopping = self.status.leaving = False
         self._set_connected(False)
         with self._lock:
             pending, self._pending = self._pending, {}
@@ -155,9 +212,68 @@ class MqttClient:
         log.info("mqtt: stopped")
 
     def alive(self) -> bool:
-        """paho's network thread is running (it reconnects by itself while it runs)."""
-        thread = getattr(self._client, "_thread", None)
-        return self._started and thread is not None and thread.is_alive()
+        """The network thread runs and has made progress within a minute."""
+        return self._started and self.loop is not None and self.loop.alive()
+
+    # --- the network thread: one connection per step --------------------------------
+
+    def _session(self) -> float:
+        """Connect to the current URL and run paho's loop until the connection ends;
+        return the wait before the next attempt (where: ``self.failover``)."""
+        assert self.loop is not None
+        # paho's threaded mode with our thread: other threads' publish() only queue the
+        # packet and wake the select, this thread writes (paho writes without a lock).
+        self._client._thread = threading.current_thread()
+        ep = self.endpoint
+        self._attempt_connected, self._attempt_refused = False, None
+        if not self._connect(ep):
+            return self._after(self.failover.failed)
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        stop_by: float | None = None
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.loop.beat()
+            rc = self._client.loop(1.0)
+            if self.loop.stopping:
+                # stop() sent DISCONNECT; this covers a connect made just after it.
+                if stop_by is None:
+                    stop_by = time.monotonic() + 2.0
+                    self._client.disconnect()
+                elif time.monotonic() > stop_by:
+                    break
+        if self.loop.stopping:
+            return 0.0
+        if self._attempt_connected:
+            return self._after(self.failover.lost)
+        refused = self._attempt_refused
+        if refused is not None and diagnosis.unsupported(refused):
+            return self._after(self.failover.unsupported)
+        if refused is not None:
+            return self._after(self.failover.failed)
+        return self._after(self.failover.dropped)
+
+    def _connect(self, ep: Endpoint) -> bool:
+        """Open the TCP (and TLS) connection and send CONNECT; False when that failed."""
+        # Set before every connection so its "since" and models are today's.
+        self._client.will_set(self.status.topic, self.status.will(), qos=1, retain=True)
+        # paho fixes the version when the Client is made; it switches itself (to 3.1 on
+        # a refused 3.1.1 CONNECT) by setting this attribute, and so do we, per URL:
+        # queued messages and subscriptions stay with the one client.
+        self._client._protocol = paho.MQTTv5 if ep.speaks == V5 else paho.MQTTv311
+        ep.trouble.attempt()
+        try:
+            self._client.connect(ep.host, ep.port, keepalive=self.cfg.mqtt.keepalive)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            ep.trouble.connect_failed(e)
+            return False
+        return True
+
+    def _after(self, outcome: Callable[[], float]) -> float:
+        """Tell the failover what the attempt came to; count a move; the wait."""
+        moves = self.failover.moves
+        wait = outcome()
+        if self._m is not None and self.failover.moves > moves:
+            self._m.moves.inc(self.failover.moves - moves)
+        return wait
 
     def silent_s(self) -> float | None:
         """Seconds since the last packet from the broker; None before the first."""
@@ -181,44 +297,15 @@ class MqttClient:
         return None if self._max_packet is None else self._max_packet - _HEADER_ROOM
 
     def status_payload(self, state: str, reason: str | None = None) -> dict[str, Any]:
-        report = self._report()
-        return payloads.status(
-            self.device,
-            self.cfg.device.fleet,
-            state,
-            dict(report.get("models", {})),
-            reason=reason,
-            tags=report.get("tags", self.cfg.device.tags),
-            trusted_keys=report.get("trusted_keys"),
-        )
-
-    def _report(self) -> Mapping[str, Any]:
-        """The /status body: its models, tags and trusted keys go in the retained status."""
-        if self._status is None:
-            return {}
-        try:
-            return self._status()
-        except Exception:
-            log.exception("mqtt: reading the models for the status failed")
-            return {}
+        return self.status.payload(state, reason)
 
     def publish_status(self, state: str = "online", reason: str | None = None) -> PublishHandle:
-        """Refresh the retained status (call when models change).
+        """Refresh the retained status (call when models change); only while connected."""
+        return self.status.publish(state, reason)
 
-        Only while connected: a status queued offline could land after the fresh one
-        ``on_connect`` sends, leaving a stale retained status behind.
-        """
-        if not self.connected:
-            handle = PublishHandle(self.topics.status(self.device))
-            handle._complete(-1, "not connected; the status is sent on connect")
-            return handle
-        payload = self.status_payload(state, reason)
-        return self.publish(self.topics.status(self.device), payload, qos=1, retain=True)
-
-    def _set_will(self) -> None:
-        # Renewed before every connection so "since" and models are those of the last one.
-        will = self.status_payload("offline", reason="connection lost")
-        self._client.will_set(self.topics.status(self.device), json.dumps(will), qos=1, retain=True)
+    @property
+    def status_reasserts(self) -> int:
+        return self.status.reasserts
 
     # --- publish ---------------------------------------------------------------------
 
@@ -235,7 +322,11 @@ class MqttClient:
 
         ``correlation_data`` answers an MQTT 5 request (the device commands).
         """
-        properties = None if correlation_data is None else _response_properties(correlation_data)
+        # MQTT 3.1.1 has no properties: the commands answer with the correlation in the body.
+        v5 = self._client._protocol == paho.MQTTv5
+        properties = None
+        if correlation_data is not None and v5:
+            properties = _response_properties(correlation_data)
         data = payload if isinstance(payload, bytes | str) else json.dumps(payload)
         raw = data.encode() if isinstance(data, str) else data
         handle = PublishHandle(topic)
@@ -286,33 +377,18 @@ class MqttClient:
 
     def subscribe(self, topic: str, qos: int, handler: Handler) -> None:
         """Receive ``topic`` (a filter) now and after every reconnect; ``handler(Message)``."""
-        self._client.message_callback_add(topic, dispatcher(topic, handler))
-        # on_connect lists the topics and marks the link up under the same lock: a topic
-        # added meanwhile is in that list or subscribes here (twice is harmless).
-        with self._lock:
-            self._subs[topic] = (qos, handler)
-            up = self.connected
-        if up:
-            self._client.subscribe(topic, qos=qos)
+        self.subscriptions.add(topic, qos, handler)
 
     def unsubscribe(self, topic: str) -> None:
-        with self._lock:
-            self._subs.pop(topic, None)
-        self._client.message_callback_remove(topic)
-        if self.connected:
-            self._client.unsubscribe(topic)
+        self.subscriptions.remove(topic)
 
-    def _on_subscribe(
-        self, client: paho.Client, userdata: Any, mid: int, rcs: list[ReasonCode], p: Any
-    ) -> None:
-        try:
-            for rc in rcs:
-                if rc.is_failure:
-                    log.error("mqtt: subscription refused by the broker: %s", rc.getName())
-                else:
-                    self.subscriptions_granted += 1
-        except Exception:
-            log.exception("mqtt: on_subscribe failed")
+    @property
+    def subscriptions_granted(self) -> int:
+        return self.subscriptions.granted
+
+    @property
+    def subscribe_retries(self) -> int:
+        return self.subscriptions.retries
 
     # --- connection events -----------------------------------------------------------
 
@@ -328,45 +404,42 @@ class MqttClient:
 
     @property
     def failed_attempts(self) -> int:
-        return self.trouble.failed_attempts
-
-    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
-        self.trouble.attempt()
+        """Connection attempts failed since the last connect, over every URL."""
+        return self.failover.failures
 
     def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
         # Runs for every paho log line, sometimes under paho's locks: only remember.
         if level == paho.MQTT_LOG_ERR:
             self.trouble.socket_log(buf)
 
-    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        try:
-            # Called from paho's `except OSError:` around the TCP connect and TLS handshake.
-            self.trouble.connect_failed(sys.exc_info()[1])
-        except Exception:
-            log.exception("mqtt: on_connect_fail failed")
-
     def _on_connect(
         self, client: paho.Client, userdata: Any, flags: Any, rc: ReasonCode, props: Any
     ) -> None:
         try:
             if rc.is_failure:
-                self.trouble.refused(rc)
+                self._attempt_refused = rc
+                # auto: "not MQTT 5" is what we asked, not a failure (link_failover logs it).
+                if self.endpoint.may_learn and diagnosis.unsupported(rc):
+                    self.trouble.answered()
+                else:
+                    self.trouble.refused(rc)
                 return
+            self._attempt_connected = True
+            self.failover.connected()
             self.trouble.connected()
+            # MQTT 5 only; a 3.1.1 CONNACK has no properties (paho hands an empty set).
             self._max_packet = getattr(props, "MaximumPacketSize", None)
             if self._ever_connected:
                 self.reconnects += 1
                 if self._m is not None:
                     self._m.reconnects.inc()
             self._ever_connected = True
-            with self._lock:
-                subs = list(self._subs.items())
-                self._connected.set()  # see subscribe()
-            for topic, (qos, _) in subs:
-                client.subscribe(topic, qos=qos)
             self._set_connected(True)
+            # online before the subscriptions: the own-status watch then finds it retained
+            # instead of the will of the last connection.
             self.publish_status("online")
-            log.info("mqtt: connected to %s:%d", self.host, self.port)
+            self.subscriptions.renew()
+            log.info("mqtt: connected to %s (MQTT %s)", self.url, self.protocol)
         except Exception:
             log.exception("mqtt: on_connect failed")
 
@@ -375,15 +448,15 @@ class MqttClient:
     ) -> None:
         try:
             was = self.connected
+            self.subscriptions.down()
             self._set_connected(False)
             if self._stopping:
                 return
             if was:
                 self.trouble.lost(rc.getName())
-                log.warning("mqtt: disconnected (%s); reconnecting", rc.getName())
+                log.warning("mqtt: disconnected from %s (%s); reconnecting", self.url, rc.getName())
             else:
                 self.trouble.closed_before_connack(rc.getName())
-            self._set_will()
         except Exception:
             log.exception("mqtt: on_disconnect failed")
 

@@ -2,7 +2,7 @@
 
 The order is the one in docs/architecture.md. Components never import each other;
 each gets its collaborators here. The MQTT side (client, forwarder, health, delivery)
-exists only when ``mqtt.url`` is set: without a broker the agent serves and buffers.
+exists only when ``mqtt.url`` or ``mqtt.urls`` is set: without a broker the agent serves and buffers.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Supervisor:
         self.watcher = StoreWatcher(self.installer)
         # Started in this order, stopped in reverse; the buffer is closed after all.
         self.components: list[Component] = [self.watcher]
-        if cfg.mqtt.url:
+        if cfg.mqtt.broker_urls:
             self._build_mqtt()
         self.components.append(self.http)
         # systemd: READY=1 once serving, WATCHDOG=1 only while every loop is alive.
@@ -273,8 +273,11 @@ class Supervisor:
         if callable(connected):
             connected = connected()
         error = getattr(self.mqtt, "last_error", None)
+        # The URL connected to (or tried next), the MQTT version, the moves between URLs.
+        link = self.mqtt.report() if hasattr(self.mqtt, "report") else {}
         return {
             "url": self.cfg.mqtt.url,
+            **link,
             "connected": bool(connected),
             "state": "connected" if connected else "disconnected",
             # Why not, in words that name the key to fix (a wrong CA, a refused password).

@@ -39,7 +39,7 @@ ROLES = ("device", "operator", "collector", "viewer")
 ALIASES = {"reader": "viewer"}  # the read-only role's name before issue 13
 PASSWORD_CHARS = string.ascii_letters + string.digits
 PASSWORD_LEN = 24
-_PATTERN_PREFIX = re.compile(r"^pattern write (.+)/devices/%u/status$", re.M)
+_PATTERN_PREFIX = re.compile(r"^pattern (?:read)?write (.+)/devices/%u/status$", re.M)
 
 
 class AccountError(EdgeError):
