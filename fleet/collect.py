@@ -21,8 +21,20 @@ from agent.wire.names import name_problem
 from prometheus_client import start_http_server
 
 from fleet.collect_metrics import CollectorMetrics
-from fleet.collector import DEFAULT_GROUP, SESSION_EXPIRY_S, Collector, Settings, default_client_id
-from fleet.connection import BrokerOptions, add_broker_arguments, broker_options
+from fleet.collector import (
+    DEFAULT_GROUP,
+    SESSION_EXPIRY_S,
+    Collector,
+    Settings,
+    default_client_id,
+    parse_partition,
+)
+from fleet.connection import (
+    BrokerOptions,
+    BrokerUnreachable,
+    add_broker_arguments,
+    broker_options,
+)
 from fleet.db import Database, DatabaseUnavailable, open_database
 
 log = logging.getLogger(__name__)
@@ -34,7 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="store every device's results, health, events and status in a database",
         description=(
             "Subscribe to every device's results, health, events and status with a"
-            " persistent MQTT 5 session and store them in a database; acknowledge stored"
+            " persistent MQTT session and store them in a database; acknowledge stored"
             " results to the devices (docs/collector.md)."
         ),
     )
@@ -50,6 +62,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"shared-subscription group; collectors of one group split the stream"
         f" (default {DEFAULT_GROUP}, or {DEFAULT_GROUP}-FLEET with --fleet)",
+    )
+    parser.add_argument(
+        "--partition",
+        metavar="I/N",
+        help="store only the devices with crc32(device) %% N == I, for N collectors without"
+        " shared subscriptions (MQTT 3.1.1, NATS); each collector sees the whole stream",
     )
     parser.add_argument(
         "--client-id",
@@ -135,9 +153,17 @@ def settings_from(args: argparse.Namespace) -> Settings:
             raise UsageError(f"{flag}: expected at least {low}, got {value}")
     if args.receive_maximum > 65535:
         raise UsageError(f"--receive-maximum: at most 65535, got {args.receive_maximum}")
+    partition = parse_partition(args.partition) if args.partition else None
+    if partition is not None and args.group is not None:
+        raise UsageError(
+            f"--partition {args.partition} and --group {args.group}: a partitioned collector"
+            " subscribes without a shared group; give one of them"
+        )
     group = args.group or (f"{DEFAULT_GROUP}-{args.fleet}" if args.fleet else DEFAULT_GROUP)
+    # Collectors of one host need a session each: the partition is part of the default id.
+    session = f"{group}-{partition[0]}of{partition[1]}" if partition else group
     return Settings(
-        client_id=args.client_id or default_client_id(group),
+        client_id=args.client_id or default_client_id(session),
         group=group,
         fleet=args.fleet,
         batch_rows=args.batch_rows,
@@ -145,6 +171,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_bytes=int(args.max_pending_mb * (1 << 20)),
         receive_maximum=args.receive_maximum,
         session_expiry_s=args.session_expiry,
+        partition=partition,
+        group_given=args.group is not None,
     )
 
 
@@ -192,13 +220,17 @@ def _connected(
 def _transient(e: BrokerUnavailable) -> bool:
     """The broker is not there (yet): no TCP connection, or no CONNACK in time. A CONNACK
     that refuses the account, or a failed TLS handshake, is not transient."""
-    text = str(e)
-    return ": cannot connect: " in text or "no answer to CONNECT" in text
+    return isinstance(e, BrokerUnreachable)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     options = broker_options(args)
+    if settings.group_given and options.protocol == "3.1.1":
+        raise UsageError(
+            "--group: MQTT 3.1.1 (--mqtt-protocol) has no shared subscriptions; split the"
+            " devices between collectors with --partition I/N"
+        )
     metrics_addr = parse_addr(args.metrics) if args.metrics else None
     if not getattr(args, "verbose", False):
         # A service: its state changes (connected, database down and back) are the log.
@@ -229,10 +261,19 @@ def run(args: argparse.Namespace) -> int:
         database.close()
         return 0
     try:
+        client = collector.client
+        assert client is not None
+        if settings.partition is not None:
+            how = f"partition {settings.partition[0]}/{settings.partition[1]}"
+        elif client.mqtt5:
+            how = f"group {settings.group}"
+        else:
+            how = "all devices, no shared subscriptions under MQTT 3.1.1"
         log.info(
-            "collector: storing into %s as %s (group %s%s)",
-            redact(args.db), settings.client_id, settings.group,
+            "collector: storing into %s as %s (%s%s; %s over MQTT %s)",
+            redact(args.db), settings.client_id, how,
             f", fleet {settings.fleet}" if settings.fleet else "",
+            client.url, client.protocol_name,
         )  # fmt: skip
         while not stop.wait(0.5) and collector.failed is None:
             pass

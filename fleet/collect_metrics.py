@@ -59,7 +59,7 @@ class CollectorMetrics:
         )
         self.skipped_messages = Counter(
             "edge_collector_skipped_messages",
-            "Messages not stored on purpose (--fleet), by reason.",
+            "Messages not stored on purpose (--fleet, --partition), by reason.",
             ["reason"],
             registry=reg,
         )

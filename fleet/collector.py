@@ -1,7 +1,8 @@
 """The collector service behind ``edge-fleet collect`` (the command is fleet/collect.py).
 
-One MQTT 5 client with a persistent session (a stable client id, clean_start=False and
-a session expiry), so the broker queues for the collector while it restarts, and
+One MQTT client with a persistent session (a stable client id; under MQTT 5
+clean_start=False and a session expiry, under 3.1.1 clean_session=False), so the broker
+queues for the collector while it restarts, and
 manual acknowledgement: a message's PUBACK goes out only after the transaction that
 stored it committed, so a collector killed before its commit leaves the message at the
 broker. A writer thread takes what arrived (``fleet.intake``), stores it with one
@@ -28,6 +29,13 @@ this; tests/fleet/test_collect.py checks the parts the collector relies on):
   down. ``fleet.intake`` bounds the bytes it holds and sheds the rest (no PUBACK), and
   the collector reconnects once it has caught up, because an MQTT 5 broker resends
   unacknowledged messages only on a new connection.
+
+Collectors share the stream one of two ways. MQTT 5: a shared subscription
+(``--group``), the broker hands each message to one member. MQTT 3.1.1 has none (and NATS
+has none at all): ``--partition I/N``, every collector subscribes to everything and keeps
+only the devices with ``zlib.crc32(device) % N == I``; the rest it PUBACKs unstored
+(counted as skipped, reason ``other_partition``), so each device has exactly one owner,
+whoever is connected, and its acks come from that owner only.
 """
 
 from __future__ import annotations
@@ -36,14 +44,16 @@ import logging
 import socket
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from agent.wire import payloads
+from agent.wire.errors import UsageError
 
 from fleet.collect_metrics import CollectorMetrics
-from fleet.connection import BrokerOptions, connect
+from fleet.connection import BrokerOptions, FleetClient, connect
 from fleet.connection import disconnect as disconnect_client
 from fleet.db import Batch, Database, DatabaseUnavailable
 from fleet.intake import KINDS, Delivery, Intake, Pending
@@ -51,6 +61,7 @@ from fleet.intake import KINDS, Delivery, Intake, Pending
 log = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "edge-collect"
+MAX_PARTITIONS = 64
 SESSION_EXPIRY_S = 86400
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 30.0
 # A transaction of one message that fails (not "database unavailable") this many times
@@ -69,10 +80,29 @@ class Settings:
     max_bytes: int = 64 << 20
     receive_maximum: int = 200
     session_expiry_s: int = SESSION_EXPIRY_S
+    partition: tuple[int, int] | None = None  # (I, N): the devices with crc32 % N == I
+    group_given: bool = False  # --group on the command line: it needs MQTT 5
 
 
 def default_client_id(group: str) -> str:
     return f"edge-collect-{socket.gethostname()}-{group}"
+
+
+def partition_of(device: str, count: int) -> int:
+    """The partition a device belongs to among ``count``: the same in every collector."""
+    return zlib.crc32(device.encode()) % count
+
+
+def parse_partition(value: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N) with 0 <= I < N <= 64, else a ``UsageError`` naming the flag."""
+    index, sep, count = value.partition("/")
+    if sep and index.isdigit() and count.isdigit():
+        i, n = int(index), int(count)
+        if 0 <= i < n <= MAX_PARTITIONS:
+            return i, n
+    raise UsageError(
+        f"--partition: {value!r} is not I/N with 0 <= I < N <= {MAX_PARTITIONS} (e.g. 0/2)"
+    )
 
 
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -110,7 +140,7 @@ class Collector:
             max_bytes=settings.max_bytes,
             linger_s=settings.linger_s,
         )
-        self.client: mqtt.Client | None = None
+        self.client: FleetClient | None = None
         self.failed: BaseException | None = None  # the writer's crash, if any
         self._generation = 0  # connections so far; a PUBACK goes only on its own one
         self._ack_lock = threading.Lock()
@@ -123,25 +153,34 @@ class Collector:
         self._early: set[int] = set()
         self._stopping = threading.Event()
         self._down_since: float | None = None
+        self._owned: dict[str, bool] = {}  # device -> in our --partition (crc32 once each)
         self._writer = threading.Thread(target=self._write_loop, name="collector-writer")
 
-    def subscriptions(self) -> list[tuple[str, int]]:
-        share = f"$share/{self.settings.group}/"
+    def subscriptions(self, mqtt5: bool = True) -> list[tuple[str, int]]:
+        """A shared subscription of the group under MQTT 5; plain ones with --partition
+        or under 3.1.1, which has no shared subscriptions."""
+        t = self.topics
+        share = f"$share/{self.settings.group}/" if mqtt5 and not self.settings.partition else ""
         return [
-            (share + self.topics.all_results(), 1),
-            (share + self.topics.all_health(), 1),
-            (share + self.topics.all_events(), 1),
+            (share + t.all_results(), 1),
+            (share + t.all_health(), 1),
+            (share + t.all_events(), 1),
             # Not shared: every collector learns every device's fleet from it, and the
             # status table dedupes by (device, since, state).
-            (self.topics.all_status(), 1),
+            (t.all_status(), 1),
         ]
+
+    def _subscriptions_for(self, client: FleetClient) -> list[tuple[str, int]]:
+        if self.settings.group_given and not client.mqtt5:
+            return []  # start() refuses: subscribing without the group would take it all
+        return self.subscriptions(client.mqtt5)
 
     def start(self) -> None:
         """Connect (``BrokerUnavailable`` when the broker cannot be reached) and run."""
         client = connect(
             self.options,
             purpose="collect",
-            subscriptions=self.subscriptions(),
+            subscriptions=self._subscriptions_for,
             on_message=self._on_message,
             client_id=self.settings.client_id,
             session_expiry_s=self.settings.session_expiry_s,
@@ -149,6 +188,12 @@ class Collector:
             manual_ack=True,
             on_session=self._on_session,
         )
+        if self.settings.group_given and not client.mqtt5:
+            disconnect_client(client)
+            raise UsageError(
+                f"--group: broker {client.url} speaks MQTT 3.1.1, which has no shared"
+                " subscriptions; split the devices between collectors with --partition I/N"
+            )
         client.on_publish = self._on_publish
         self.client = client
         self.metrics.watch(client.is_connected, self.intake.held)
@@ -169,7 +214,7 @@ class Collector:
 
     # --- the MQTT thread -----------------------------------------------------------
 
-    def _on_session(self, client: mqtt.Client, session_present: bool) -> None:
+    def _on_session(self, client: FleetClient, session_present: bool) -> None:
         with self._ack_lock:
             self.client = client
             self._generation += 1
@@ -192,8 +237,20 @@ class Collector:
         device = self.topics.device_of(msg.topic)
         payload = bytes(msg.payload)  # paho's is bytes already: no copy
         d = Delivery(msg.mid, msg.qos, self._generation, kind, device or "", msg.topic, payload)
-        if kind not in KINDS or device is None or not self.intake.receive(d):
+        if device is not None and not self._mine(device):
+            self.metrics.skipped("other_partition")
+            self._puback([d])  # its owner gets the message too, and stores and acks it
+        elif kind not in KINDS or device is None or not self.intake.receive(d):
             self._puback([d])
+
+    def _mine(self, device: str) -> bool:
+        part = self.settings.partition
+        if part is None:
+            return True
+        mine = self._owned.get(device)
+        if mine is None:
+            mine = self._owned[device] = partition_of(device, part[1]) == part[0]
+        return mine
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
         with self._sent_lock:

@@ -1,11 +1,13 @@
 """Device commands from the operator's side: ``edge-fleet rollback MODEL --device ID``.
 
 A command goes to ``{prefix}/devices/{ID}/commands/{command}`` (QoS 1, never retained:
-docs/protocol.md) with an MQTT 5 response topic under ``{prefix}/devices/{ID}/responses/``
-(the only place a device may answer) and a correlation token; the device answers
-there once it has run it (agent/updates/commands.py). Commands are not queued for an
-offline device, so one whose retained status says ``offline`` is refused at once
-instead of waiting for an answer that cannot come.
+docs/protocol.md) with a response topic under ``{prefix}/devices/{ID}/responses/`` (the
+only place a device may answer) and a correlation token; the device answers there once
+it has run it (agent/updates/commands.py). Both go twice: as MQTT 5 properties when the
+connection is MQTT 5, and always in the payload's ``reply`` field, the only way under
+MQTT 3.1.1 (the device then puts the token in the answer's ``correlation``). Commands
+are not queued for an offline device, so one whose retained status says ``offline`` is
+refused at once instead of waiting for an answer that cannot come.
 """
 
 from __future__ import annotations
@@ -64,14 +66,19 @@ def send_command(
     answer: dict[str, Any] = {}
 
     def on_message(msg: mqtt.MQTTMessage) -> None:
-        corr = getattr(msg.properties, "CorrelationData", None)
-        if msg.topic != response_topic or corr != token.encode():
+        if msg.topic != response_topic:
             return
         try:
             body = json.loads(msg.payload)
         except ValueError:
             body = {"ok": False, "error": f"answer is not JSON: {msg.payload[:80]!r}"}
-        answer.update(body if isinstance(body, dict) else {"ok": False, "error": str(body)})
+        body = body if isinstance(body, dict) else {"ok": False, "error": str(body)}
+        # MQTT 5: correlation data; 3.1.1 (or a device answering on reply.topic): the body.
+        corr = getattr(msg.properties, "CorrelationData", None)
+        if corr != token.encode() and body.pop("correlation", None) != token:
+            return
+        body.pop("correlation", None)
+        answer.update(body)
         answered.set()
 
     # The subscription is made in on_connect, before connect() returns, and the broker
@@ -79,10 +86,13 @@ def send_command(
     client = connect(options, purpose="command", subscriptions=[(response_topic, 1)],
                      on_message=on_message)  # fmt: skip
     try:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = response_topic
-        props.CorrelationData = token.encode()
-        info = client.publish(t.command(device, command), json.dumps(args), qos=1,
+        body = {**args, "reply": {"topic": response_topic, "correlation": token}}
+        props = None
+        if client.mqtt5:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.ResponseTopic = response_topic
+            props.CorrelationData = token.encode()
+        info = client.publish(t.command(device, command), json.dumps(body), qos=1,
                               properties=props)  # fmt: skip
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise PublishRefused(f"command {command} to {device}: {mqtt.error_string(info.rc)}")

@@ -166,9 +166,13 @@ def _ca(path: Path | None) -> bytes | None:
 
 def _session(args: argparse.Namespace) -> Session | None:
     """A session on the operator listener when one is named, for the enrolment records."""
-    url = args.broker or os.environ.get("EDGE_BROKER")
-    if not url:
+    # --broker may be repeated (the nodes of a cluster): they share one scheme.
+    urls = args.broker or [u for u in os.environ.get("EDGE_BROKER", "").split(",") if u.strip()]
+    if isinstance(urls, str):
+        urls = [urls]
+    if not urls:
         return None
+    url = urls[0].strip()
     ns, env = argparse.Namespace(**vars(args)), dict(os.environ)
     if urlsplit(url).scheme != "mqtts":
         # --ca is the devices' CA then: the plain (loopback) operator listener needs none.

@@ -332,6 +332,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+_NO_SHARE = (
+    "--share-group: {where}, which has no shared subscriptions; leave it out (each"
+    " exporter then takes every device's health)"
+)
+
+
 def run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     options = broker_options(args)
@@ -342,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--share-group: {args.share_group!r} must not contain '/', '+' or '#'"
             )
+        if options.protocol == "3.1.1":
+            raise UsageError(_NO_SHARE.format(where="--mqtt-protocol 3.1.1"))
         health_topic = f"$share/{args.share_group}/{health_topic}"
     if args.db_interval < 0:
         raise UsageError(f"--db-interval: {args.db_interval:g} is negative")
@@ -364,6 +372,9 @@ def run(args: argparse.Namespace) -> int:
         subscriptions=[(topics.all_status(), 1), (health_topic, 0), (topics.all_rollouts(), 1)],
         on_message=on_message,
     )
+    if args.share_group and not client.mqtt5:
+        disconnect(client)
+        raise UsageError(_NO_SHARE.format(where=f"broker {client.url} speaks MQTT 3.1.1"))
     collector.connected = client.is_connected
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)

@@ -58,6 +58,14 @@ class Session:
             options, purpose=purpose, subscriptions=[(self._barrier, 1)], on_message=self._on_msg
         )
         self.client.on_publish = self._on_publish
+        if not self.client.mqtt5:
+            # A 3.1.1 PUBACK has no reason code: mosquitto acknowledges a publish its ACL
+            # denies all the same (and drops it), so a refusal cannot be seen here.
+            log.warning(
+                "broker %s speaks MQTT 3.1.1: a publish the broker refuses is not reported"
+                " (denied publishes not checked under MQTT 3.1.1)",
+                self.client.url,
+            )
 
     def close(self) -> None:
         disconnect(self.client)
@@ -88,7 +96,15 @@ class Session:
         # An account that may not publish hears "not authorized" here, not a timeout.
         self.wait([mid], f"reading the retained state (publish to {self._barrier})", timeout)
         if not self._barrier_seen.wait(timeout):
-            raise BrokerUnavailable(f"broker {self.options.url}: no answer within {timeout:g} s")
+            # Under 3.1.1 a publish the ACL denies is acknowledged and dropped: the
+            # barrier never comes back, and that is the likelier reason.
+            hint = "" if self.client.mqtt5 else (
+                f" (under MQTT 3.1.1 a publish the ACL denies is dropped without a word:"
+                f" may {self.options.username or 'this account'} publish to {self._barrier}?)"
+            )  # fmt: skip
+            raise BrokerUnavailable(
+                f"broker {self.client.url}: no answer within {timeout:g} s{hint}"
+            )
         self.client.unsubscribe(list(filters))
         with self._lock:
             return {t: p for t, p in self._inbox.items() if p}
@@ -100,7 +116,8 @@ class Session:
         return int(info.mid)
 
     def wait(self, mids: Iterable[int], what: str, timeout: float = PUBACK_TIMEOUT_S) -> None:
-        """Wait for each PUBACK; an MQTT 5 refusal (e.g. not authorized) names the topic."""
+        """Wait for each PUBACK; an MQTT 5 refusal (e.g. not authorized) names the topic
+        (under 3.1.1 a PUBACK carries no reason: not checked, see ``__init__``)."""
         deadline = time.monotonic() + timeout
         with self._acked:
             for mid in mids:
@@ -108,14 +125,14 @@ class Session:
                     left = deadline - time.monotonic()
                     if left <= 0 or (not self.client.is_connected() and timeout - left > 5):
                         raise PublishRefused(
-                            f"{what}: broker {self.options.url} did not acknowledge within "
+                            f"{what}: broker {self.client.url} did not acknowledge within "
                             f"{timeout:g} s (is the chunk size over its packet limit?)"
                         )
                     self._acked.wait(min(left, 0.5))
                 rc = self._acks.pop(mid)
                 if getattr(rc, "is_failure", False):
                     raise PublishRefused(
-                        f"{what}: broker {self.options.url} refused it: {rc} "
+                        f"{what}: broker {self.client.url} refused it: {rc} "
                         f"(reason {int(rc.value)}; check the account's ACL)"
                     )
 

@@ -330,7 +330,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             now = time.time()
             view = build_view(fleet, args.fleet)
             text = (
-                render_json(view, options.url, now, lines=args.watch)
+                render_json(view, client.url, now, lines=args.watch)
                 if args.json
                 else render_table(view, now, width(out))
             )
