@@ -42,7 +42,7 @@ bench-forward: setup
 bench-delivery: setup
 	$(PY) bench/delivery.py
 
-bench-fleet: setup
+bench-fleet: setup-test  # imports the test fixtures (brokers, NATS, nginx)
 	$(PY) bench/fleet.py
 
 bench-collect: setup-test
