@@ -48,6 +48,9 @@ class DeviceStatus:
         self.leaving = False  # stopping: our own offline is not answered
         self.reasserts = 0  # online published again over an offline of ours
         self._lock = threading.Lock()
+        # Held from "not leaving" to the online being queued, and by leave(): so a
+        # re-assert racing a stop queues its online before the stop's offline, never after.
+        self._leave_lock = threading.Lock()
         self._last = -REASSERT_S
         self._timer: threading.Timer | None = None
 
@@ -95,6 +98,11 @@ class DeviceStatus:
                 return
         self._reassert()
 
+    def leave(self, leaving: bool = True) -> None:
+        """Stopping (or started again): while leaving, our own offline is not answered."""
+        with self._leave_lock:
+            self.leaving = leaving
+
     def cancel(self) -> None:
         with self._lock:
             if self._timer is not None:
@@ -106,12 +114,13 @@ class DeviceStatus:
             with self._lock:
                 self._timer = None
                 self._last = time.monotonic()
-            if self.leaving or not self._connected():
-                return
-            self.reasserts += 1
-            log.info("mqtt: the broker holds an offline status of ours (a late will of an"
-                     " earlier connection): publishing online again")  # fmt: skip
-            self.publish("online")
+            with self._leave_lock:
+                if self.leaving or not self._connected():
+                    return
+                self.reasserts += 1
+                log.info("mqtt: the broker holds an offline status of ours (a late will of"
+                         " an earlier connection): publishing online again")  # fmt: skip
+                self.publish("online")
         except Exception:
             log.exception("mqtt: re-asserting the online status failed")
 

@@ -195,7 +195,8 @@ class MqttClient:
         """Announce ``offline`` (retained) if connected, then disconnect without the will."""
         if not self._started or self.loop is None:
             return
-        self._stopping = self.status.leaving = True  # our own offline is not answered
+        self._stopping = True
+        self.status.leave()  # from here our own offline is not answered
         if self.connected:
             self.publish_status("offline", reason="stopped").wait(timeout)
         self.status.cancel()
@@ -203,7 +204,8 @@ class MqttClient:
         self.loop.stop(timeout)
         self._client._thread = None
         self._started = False
-        self._stopping = self.status.leaving = False
+        self._stopping = False
+        self.status.leave(False)
         self._set_connected(False)
         with self._lock:
             pending, self._pending = self._pending, {}

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.broker import free_port
+from tests.fixtures.broker import free_port_run
 from tests.script_runs import ROOT, run_steps
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_fleet_walk_runs(tmp_path: Path) -> None:
-    # Five consecutive ports from a free one: devices, operators, three agents' HTTP.
-    out = run_steps("fleet-walk.sh", "WALK_PORT_BASE", free_port(), tmp_path / "walk", 400)
+    # Five consecutive free ports: devices, operators, three agents' HTTP.
+    out = run_steps("fleet-walk.sh", "WALK_PORT_BASE", free_port_run(5), tmp_path / "walk", 400)
     assert "3 device(s) enrolled" in out
     assert "iris (shop): 3/3 on 1.0.0" in out
     assert "halted at step 1/3 (34%): rejected 1 > 0; rolled back to 1.0.0" in out

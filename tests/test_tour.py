@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.broker import free_port
+from tests.fixtures.broker import free_port_run
 from tests.script_runs import ROOT, run_steps
 
 pytestmark = pytest.mark.slow
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_the_readme_tour_runs(tmp_path: Path) -> None:
     # Three consecutive free ports: devices, operators, the agent's HTTP.
-    out = run_steps("tour.sh", "TOUR_PORT_BASE", free_port(), tmp_path / "tour", timeout=300)
+    out = run_steps("tour.sh", "TOUR_PORT_BASE", free_port_run(3), tmp_path / "tour", timeout=300)
     assert '"request_id":"order-1"' in out and '{"recorded":true' in out
     # edge-fleet results printed the four predictions; accuracy: 1 of 2 labels right.
     assert out.count("order-") >= 8

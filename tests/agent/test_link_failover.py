@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -130,3 +131,43 @@ def test_a_real_agent_reports_its_move_in_status(
     a.kill()
     agent.wait_for(lambda s: s["broker"]["connected"] and s["broker"]["url"] == b.url, 15)
     assert agent.status()["broker"]["moves"] == 1
+
+
+def test_a_reassert_racing_a_stop_queues_its_online_before_the_stop_offline() -> None:
+    """The re-assert has checked "not leaving" and is about to queue online when the
+    supervisor stops the link: the stop's offline must still be the last word."""
+    from agent.config import Config
+    from agent.link import PublishHandle
+    from agent.link_status import DeviceStatus
+
+    cfg = Config()
+    cfg.device.id, cfg.device.fleet = "dev-1", "f1"
+    queued: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def publish(topic: str, payload: dict[str, Any], **_: Any) -> PublishHandle:
+        queued.append(payload["state"])
+        return PublishHandle(topic)
+
+    def connected() -> bool:
+        if threading.current_thread().name == "reassert":
+            inside.set()  # between "not leaving" and queueing online
+            release.wait(5)
+        return True
+
+    status = DeviceStatus(cfg, publish, connected)
+    racer = threading.Thread(target=status._reassert, name="reassert")
+    racer.start()
+    assert inside.wait(5)
+
+    def stop() -> None:  # what MqttClient.stop does, in order
+        status.leave()
+        status.publish("offline", reason="stopped")
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    time.sleep(0.2)  # the stop is now waiting for the re-assert, or (unfixed) done
+    release.set()
+    racer.join(5)
+    stopper.join(5)
+    assert queued == ["online", "offline"]
