@@ -14,8 +14,10 @@ The figures docs/scaling.md builds its capacity model from. Three loads, each fo
 
 The broker's CPU is read from /proc (user + system, summed over its processes) around
 each load and divided by the messages delivered; the publishers and the consumer are
-paho clients in this process, so they share the two cores with the broker: the rate is
-what this machine reached, the CPU per message is the broker's own. Per-byte cost is
+light MQTT sessions on one asyncio loop in this process (bench/fleet_lite.py: 200 paho
+clients, 400 threads, starved their own consumer into single-digit rates here), so they
+share the two cores with the broker: the rate is what this machine reached, the CPU per
+message is the broker's own. Per-byte cost is
 the difference of the two message sizes' costs over their size difference.
 """
 
@@ -29,8 +31,8 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     sys.path.pop(0)
 
 import argparse
+import asyncio
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,8 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+from bench.fleet_lite import Session  # noqa: E402
 
 HOST = "127.0.0.1"
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -52,7 +53,7 @@ class Target:
     """Where the clients connect, and the broker processes whose CPU is counted."""
 
     name: str
-    protocol: int  # paho's MQTTv5 or MQTTv311
+    v5: bool  # MQTT 5 (mosquitto) or 3.1.1 (NATS)
     ports: list[int]  # spread the clients over these (one per node)
     username: str
     password: str
@@ -86,117 +87,79 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
-def client(target: Target, index: int, client_id: str) -> mqtt.Client:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=target.protocol)
-    c.username_pw_set(target.username, target.password)
-    c.max_inflight_messages_set(100)
-    connected = threading.Event()
-    c.on_connect = lambda *a: connected.set()
-    c.connect(HOST, target.ports[index % len(target.ports)], keepalive=60)
-    c.loop_start()
-    if not connected.wait(30):
-        raise RuntimeError(f"{target.name}: client {client_id} got no CONNACK")
-    return c
+class Counter(asyncio.Queue[tuple[str, memoryview]]):
+    """An inbox that only counts what arrives (the loads need the number, not the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def put_nowait(self, item: tuple[str, memoryview]) -> None:
+        self.count += 1
 
 
-def subscribe(c: mqtt.Client, topic: str, on_message: Callable[..., None]) -> None:
-    done = threading.Event()
-
-    def on_subscribe(cl: mqtt.Client, u: object, mid: int, rcs: list[object], p: object) -> None:
-        if any(getattr(rc, "is_failure", False) for rc in rcs):
-            threading.Timer(1.0, lambda: cl.subscribe(topic, qos=1)).start()  # NATS election
-        else:
-            done.set()
-
-    c.on_subscribe = on_subscribe
-    c.on_message = on_message
-    c.subscribe(topic, qos=1)
-    if not done.wait(60):
-        raise RuntimeError(f"subscribe {topic}: no SUBACK")
+async def session(target: Target, index: int, client_id: str) -> Session:
+    s = await Session.open(f"mqtt://{HOST}:{target.ports[index % len(target.ports)]}",
+                           client_id, target.username, target.password,
+                           target.v5, ("bench/will", b"gone"))  # fmt: skip
+    s.reading = asyncio.create_task(s.reads())  # type: ignore[attr-defined]
+    return s
 
 
-def stream_load(target: Target, clients: list[mqtt.Client], size: int, seconds: float,
-                kind: str) -> Figure:  # fmt: skip
+async def measured(target: Target, inbox: Counter, seconds: float) -> tuple[int, float, float]:
+    """Messages delivered, seconds and broker CPU-seconds of one window after a warm-up."""
+    await asyncio.sleep(1.0)
+    cpu0, t0, got0 = cpu_seconds(target.pids()), time.monotonic(), inbox.count
+    await asyncio.sleep(seconds)
+    cpu1, t1 = cpu_seconds(target.pids()), time.monotonic()
+    return inbox.count - got0, t1 - t0, cpu1 - cpu0
+
+
+async def stream_load(target: Target, clients: list[Session], size: int, seconds: float,
+                      kind: str) -> Figure:  # fmt: skip
     """Each client publishes ``size`` bytes on its own topic; one consumer holds them all."""
-    got = [0]
-    lock = threading.Lock()
-
-    def on_message(*a: object) -> None:
-        with lock:
-            got[0] += 1
-
-    consumer = client(target, 0, f"bench-consumer-{kind}")
-    subscribe(consumer, f"bench/{kind}/+", on_message)
+    consumer = await session(target, 0, f"bench-consumer-{kind}")
+    inbox = Counter()
+    await consumer.subscribe(f"bench/{kind}/+", inbox)
     payload = os.urandom(size // 2).hex().encode()
-    stop = threading.Event()
 
-    def publish_loop(c: mqtt.Client, topic: str) -> None:
-        # Bursts of 20 in flight, then wait for the last PUBACK: enough messages that
-        # the broker's fixed per-second work (keepalives, autosave) is a small share.
-        while not stop.is_set():
-            infos = [c.publish(topic, payload, qos=1) for _ in range(20)]
-            try:
-                infos[-1].wait_for_publish(5)
-            except (RuntimeError, ValueError):
-                time.sleep(0.05)
+    async def publish_loop(c: Session, topic: str) -> None:
+        # Windows of 10 in flight, the last one waited for: enough messages that the
+        # broker's fixed per-second work (keepalives, autosave) is a small share.
+        while True:
+            for _ in range(9):
+                c.publish(topic, payload)
+            await c.publish_acked(topic, payload)
 
-    threads = [threading.Thread(target=publish_loop, args=(c, f"bench/{kind}/d{i}"), daemon=True)
-               for i, c in enumerate(clients)]  # fmt: skip
-    for t in threads:
-        t.start()
-    time.sleep(1.0)  # warm up
-    cpu0, t0 = cpu_seconds(target.pids()), time.monotonic()
-    with lock:
-        got0 = got[0]
-    time.sleep(seconds)
-    cpu1, t1 = cpu_seconds(target.pids()), time.monotonic()
-    with lock:
-        got1 = got[0]
-    stop.set()
-    for t in threads:
-        t.join(5)
-    consumer.disconnect()
-    consumer.loop_stop()
-    return Figure(target.name, kind, size, got1 - got0, t1 - t0, cpu1 - cpu0)
+    loops = [asyncio.create_task(publish_loop(c, f"bench/{kind}/d{i}"))
+             for i, c in enumerate(clients)]  # fmt: skip
+    delivered, took, cpu = await measured(target, inbox, seconds)
+    for t in loops:
+        t.cancel()
+    await asyncio.sleep(0.5)  # in flight: drained before the next load
+    consumer.writer.close()
+    return Figure(target.name, kind, size, delivered, took, cpu)
 
 
-def fanout_load(target: Target, clients: list[mqtt.Client], seconds: float) -> Figure:
+async def fanout_load(target: Target, clients: list[Session], seconds: float) -> Figure:
     """A retained 1 KB message re-published on one topic every client holds."""
-    got = [0]
-    lock = threading.Lock()
-
-    def on_message(*a: object) -> None:
-        with lock:
-            got[0] += 1
-
     topic = "bench/fleets/f1/models/m/desired"
+    inbox = Counter()
     for c in clients:
-        subscribe(c, topic, on_message)
-    operator = client(target, 0, "bench-operator")
+        await c.subscribe(topic, inbox)
+    operator = await session(target, 0, "bench-operator")
     payload = b"x" * 1024
-    stop = threading.Event()
 
-    def publish_loop() -> None:
-        while not stop.is_set():
-            operator.publish(topic, payload, qos=1, retain=True).wait_for_publish(5)
-            time.sleep(0.05)  # a desired state is rare: this is a burst, not a stream
+    async def publish_loop() -> None:
+        while True:  # a desired state is rare: bursts, not a stream
+            await operator.publish_acked(topic, payload)
+            await asyncio.sleep(0.05)
 
-    thread = threading.Thread(target=publish_loop, daemon=True)
-    thread.start()
-    time.sleep(1.0)
-    cpu0, t0 = cpu_seconds(target.pids()), time.monotonic()
-    with lock:
-        got0 = got[0]
-    time.sleep(seconds)
-    cpu1, t1 = cpu_seconds(target.pids()), time.monotonic()
-    with lock:
-        got1 = got[0]
-    stop.set()
-    thread.join(10)
-    operator.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
-    operator.disconnect()
-    operator.loop_stop()
-    return Figure(target.name, "fanout", 1024, got1 - got0, t1 - t0, cpu1 - cpu0)
+    loop = asyncio.create_task(publish_loop())
+    delivered, took, cpu = await measured(target, inbox, seconds)
+    loop.cancel()
+    operator.writer.close()
+    return Figure(target.name, "fanout", 1024, delivered, took, cpu)
 
 
 @contextmanager
@@ -208,7 +171,7 @@ def mosquitto_target(root: Path) -> Iterator[Target]:
         assert broker.proc is not None
         pid = broker.proc.pid
         harness = broker.harness
-        yield Target("mosquitto", mqtt.MQTTv5, [broker.port_for(harness)], harness.username,
+        yield Target("mosquitto", True, [broker.port_for(harness)], harness.username,
                      harness.password, lambda: [pid])  # fmt: skip
     finally:
         broker.cleanup()
@@ -222,25 +185,24 @@ def nats_target(root: Path) -> Iterator[Target]:
     cluster = nats.NatsCluster(root)
     try:
         cluster.start()
-        yield Target("nats (3 nodes)", mqtt.MQTTv311, [n.mqtt_port for n in cluster.nodes],
+        yield Target("nats (3 nodes)", False, [n.mqtt_port for n in cluster.nodes],
                      nats.USER, nats.PASSWORD,
                      lambda: [n.proc.pid for n in cluster.nodes if n.proc])  # fmt: skip
     finally:
         cluster.cleanup()
 
 
-def run(target: Target, n_clients: int, seconds: float) -> list[Figure]:
-    clients = [client(target, i, f"bench-dev-{i}") for i in range(n_clients)]
+async def run(target: Target, n_clients: int, seconds: float) -> list[Figure]:
+    clients = [await session(target, i, f"bench-dev-{i}") for i in range(n_clients)]
     try:
         return [
-            stream_load(target, clients, 1200, seconds, "health"),
-            stream_load(target, clients, 16000, seconds, "results"),
-            fanout_load(target, clients, seconds),
+            await stream_load(target, clients, 1200, seconds, "health"),
+            await stream_load(target, clients, 16000, seconds, "results"),
+            await fanout_load(target, clients, seconds),
         ]
     finally:
         for c in clients:
-            c.disconnect()
-            c.loop_stop()
+            c.writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     makers = {"mosquitto": mosquitto_target, "nats": nats_target}
     for name in ["mosquitto", "nats"] if args.engine == "both" else [args.engine]:
         with makers[name](root / name) as target:
-            figures += run(target, args.clients, args.seconds)
+            figures += asyncio.run(run(target, args.clients, args.seconds))
     print(f"\n{args.clients} clients, {args.seconds:g} s per load, 2-core machine shared "
           "by the broker and the clients\n")  # fmt: skip
     print(f"{'engine':<16}{'load':<9}{'bytes':>7}{'msg/s':>10}{'broker CPU µs/msg':>19}")

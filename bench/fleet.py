@@ -2,11 +2,15 @@
 
     .venv/bin/python bench/fleet.py [--devices 500] [--model-bytes 1000000]
         [--broker mosquitto|nats] [--artifacts broker|http] [--first 10] [--matrix]
+        [--device agent|lite]
 
 Each simulated device is what the agent builds for delivery, in its own state folder
 and on its own MQTT connection (bench/fleet_devices.py says what the devices of one
 process share to fit thousands on one machine: the onnxruntime session of an artifact,
-the broker account, the interpreter). The servers are real (bench/fleet_servers.py):
+the broker account, the interpreter). ``--device lite`` runs light devices instead
+(bench/fleet_lite.py: thousands per asyncio loop, each with its own MQTT connection,
+signature and sha256 checks and state folder, without paho, threads or onnxruntime),
+because the agent's own device costs more CPU than 2 cores give 5000 of them in 60 s. The servers are real (bench/fleet_servers.py):
 mosquitto from broker-config/, or a 3-node NATS cluster with JetStream and its MQTT
 listener (devices on MQTT 3.1.1, spread over the nodes); artifacts as retained broker
 chunks, or served by nginx (``edge-fleet publish --artifact-url ... --upload-dir ...``,
@@ -51,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.wire.manifest import DEFAULT_CHUNK_SIZE  # noqa: E402
 from bench.fleet_devices import FLEET, DeviceSpec, run_devices  # noqa: E402
+from bench.fleet_lite import run_light  # noqa: E402
 
 HOLD_S = 5.0
 STEPS = ("downloading", "verified", "activated")  # the usual deployment events, timed
@@ -181,7 +186,12 @@ def run(args: argparse.Namespace, broker_kind: str, artifacts: str) -> dict[str,
     ids = [f"sim-{i:05d}" for i in range(args.devices)]
     expected_first = {d for d in ids if in_rollout(f"{FLEET}/{model}", d, args.first)}
     accounts = server.add_devices(ids, FLEET)
-    processes = args.processes or min(24, max(2, math.ceil(args.devices / 300)))
+    light = args.device == "lite"
+    row["device"] = args.device
+    # Light devices: one asyncio loop per core holds thousands; the agent's: 300 a process.
+    processes = args.processes or (
+        (os.cpu_count() or 2) if light else min(24, max(2, math.ceil(args.devices / 300)))
+    )
     row["processes"] = processes
 
     ctx = mp.get_context("spawn")
@@ -202,7 +212,8 @@ def run(args: argparse.Namespace, broker_kind: str, artifacts: str) -> dict[str,
                 trusted_key=str(pub),
                 root=str(tmp / "devices"), share_sessions=not args.own_sessions,
             )  # fmt: skip
-            proc = ctx.Process(target=run_devices, args=(spec, events, stop), name=f"devices-{p}")
+            target = run_light if light else run_devices
+            proc = ctx.Process(target=target, args=(spec, events, stop), name=f"devices-{p}")
             proc.start()
             procs.append(proc)
         groups = {"devices": [p.pid for p in procs if p.pid], "broker": server.pids}
@@ -319,6 +330,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines: list[tuple[str, list[str]]] = [
         ("broker / artifacts", [f"{r['broker']}/{r['artifacts']}" for r in rows]),
         ("devices (processes)", [f"{r['devices']} ({r.get('processes', '-')})" for r in rows]),
+        ("simulated device", [r.get("device", "agent") for r in rows]),
         ("model ONNX bytes", [str(r.get("model_bytes", "-")) for r in rows]),
         ("broker chunk bytes", [str(r.get("chunk_size", "-")) for r in rows]),
         ("connected", [f"{r.get('connected', '-')}/{r['devices']}" for r in rows]),
@@ -341,6 +353,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("activation p50 (s)", [_s(r.get("p50_s"), ".2f") for r in rows]),
         ("activation p95 (s)", [_s(r.get("p95_s"), ".2f") for r in rows]),
         ("broker egress/device", [_mb(r.get("egress", {}).get("devices")) for r in rows]),
+        ("  of which TCP retransmits", [_mb(r.get("egress", {}).get("retrans")) for r in rows]),
         ("  NATS varz out/device", [_mb(r.get("egress", {}).get("varz")) for r in rows]),
         ("origin egress/device", [_mb(r.get("origin", {}).get("log")) for r in rows]),
         (
@@ -407,6 +420,8 @@ def main() -> int:
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="broker chunk size (edge-fleet publish --chunk-size)")  # fmt: skip
     parser.add_argument("--broker", choices=["mosquitto", "nats"], default="mosquitto")
+    parser.add_argument("--device", choices=["agent", "lite"], default="agent",
+                        help="the agent's delivery code, or light devices (bench/fleet_lite.py)")  # fmt: skip
     parser.add_argument("--artifacts", choices=["broker", "http"], default="broker")
     parser.add_argument("--matrix", action="store_true",
                         help="run the four broker x artifacts combinations, one after another")  # fmt: skip
@@ -426,12 +441,18 @@ def main() -> int:
     load = os.getloadavg()
     print(f"open files limit {files}; {os.cpu_count()} CPUs; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")  # fmt: skip
-    print("shared: per process, the onnxruntime session of an artifact"
-          + (" (off: --own-sessions)" if args.own_sessions else "")
-          + "; on NATS one MQTT account for all devices (mosquitto: one each);"
-          " the worker interpreter."
-          " Own per device: MQTT connection, state folder, store, registry, download,"
-          " sha256/signature/serial/parity checks, activation.")  # fmt: skip
+    if args.device == "lite":
+        print("light devices (bench/fleet_lite.py): own MQTT connection, account (mosquitto),"
+              " signature, rollout bucket, serial, chunk/size/sha256 checks and state folder"
+              " each, and its online status and will; no paho, threads, onnxruntime, parity,"
+              " registry, probation, health or failover.")  # fmt: skip
+    else:
+        print("shared: per process, the onnxruntime session of an artifact"
+              + (" (off: --own-sessions)" if args.own_sessions else "")
+              + "; on NATS one MQTT account for all devices (mosquitto: one each);"
+              " the worker interpreter."
+              " Own per device: MQTT connection, state folder, store, registry, download,"
+              " sha256/signature/serial/parity checks, activation.")  # fmt: skip
     combos = COMBINATIONS if args.matrix else [(args.broker, args.artifacts)]
     rows = []
     for broker_kind, artifacts in combos:
