@@ -28,12 +28,29 @@ def test_hadolint_passes_at_warning_threshold(path: Path) -> None:
     assert result.returncode == 0, f"hadolint on {path.name}:\n{result.stdout}{result.stderr}"
 
 
+def final_stage(steps: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str]:
+    """The final stage's instructions and the image its files come from.
+
+    A final ``FROM scratch`` that copies a whole stage (``COPY --from=runtime / /``, to
+    shed what that stage deleted from its base) gets that stage's instructions first.
+    """
+    starts = [i for i, (word, _) in enumerate(steps) if word == "FROM"]
+    final = steps[starts[-1] :]
+    if final[0][1] != "scratch":
+        return final, final[0][1]
+    copied = [arg for word, arg in final if word == "COPY" and arg.endswith(" / /")]
+    assert copied, "FROM scratch without COPY --from=STAGE / /"
+    stage = copied[0].split()[0].removeprefix("--from=")
+    begin = next(i for i in starts if steps[i][1].endswith(f" AS {stage}"))
+    end = next(i for i in starts if i > begin)
+    runtime = steps[begin:end]
+    return runtime + final[1:], runtime[0][1].removesuffix(f" AS {stage}")
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_final_stage_is_non_root_with_a_healthcheck_and_no_compiler(path: Path) -> None:
-    steps = instructions(path.read_text())
-    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
-    final = steps[last_from:]
-    assert final[0] == ("FROM", "debian:bookworm-slim")
+    final, base = final_stage(instructions(path.read_text()))
+    assert base == "debian:bookworm-slim", f"{path.name}: the final image's files come from {base}"
     users = [arg for word, arg in final if word == "USER"]
     assert users, f"{path.name}: the final stage sets no USER"
     uid = users[-1].split(":")[0]
@@ -42,6 +59,14 @@ def test_final_stage_is_non_root_with_a_healthcheck_and_no_compiler(path: Path) 
     runs = " ".join(arg for word, arg in final if word == "RUN")
     for tool in ("gcc", "build-essential", "python3-dev", "make "):
         assert tool not in runs, f"{path.name}: the final stage installs {tool.strip()}"
+    steps = instructions(path.read_text())
+    last_from = max(i for i, (word, _) in enumerate(steps) if word == "FROM")
+    if steps[last_from][1] == "scratch":
+        # An image on scratch has no PATH to extend: its ENV must name every folder.
+        env = " ".join(arg for word, arg in steps[last_from:] if word == "ENV")
+        assert "PATH=" in env and "/usr/bin" in env and "$PATH" not in env, (
+            f"{path.name}: an image FROM scratch needs a whole PATH, got ENV {env}"
+        )
 
 
 def test_fleet_imports_without_numpy_or_onnxruntime() -> None:

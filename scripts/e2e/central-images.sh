@@ -41,13 +41,18 @@ central_pip_root() {
 # carries the same hash in its label is up to date and not built again. (No buildah
 # layer cache: with the vfs driver every instruction of a cached build is a full copy
 # of the root file system, which made a cold build twice as slow.)
-central_inputs_hash() {
+central_inputs_hash() { # central_inputs_hash DOCKERFILE INPUT...
     local base
     base=$(podman "${CSTORE_OPTS[@]}" image inspect --format '{{.Id}}' "$CBASE_IMAGE")
     {
         echo "$base $CBASE_ARCH $CENTRAL_VERSION"
-        find "$@" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 | sort -z |
-            xargs -0 sha256sum
+        # Comments (and the linters' pragmas in them) do not change the image.
+        grep -v '^[[:space:]]*#' "$1" | sha256sum
+        shift
+        if (($#)); then
+            find "$@" -type f -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 | sort -z |
+                xargs -0 sha256sum
+        fi
     } | sha256sum | cut -c1-16
 }
 
@@ -73,8 +78,6 @@ central_build_one() { # central_build_one DOCKERFILE TAG LOG INPUT...
         clog "building $tag failed (whole log: $log)"
         return 1
     }
-    # The image it replaces, untagged now, would stay behind at full size (vfs).
-    podman "${CSTORE_OPTS[@]}" image prune -f >/dev/null 2>&1 || true
 }
 
 central_images_build() {
@@ -84,14 +87,22 @@ central_images_build() {
     need git git pip3 python3-pip
     CENTRAL_WORK=$(mktemp -d /tmp/central-images.XXXXXX)
     central_pip_root "$CENTRAL_WORK/root"
-    local t0
+    local t0 pids=() pid failed=0
     t0=$(date +%s)
+    # The three at once: most of a build is waiting for the mirror and PyPI.
     central_build_one deploy/Dockerfile.central "$CENTRAL_IMAGE" "$CENTRAL_WORK/central.log" \
-        pyproject.toml README.md agent converter fleet
-    CENTRAL_BUILD_S=$(($(date +%s) - t0))
-    central_build_one deploy/images/mosquitto.Dockerfile "$MOSQUITTO_IMAGE" "$CENTRAL_WORK/mosquitto.log"
+        pyproject.toml README.md agent converter fleet &
+    pids+=($!)
+    central_build_one deploy/images/mosquitto.Dockerfile "$MOSQUITTO_IMAGE" "$CENTRAL_WORK/mosquitto.log" &
+    pids+=($!)
     central_build_one deploy/images/postgres.Dockerfile "$POSTGRES_IMAGE" "$CENTRAL_WORK/postgres.log" \
-        deploy/images/postgres-entrypoint.sh
+        deploy/images/postgres-entrypoint.sh &
+    pids+=($!)
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    ((failed == 0)) || return 1
+    # The images they replace, untagged now, would stay behind at full size (vfs).
+    podman "${CSTORE_OPTS[@]}" image prune -f >/dev/null 2>&1 || true
+    CENTRAL_BUILD_S=$(($(date +%s) - t0))
     CENTRAL_SIZE=$(podman "${CSTORE_OPTS[@]}" image inspect --format '{{.Size}}' "$CENTRAL_IMAGE")
     clog "central images built in $(($(date +%s) - t0))s; $CENTRAL_IMAGE: $((CENTRAL_SIZE / 1000000)) MB"
     rm -rf "$CENTRAL_WORK"
