@@ -25,10 +25,11 @@ CBASE_IMAGE=${CBASE_IMAGE:-docker.io/library/debian:bookworm-slim}
 # fuse-overlayfs or kernel overlay support inside this sandbox.
 if [[ $CBASE_ARCH == arm64 ]]; then
     CSTORE_ROOT=${CSTORE_ROOT:-$E2E_CACHE/containers}
+    CSTORE_RUNROOT=${CSTORE_RUNROOT:-/run/edge-agent-e2e/containers}
 else
     CSTORE_ROOT=${CSTORE_ROOT:-$E2E_CACHE/containers-$CBASE_ARCH}
+    CSTORE_RUNROOT=${CSTORE_RUNROOT:-/run/edge-agent-e2e/containers-$CBASE_ARCH}
 fi
-CSTORE_RUNROOT=${CSTORE_RUNROOT:-/run/edge-agent-e2e/containers}
 CBASE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 CSTORE_OPTS=(--root "$CSTORE_ROOT" --runroot "$CSTORE_RUNROOT" --storage-driver vfs)
 
