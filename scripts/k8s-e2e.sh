@@ -38,8 +38,8 @@ T0=$(date +%s)
 # ---- host tools --------------------------------------------------------------------------
 # python3-venv for the tools' venv; mosquitto_passwd for mksecrets.sh (broker-config's
 # mkcreds.sh); psql to query the PostgreSQL of the stack; openssl for mkca.sh.
-NEED_ALSO=(python3-venv)
 need mosquitto_passwd mosquitto psql postgresql-client openssl openssl python3 python3
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || need_pkgs python3-venv
 [[ -x .venv/bin/edge-agent && -x .venv/bin/edge-fleet ]] || {
     klog ".venv/bin/edge-agent is missing: run make setup first (make k8s-e2e does)"
     exit 1
@@ -65,8 +65,11 @@ PLAY=$WORK/play.yaml
 AGENT_PID=""
 cleanup() {
     local rc=$?
-    [[ -n ${TOOLS_PID:-} ]] && kill "$TOOLS_PID" 2>/dev/null
-    [[ -n $AGENT_PID ]] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
+    if [[ -n ${TOOLS_PID:-} ]]; then kill "$TOOLS_PID" 2>/dev/null || true; fi
+    if [[ -n $AGENT_PID ]]; then
+        kill "$AGENT_PID" 2>/dev/null || true
+        wait "$AGENT_PID" 2>/dev/null || true
+    fi
     if [[ ${E2E_KEEP:-0} == 1 && $rc != 0 ]]; then
         klog "E2E_KEEP=1: left the pods of $PLAY (CONTAINERS_CONF=$CONTAINERS_CONF podman ${CSTORE_OPTS[*]} pod ps)"
     else
@@ -155,6 +158,7 @@ if [[ -n $TOOLS_PID ]]; then
         klog "making the tools venv failed (above)"
         exit 1
     }
+    TOOLS_PID=""
     klog "tools venv made in $(cat "$WORK/tools.seconds")s (alongside the image builds)"
 fi
 DEVICE=k8s-pi-$$

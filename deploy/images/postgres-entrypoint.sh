@@ -4,6 +4,11 @@
 # in), then the database POSTGRES_DB. Every start: postgres in the foreground, its socket
 # in /tmp (the root file system is read-only), logs on stderr. Extra arguments are
 # passed to postgres (-c name=value).
+#
+# SIGTERM (what a kubelet, `podman kube down` or `docker stop` without the image's
+# STOPSIGNAL sends) becomes SIGINT, PostgreSQL's fast shutdown: sessions end and
+# everything is flushed at once. On SIGTERM itself ("smart" shutdown) it would wait for
+# the collectors and the exporter to disconnect, which they never do by themselves.
 set -euo pipefail
 : "${PGDATA:?}" "${POSTGRES_USER:?}" "${POSTGRES_DB:?}" "${POSTGRES_PASSWORD_FILE:?}"
 if [[ ! -s $PGDATA/PG_VERSION ]]; then
@@ -18,4 +23,14 @@ if [[ ! -s $PGDATA/PG_VERSION ]]; then
     echo "CREATE DATABASE \"$POSTGRES_DB\" OWNER \"$POSTGRES_USER\"" |
         postgres --single -D "$PGDATA" -c unix_socket_directories=/tmp postgres >/dev/null
 fi
-exec postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp "$@"
+postgres -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp "$@" &
+pid=$!
+trap 'kill -INT "$pid" 2>/dev/null' TERM INT
+rc=0
+wait "$pid" || rc=$?
+# A signal ends the first wait early; the second one waits for postgres itself.
+if kill -0 "$pid" 2>/dev/null; then
+    rc=0
+    wait "$pid" || rc=$?
+fi
+exit "$rc"

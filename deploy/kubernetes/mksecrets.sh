@@ -103,7 +103,8 @@ def secret(name, entries):
     lines = ["---", "apiVersion: v1", "kind: Secret", "metadata:", f"  name: {name}",
              "  labels:", "    app.kubernetes.io/part-of: edge-agent", "type: Opaque", "data:"]
     for key, path in entries:
-        lines.append(f"  {key}: {base64.b64encode(pathlib.Path(path).read_bytes()).decode()}")
+        # Quoted: an empty file (passwd before the first device) must stay "", not null.
+        lines.append(f'  {key}: "{base64.b64encode(pathlib.Path(path).read_bytes()).decode()}"')
     return "\n".join(lines)
 docs = [
     "# Made by deploy/kubernetes/mksecrets.sh; holds passwords: never commit it.",

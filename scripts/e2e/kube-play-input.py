@@ -75,7 +75,7 @@ def as_configmap(secret: Doc) -> Doc:
     name = secret["metadata"]["name"]
     for key, value in (secret.get("data") or {}).items():
         try:
-            data[key] = base64.b64decode(value).decode("utf-8")
+            data[key] = base64.b64decode(value or "").decode("utf-8")
         except UnicodeDecodeError:
             fail(f"Secret {name}: data.{key} is not UTF-8; a ConfigMap's data cannot hold it")
     data.update(secret.get("stringData") or {})
