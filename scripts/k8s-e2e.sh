@@ -274,6 +274,17 @@ klog "ok   the agent's buffer is empty: the collector acknowledged what it commi
 device_metrics() { metrics "http://127.0.0.1:$EXP_PORT/metrics" | grep -q "^edge_fleet_device_online{.*device=\"$DEVICE\".*} 1"; }
 until_ok 60 "edge_fleet_device_online for $DEVICE on the exporter" device_metrics
 klog "ok   exporter: edge_fleet_device_online{device=\"$DEVICE\"} 1"
+# The follower's readiness probe (podman 4.3 runs no probes): its account reads the
+# desired state the agent was just given.
+podman_ exec edge-rollout-pod-0-rollout edge-fleet list --json >"$WORK/rollout-list.json" || {
+    klog "the rollout follower's readiness command failed"
+    exit 1
+}
+grep -q '"iris"' "$WORK/rollout-list.json" || {
+    klog "edge-fleet list in the follower's pod does not show iris: $(head -c 300 "$WORK/rollout-list.json")"
+    exit 1
+}
+klog "ok   the follower's readiness command (edge-fleet list, its own account) sees iris in fleet $FLEET"
 # The central image's own start-up, without the pods around it being created: a
 # container restarted in its running pod, from start to answering.
 elapsed() { python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$1"; }
