@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup setup-test demo test test-fast check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet bench-collect clean container-e2e pi-e2e install-pi
+.PHONY: setup setup-test demo test test-fast check lint typecheck pytest bench bench-http bench-forward bench-delivery bench-fleet bench-collect clean container-e2e k8s-e2e pi-e2e install-pi
 
 setup:
 	@scripts/setup.sh
@@ -53,6 +53,9 @@ clean:
 
 container-e2e:  ## build Dockerfile.arm64 for arm64 (buildah + qemu) and run it with podman; needs root
 	scripts/container-e2e.sh
+
+k8s-e2e: setup  ## the central images built, the manifests validated, scanned and run by podman kube play with a real agent; needs root
+	scripts/k8s-e2e.sh
 
 pi-e2e: setup  ## the agent under a real arm64 systemd (debootstrap + qemu + nspawn); needs root
 	scripts/pi-e2e.sh

@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import secrets
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,24 @@ def _need_key(args: argparse.Namespace, why: str) -> Path:
     return Path(args.signing_key)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM ends a follower with exit 0, between two turns or inside one.
+
+    As PID 1 of a container (the edge-fleet image under Kubernetes or podman) a process
+    gets no default action for any signal: without a handler SIGTERM would be ignored
+    until the kubelet's SIGKILL. The plan on the broker is the truth, so stopping
+    inside a turn loses nothing; SystemExit still closes the MQTT session on the way out.
+    """
+
+    def stop(*_: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.follow:
+        _exit_on_sigterm()
     creating = args.steps is not None
     plan_flags = [f for f, v in (("--steps", args.steps), ("--every", args.every),
                   ("--halt-if", args.halt_if), ("--promote-if", args.promote_if),

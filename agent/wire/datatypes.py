@@ -9,9 +9,13 @@ check and ``edge-model verify`` all read this table and nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+# numpy is imported on first use, not with the table: the central side (fleet/, the
+# edge-fleet image of deploy/) validates manifests against this table and has no numpy.
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,8 @@ class Datatype:
 
     @property
     def numpy(self) -> Any:
+        import numpy as np
+
         return object if self.kind == "bytes" else np.dtype(self.wire).newbyteorder("=").type
 
 
@@ -51,19 +57,19 @@ FLOATS = frozenset(d.name for d in _ROWS if d.kind == "float")
 INTS = frozenset(d.name for d in _ROWS if d.kind == "int")
 
 
-# Looked up on every request: computed once.
-_NUMPY: dict[str, Any] = {d.name: d.numpy for d in _ROWS}
-_WIRE: dict[str, np.dtype[Any]] = {d.name: np.dtype(d.wire) for d in _ROWS}
-
-
+# Looked up on every request: computed once per datatype (an unknown one raises KeyError).
+@cache
 def numpy_dtype(datatype: str) -> Any:
     """The numpy type a tensor of ``datatype`` is held in (``object`` for BYTES)."""
-    return _NUMPY[datatype]
+    return TABLE[datatype].numpy
 
 
+@cache
 def wire_dtype(datatype: str) -> np.dtype[Any]:
     """The little-endian numpy dtype of ``datatype`` in binary tensor data (not BYTES)."""
-    return _WIRE[datatype]
+    import numpy as np
+
+    return np.dtype(TABLE[datatype].wire)
 
 
 def expected_value(datatype: str) -> str:
@@ -89,6 +95,8 @@ def value_ok(v: Any, datatype: str) -> bool:
 
 def to_array(values: Any, datatype: str) -> np.ndarray:
     """JSON values -> a numpy array of the tensor's datatype (BYTES: an object array of str)."""
+    import numpy as np
+
     if datatype == "BYTES":
         arr = np.array(values, dtype=object)
         flat = arr.reshape(-1)

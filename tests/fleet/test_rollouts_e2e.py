@@ -244,3 +244,24 @@ def test_a_killed_follower_restarted_resumes_and_two_never_double_advance(
     assert percents(desired_log, "1.1.0") == [0, 10, 50, 70, 100]
     for agent in agents.values():
         agent.wait_for(lambda s: s["models"]["iris"]["version"] == "1.1.0", timeout=30)
+
+
+def test_sigterm_stops_the_follower_with_exit_0(
+    broker: Broker, keypair: Keypair, tmp_path: Path
+) -> None:
+    # As PID 1 of its container (deploy/kubernetes/rollout.yaml) the follower only stops
+    # on SIGTERM because it handles it: without the handler this process would die by
+    # the signal (-15) here, and be ignored there until the kubelet's SIGKILL.
+    plan_log = broker.subscribe("edge/fleets/+/models/+/rollout")
+    proc = follower(broker, keypair, tmp_path / "follower.log")
+    try:
+        # Connected: the broker delivers nothing retained, so wait for its first poll turn.
+        time.sleep(2)
+        assert proc.poll() is None, (tmp_path / "follower.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0, (tmp_path / "follower.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not plans(plan_log)
