@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from agent.link import Link
     from agent.metrics import InferenceWindow, Metrics
     from agent.models.registry import Registry
+    from agent.quality.drift import DriftMonitor
     from agent.results.buffer import ResultBuffer
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ class HealthReporter:
         metrics: Metrics | None = None,
         *,
         thermal_root: Path = THERMAL_ROOT,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.cfg = cfg
+        self.drift = drift
         self.registry = registry
         self.buffer = buffer
         self.mqtt = mqtt
@@ -180,6 +183,10 @@ class HealthReporter:
         for name in self.registry.names():
             model = self.registry.loaded(name)
             out[name] = _model_entry(model.version if model else None)
+        if self.drift is not None:
+            for name, section in self.drift.summaries().items():
+                if name in out:
+                    out[name]["drift"] = section
         # Requests of an old version finishing after a swap count towards the model;
         # the percentiles are those of the version that served the most.
         best: dict[str, int] = {}

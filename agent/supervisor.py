@@ -20,6 +20,7 @@ from agent.config import Config
 from agent.metrics import Metrics
 from agent.models.registry import Registry
 from agent.models.store import ModelStore
+from agent.quality.drift import DriftMonitor
 from agent.results.buffer import ResultBuffer
 from agent.sdnotify import Notifier, WatchdogLoop
 from agent.serving.routes import Service
@@ -61,11 +62,16 @@ class Supervisor:
             self.buffer = ResultBuffer(cfg.buffer_path, cfg.buffer, self.metrics)
         except (OSError, sqlite3.Error) as e:
             raise EdgeError(f"buffer.path: {cfg.buffer_path} cannot be opened ({e})") from None
-        self.service = Service(cfg, self.registry, self.buffer, self.metrics, status=self.status)
+        self.drift = DriftMonitor(cfg.drift, self.metrics) if cfg.drift.enabled else None
+        self.service = Service(
+            cfg, self.registry, self.buffer, self.metrics, status=self.status, drift=self.drift
+        )
         self.http = HttpServer(cfg.http, self.service)
         self.watcher = StoreWatcher(self.installer)
         # Started in this order, stopped in reverse; the buffer is closed after all.
         self.components: list[Component] = [self.watcher]
+        if self.drift is not None:
+            self.components.append(self.drift)
         if cfg.mqtt.broker_urls:
             self._build_mqtt()
         self.components.append(self.http)
@@ -85,7 +91,9 @@ class Supervisor:
         cfg = self.cfg
         self.mqtt = MqttClient(cfg, self.metrics, status=self.status)
         forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
-        health = HealthReporter(cfg, self.registry, self.buffer, self.mqtt, self.metrics)
+        health = HealthReporter(
+            cfg, self.registry, self.buffer, self.mqtt, self.metrics, drift=self.drift
+        )
         events = Events(cfg.device.id, self.mqtt)
         # Before load_all: a fallback at start-up is a rollback the fleet must hear of.
         self.installer.listeners.append(events.on_change)

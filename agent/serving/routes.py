@@ -24,6 +24,7 @@ from agent import __version__
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.models.registry import Registry
+from agent.quality.drift import DriftMonitor
 from agent.results.buffer import ResultBuffer
 from agent.serving.codecs import parse_json
 from agent.serving.core import InferenceCore
@@ -102,13 +103,15 @@ class Service:
         buffer: ResultBuffer | None,
         metrics: Metrics,
         status: Callable[[], Mapping[str, Any]] | None = None,
+        *,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.buffer = buffer
         self.metrics = metrics
         self.status = status
-        self.core = InferenceCore(registry, buffer, metrics.inference)
+        self.core = InferenceCore(registry, buffer, metrics.inference, drift)
         self.predictor = Predictor(self.core)
         self.oip = OpenInference(self.core)
         self.started = time.time()

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
-from agent.wire import batches, checks
+from agent.wire import batches, checks, drift
 from agent.wire.checks import number, object_of, optional_int, optional_str, time_field
 from agent.wire.names import name_problem
 from agent.wire.targeting import tags_problem
@@ -199,7 +199,14 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
             raise InvalidPayload(f"{where}: models.{name}: expected an object, got {m!r}")
         for key in MODEL_NUMBERS:
             number(m, key, f"{where}: models.{name}")
+        if m.get("drift") is not None:
+            drift.check_drift(m["drift"], f"{where}: models.{name}.drift")
     return obj
+
+
+# The drift section of a model in health: built and checked in agent/wire/drift.py.
+drift_summary = drift.drift_summary
+check_drift = drift.check_drift
 
 
 # --- events --------------------------------------------------------------------------
