@@ -150,6 +150,16 @@ class DriftConfig:
 
 
 @dataclass
+class ShadowConfig:
+    # A candidate published with --shadow answers a sample of live requests beside the
+    # active version, off the request path (agent/quality/shadow.py).
+    rate: float = 0.1  # share of answered batches the candidate also runs
+    cpu_share: float = 0.25  # of one core, at most, for the candidate's runs
+    queue_batches: int = 64  # sampled batches waiting; more are skipped (counted)
+    confusion_cells: int = 16  # (active, candidate) label pairs in health at most
+
+
+@dataclass
 class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -159,6 +169,7 @@ class Config:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     state_dir: str = ""
     source: str = field(default="defaults", compare=False)
 
@@ -184,6 +195,7 @@ SECTIONS: dict[str, type] = {
     "forward": ForwardConfig,
     "health": HealthConfig,
     "drift": DriftConfig,
+    "shadow": ShadowConfig,
 }
 
 # Values checked beyond their type: key -> (predicate, what was expected)
@@ -226,6 +238,10 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drift.min_rows": (lambda v: v >= 1, "at least 1"),
     "drift.window_rows": (lambda v: v >= 100, "at least 100"),
     "drift.queue_batches": (lambda v: 1 <= v <= 100_000, "1..100000"),
+    "shadow.rate": (lambda v: 0 <= v <= 1, "0..1 (0: no shadow runs)"),
+    "shadow.cpu_share": (lambda v: 0 < v <= 1, "0 < share <= 1"),
+    "shadow.queue_batches": (lambda v: 1 <= v <= 100_000, "1..100000"),
+    "shadow.confusion_cells": (lambda v: 1 <= v <= 256, "1..256"),
 }  # fmt: skip
 
 _DURATION_KEYS = {

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from agent.metrics import InferenceWindow, Metrics
     from agent.models.registry import Registry
     from agent.quality.drift import DriftMonitor
+    from agent.quality.shadow import ShadowRunner
     from agent.results.buffer import ResultBuffer
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ class HealthReporter:
         *,
         thermal_root: Path = THERMAL_ROOT,
         drift: DriftMonitor | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.cfg = cfg
         self.drift = drift
+        self.shadow = shadow
         self.registry = registry
         self.buffer = buffer
         self.mqtt = mqtt
@@ -187,6 +190,10 @@ class HealthReporter:
             for name, section in self.drift.summaries().items():
                 if name in out:
                     out[name]["drift"] = section
+        if self.shadow is not None:
+            for name, section in self.shadow.summaries().items():
+                if name in out:
+                    out[name]["shadow"] = section
         # Requests of an old version finishing after a swap count towards the model;
         # the percentiles are those of the version that served the most.
         best: dict[str, int] = {}

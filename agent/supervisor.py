@@ -21,6 +21,7 @@ from agent.metrics import Metrics
 from agent.models.registry import Registry
 from agent.models.store import ModelStore
 from agent.quality.drift import DriftMonitor
+from agent.quality.shadow import ShadowRunner
 from agent.results.buffer import ResultBuffer
 from agent.sdnotify import Notifier, WatchdogLoop
 from agent.serving.routes import Service
@@ -63,15 +64,18 @@ class Supervisor:
         except (OSError, sqlite3.Error) as e:
             raise EdgeError(f"buffer.path: {cfg.buffer_path} cannot be opened ({e})") from None
         self.drift = DriftMonitor(cfg.drift, self.metrics) if cfg.drift.enabled else None
+        self.shadow = ShadowRunner(cfg.shadow, self.registry, self.metrics)
         self.service = Service(
-            cfg, self.registry, self.buffer, self.metrics, status=self.status, drift=self.drift
-        )
+            cfg, self.registry, self.buffer, self.metrics, status=self.status, drift=self.drift,
+            shadow=self.shadow,
+        )  # fmt: skip
         self.http = HttpServer(cfg.http, self.service)
         self.watcher = StoreWatcher(self.installer)
         # Started in this order, stopped in reverse; the buffer is closed after all.
         self.components: list[Component] = [self.watcher]
         if self.drift is not None:
             self.components.append(self.drift)
+        self.components.append(self.shadow)
         if cfg.mqtt.broker_urls:
             self._build_mqtt()
         self.components.append(self.http)
@@ -92,8 +96,9 @@ class Supervisor:
         self.mqtt = MqttClient(cfg, self.metrics, status=self.status)
         forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
         health = HealthReporter(
-            cfg, self.registry, self.buffer, self.mqtt, self.metrics, drift=self.drift
-        )
+            cfg, self.registry, self.buffer, self.mqtt, self.metrics, drift=self.drift,
+            shadow=self.shadow,
+        )  # fmt: skip
         events = Events(cfg.device.id, self.mqtt)
         # Before load_all: a fallback at start-up is a rollback the fleet must hear of.
         self.installer.listeners.append(events.on_change)
@@ -233,6 +238,8 @@ class Supervisor:
             trial = self._trial(name)
             if trial is not None:
                 models[name]["probation"] = trial
+            if st.get("shadow") is not None:
+                models[name]["shadow"] = st["shadow"]  # the candidate compared beside it
         stats = self.buffer.stats()
         return {
             "device": self.cfg.device.id,

@@ -127,6 +127,33 @@ class Installer:
             self._notify(Change(name, ACTIVATED, manifest))
             return manifest
 
+    def install_shadow(self, package_dir: Path, *, source: str = "local") -> Manifest:
+        """Verify, load and parity-check a ``--shadow`` candidate, keep it in the store and
+        hold it beside the active version; the active version and pointer stay as they are."""
+        with self._lock:
+            name = "?"
+            try:
+                manifest = verify_package(
+                    package_dir, self.trusted, require_signature=self.require_signature
+                )
+                name = manifest.name
+                model = self._load_checked(package_dir, manifest)
+                # In the store, so the promotion (the same artifact published again without
+                # --shadow) takes it from there instead of downloading it twice.
+                with self.store.locked():
+                    model.path = self._store_write(
+                        lambda: self.store.add_version(package_dir, manifest)
+                    )
+                self.registry.set_shadow(model)
+            except EdgeError as e:
+                self._count(name, REJECTED)
+                log.warning("shadow install from %s refused: %s", source, e)
+                raise
+            log.info("install: %s %s (serial %d) runs in shadow beside %s", manifest.name,
+                     manifest.version, manifest.serial,
+                     getattr(self.registry.loaded(manifest.name), "version", "nothing"))  # fmt: skip
+            return manifest
+
     def _mark_updating(self, name: str) -> ModelState | None:
         """Show ``installing`` in /status while a new version of a serving model loads."""
         if self.registry.loaded(name) is None:

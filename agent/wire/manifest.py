@@ -121,6 +121,12 @@ class Manifest:
         value = self.raw.get("probabilities_output")
         return value if isinstance(value, str) else None
 
+    @property
+    def shadow(self) -> bool:
+        """A desired state published with ``--shadow``: install beside the active version
+        and compare, never serve (signed with the rest, so nobody turns it into a rollout)."""
+        return self.raw.get("shadow") is True
+
     @cached_property
     def profile(self) -> Profile | None:
         """The training sample's reference profile (``agent/wire/profile.py``), or None:
@@ -245,6 +251,8 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
         outputs=_tensor_specs(obj, "outputs"),
         raw=obj,
     )
+    if not isinstance(obj.get("shadow", False), bool):
+        raise ManifestInvalid(f"shadow: expected true or false, got {obj['shadow']!r:.60}")
     # Optional (older manifests have none); checked now so a bad one is refused with
     # the rest of the manifest, not found later by the drift loop.
     profile = manifest.profile

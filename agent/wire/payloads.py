@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
-from agent.wire import batches, checks, drift
+from agent.wire import batches, checks, drift, shadow
 from agent.wire.checks import number, object_of, optional_int, optional_str, time_field
 from agent.wire.names import name_problem
 from agent.wire.targeting import tags_problem
@@ -134,7 +134,7 @@ def check_status(payload: Any, where: str) -> dict[str, Any]:
 
 
 def _check_model_status(m: Mapping[str, Any], where: str) -> None:
-    for key in ("version", "state", "reason"):
+    for key in ("version", "state", "reason", "shadow"):
         optional_str(m, key, where)
     optional_int(m, "serial", where)
     desired = m.get("desired")
@@ -201,12 +201,17 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
             number(m, key, f"{where}: models.{name}")
         if m.get("drift") is not None:
             drift.check_drift(m["drift"], f"{where}: models.{name}.drift")
+        if m.get("shadow") is not None:
+            shadow.check_shadow(m["shadow"], f"{where}: models.{name}.shadow")
     return obj
 
 
 # The drift section of a model in health: built and checked in agent/wire/drift.py.
 drift_summary = drift.drift_summary
 check_drift = drift.check_drift
+# The shadow section (a candidate against the active version): agent/wire/shadow.py.
+shadow_summary = shadow.shadow_summary
+check_shadow = shadow.check_shadow
 
 
 # --- events --------------------------------------------------------------------------
