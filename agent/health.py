@@ -96,6 +96,7 @@ class HealthReporter:
         self._proc.cpu_percent(None)
         self.last: dict[str, Any] | None = None
         self.reports = 0
+        self._shadowing = False
         # A first report soon after start-up, so the fleet sees a new device at once.
         self.loop = Loop(
             "health",
@@ -134,10 +135,16 @@ class HealthReporter:
         # Not queued while offline: a late health report is worse than none.
         if self.mqtt is not None and self.mqtt.connected:
             self.mqtt.publish(self.topic, payloads.encode(payload), qos=1)
+            if self._shadowing:
+                # The retained status carries the shadow figures a rollout step weighs
+                # (--promote-if "agreement>=..."): renewed with each report while a
+                # candidate is compared.
+                self.mqtt.publish_status()
         return payload
 
     def collect(self) -> dict[str, Any]:
         """The health payload of docs/protocol.md; takes the inference window."""
+        self._shadowing = False
         mem = psutil.virtual_memory()
         try:
             load = [round(x, 2) for x in os.getloadavg()]
@@ -194,6 +201,7 @@ class HealthReporter:
             for name, section in self.shadow.summaries().items():
                 if name in out:
                     out[name]["shadow"] = section
+                    self._shadowing = True
         # Requests of an old version finishing after a swap count towards the model;
         # the percentiles are those of the version that served the most.
         best: dict[str, int] = {}

@@ -218,6 +218,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """The /status body; also what the retained MQTT status is built from."""
         models: dict[str, Any] = {}
+        shadows = self.shadow.summaries()
         for name, st in self.registry.status().items():
             try:
                 pointer = self.store.active(name)
@@ -239,7 +240,14 @@ class Supervisor:
             if trial is not None:
                 models[name]["probation"] = trial
             if st.get("shadow") is not None:
-                models[name]["shadow"] = st["shadow"]  # the candidate compared beside it
+                # The candidate compared beside it, with the figures a rollout's
+                # --promote-if "agreement>=..." weighs from the retained status.
+                figures = shadows.get(name) or {}
+                models[name]["shadow"] = {
+                    "version": st["shadow"],
+                    "compared": figures.get("compared", 0),
+                    "agreed": figures.get("agreed"),
+                }
         stats = self.buffer.stats()
         return {
             "device": self.cfg.device.id,

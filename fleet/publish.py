@@ -218,9 +218,11 @@ def rollout(
     key: Path,
     where: Mapping[str, str] | None = None,
     strict: bool = False,
+    promote: bool = False,
     report: Report | None = None,
 ) -> dict[str, Any]:
-    """Re-sign the fleet's desired manifest with a new percent (and a new serial).
+    """Re-sign the fleet's desired manifest with a new percent (and a new serial);
+    ``promote`` drops its ``shadow`` flag, so a candidate compared in shadow serves.
 
     ``where`` None keeps the manifest's tag selection, ``{}`` drops it, otherwise it
     replaces it. Used by ``edge-fleet rollout --percent`` and by the rollout driver."""
@@ -252,6 +254,8 @@ def rollout(
         if fixed != chunk_size:
             report.warn(f"{model}: the desired manifest said chunks of {chunk_size} bytes, the "
                         f"broker holds chunks of {fixed}: re-signed with {fixed}")  # fmt: skip
+        if promote:
+            current = {k: v for k, v in current.items() if k != "shadow"}
         signed = sign_desired(current, serial=state.max_serial() + 1, chunk_size=fixed,
                               target=target, percent=percent, key=key, where=where)  # fmt: skip
         publish_desired(session, target, signed, state)

@@ -134,9 +134,18 @@ def check_status(payload: Any, where: str) -> dict[str, Any]:
 
 
 def _check_model_status(m: Mapping[str, Any], where: str) -> None:
-    for key in ("version", "state", "reason", "shadow"):
+    for key in ("version", "state", "reason"):
         optional_str(m, key, where)
     optional_int(m, "serial", where)
+    shadow_of = m.get("shadow")
+    if shadow_of is not None:
+        if not isinstance(shadow_of, dict) or not isinstance(shadow_of.get("version"), str):
+            raise InvalidPayload(
+                f"{where}: shadow: expected an object with the candidate's version, got "
+                f"{shadow_of!r:.60}"
+            )
+        optional_int(shadow_of, "compared", f"{where}.shadow")
+        optional_int(shadow_of, "agreed", f"{where}.shadow")
     desired = m.get("desired")
     if desired is None:
         return

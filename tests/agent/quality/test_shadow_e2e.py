@@ -65,7 +65,7 @@ def test_a_shadow_candidate_is_compared_not_served(
     assert signed[0]["shadow"] is True
     status = agent.wait_for(
         lambda s: (
-            s["models"].get("region", {}).get("shadow") == "1.1.0"
+            (s["models"].get("region", {}).get("shadow") or {}).get("version") == "1.1.0"
             and (s["models"]["region"].get("desired") or {}).get("decision") == "shadow"
         ),
         30,
@@ -94,5 +94,7 @@ def test_a_shadow_candidate_is_compared_not_served(
     # Restarted, the device takes the candidate beside the active version again.
     agent.stop()
     agent.start()
-    agent.wait_for(lambda s: s["models"].get("region", {}).get("shadow") == "1.1.0", 30)
+    agent.wait_for(
+        lambda s: (s["models"].get("region", {}).get("shadow") or {}).get("version") == "1.1.0", 30
+    )
     assert agent.status()["models"]["region"]["version"] == "1.0.0"
