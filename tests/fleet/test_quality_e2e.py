@@ -86,6 +86,15 @@ def test_shadow_report_drift_and_promote_if_refusing_then_promoting(
     assert all(t["psi"] < drift["top"][0]["psi"] / 5 for t in drift["top"][1:]), drift
     # The retained status carries the figures the rollout weighs.
     agent.wait_for(lambda s: (s["models"]["region"]["shadow"] or {}).get("compared", 0) >= 600, 15)
+    # The operator's view: the shadow report names the disagreement, per device and fleet.
+    shown = subprocess.run(
+        [EDGE_FLEET, "shadow-report", "region", "--wait", "3"], env={**env(broker, keypair),
+        "COLUMNS": "160"}, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "q-1" in shown.stdout and "1.1.0" in shown.stdout, shown.stdout
+    assert "disagreements (active -> candidate): " in shown.stdout, shown.stdout
+    assert "hi -> lo" in shown.stdout and "lo -> hi" in shown.stdout, shown.stdout
 
     made = fleet_cli(broker, keypair, "region", "--fleet", "f1", "--steps", "100", "--every", "1s",
                      "--halt-if", "rejected>0", "--promote-if", PROMOTE_IF, "--json")  # fmt: skip
