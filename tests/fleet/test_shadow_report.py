@@ -8,9 +8,9 @@ import subprocess
 from agent.wire import payloads
 from fleet.shadow_report import build_report, render
 from fleet.state import FleetState
+from tests.fixtures.broker import Broker
 from tests.fleet.test_rollouts_e2e import EDGE_FLEET
 from tests.fleet.test_status import health_payload, status_payload
-from tests.fixtures.broker import Broker
 
 
 def shadow(compared: int, agreement: float, confusion: list[list[object]]) -> dict[str, object]:
