@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/http.py [--duration 10] [--only flask,stdlib,starlette,agent]
     .venv/bin/python bench/http.py --only agent --drift compare
+    .venv/bin/python bench/http.py --only agent --quality compare
 
 
 One run trains the benchmark model (RandomForest, 100 trees, depth 10, 20 features),
@@ -15,6 +16,8 @@ wrk and util-linux) and the dev extra (flask, starlette, uvicorn).
 ``--drift compare`` builds the package with its training sample (so it carries the
 reference profile) and runs edge-agent twice, drift summaries off and on, and checks
 the goal of issue 16: with drift on at most 10% fewer requests/s (c=1 and c=16).
+``--quality compare`` does the same with drift on *and* a shadow candidate (a second
+forest, ``edge-agent install --shadow``) run on 10% of the requests (``shadow.rate``).
 """
 
 from __future__ import annotations
@@ -82,6 +85,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def build_candidate(work: Path) -> Path:
+    """A second forest (another seed) as version 1.1.0: the shadow candidate."""
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+
+    from converter.package import build_package
+
+    x, y = make_classification(n_samples=2000, n_features=20, n_informative=8, random_state=0)
+    model = RandomForestClassifier(n_estimators=100, max_depth=10, random_state=1, n_jobs=1)
+    model.fit(x, y)
+    return build_package(model, name="rf", version="1.1.0", serial=2,
+                         out_dir=work / "rf-candidate", sample=x[:1000])  # fmt: skip
 
 
 def build_model(work: Path, *, profile: bool = False) -> tuple[Path, Path, Path, list[float]]:
@@ -195,22 +212,25 @@ def measure(
 
 def agent_server(
     work: Path, package: Path, port: int, env: dict[str, str], *, drift: bool = True,
-    name: str = "edge-agent", state: str = "agent-state",
+    name: str = "edge-agent", state: str = "agent-state", shadow: Path | None = None,
 ) -> Server:  # fmt: skip
     config = work / f"{state}.toml"
     config.write_text(
         f'state_dir = "{work / state}"\n\n[http]\nhost = "127.0.0.1"\nport = {port}\n\n'
         '[buffer]\nrecord = "all"\ndurability = "commit"\n\n'
-        f"[drift]\nenabled = {'true' if drift else 'false'}\n"
+        f"[drift]\nenabled = {'true' if drift else 'false'}\n\n[shadow]\nrate = 0.1\n"
     )
     agent = shutil.which("edge-agent", path=str(Path(PY).parent)) or "edge-agent"
     subprocess.run([agent, "install", str(package), "--config", str(config)], env=env, check=True,
                    capture_output=True)  # fmt: skip
+    if shadow is not None:
+        subprocess.run([agent, "install", str(shadow), "--shadow", "--config", str(config)],
+                       env=env, check=True, capture_output=True)  # fmt: skip
     return Server(name, [agent, "run", "--config", str(config)], "/v2/health/ready")
 
 
-def drift_report(off: Server, on: Server) -> list[str]:
-    """Requests/s with drift summaries on against off; the missed goals."""
+def drift_report(off: Server, on: Server, what: str = "drift") -> list[str]:
+    """Requests/s with drift summaries (and shadow runs) on against off; the missed goals."""
     failed = []
     print()
     for c in CONCURRENCY:
@@ -218,8 +238,8 @@ def drift_report(off: Server, on: Server) -> list[str]:
             continue
         slowdown = 1 - on.runs[c].rps / off.runs[c].rps
         ok = slowdown <= GOALS["drift_slowdown"]
-        failed += [] if ok else [f"drift slowdown c={c}"]
-        print(f"edge-agent drift on vs off at c={c}: {slowdown * 100:+.1f}% slower, CPU "
+        failed += [] if ok else [f"{what} slowdown c={c}"]
+        print(f"edge-agent {what} on vs off at c={c}: {slowdown * 100:+.1f}% slower, CPU "
               f"{on.runs[c].cpu_us:.0f} vs {off.runs[c].cpu_us:.0f} us/req "
               f"(goal <= {GOALS['drift_slowdown'] * 100:.0f}%) {'ok' if ok else 'MISSED'}")  # fmt: skip
     return failed
@@ -290,7 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=("compare",),
         help="run edge-agent with drift summaries off and on (package with a profile)",
     )
+    parser.add_argument(
+        "--quality",
+        choices=("compare",),
+        help="run edge-agent with drift and a 10%% shadow candidate both off, then both on",
+    )
     args = parser.parse_args(argv)
+    if args.drift and args.quality:
+        parser.error("--drift and --quality: give one")
+    compare = bool(args.drift or args.quality)
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             print(
@@ -306,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "training RF (100 trees, depth 10, 20 features) and building the package ...",
             flush=True,
         )
-        joblib_path, onnx_path, package, row = build_model(work, profile=bool(args.drift))
+        joblib_path, onnx_path, package, row = build_model(work, profile=compare)
         body = json.dumps({"features": [row]}).encode()
         script = work / "post.lua"
         script.write_text(
@@ -332,16 +360,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
             elif key == "agent":
                 # In --drift compare this is the "off" run; "agent+drift" follows it.
-                server = agent_server(work, package, port, env, drift=not args.drift)
+                server = agent_server(work, package, port, env, drift=not compare)
             else:
                 parser.error(f"--only: unknown server {key!r}")
             print(f"{server.name}:", flush=True)
             measure(server, port, body, script, args.duration, env)
             servers[key] = server
-            if key == "agent" and args.drift:
+            if key == "agent" and compare:
                 port = free_port()
+                candidate = build_candidate(work) if args.quality else None
                 on = agent_server(work, package, port, env, drift=True, name="agent+drift",
-                                  state="agent-drift-state")  # fmt: skip
+                                  state="agent-drift-state", shadow=candidate)  # fmt: skip
                 print(f"{on.name}:", flush=True)
                 measure(on, port, body, script, args.duration, env)
                 servers["agent+drift"] = on
@@ -351,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         failed = []
         if "agent" in servers and "agent+drift" in servers:
-            failed = drift_report(servers["agent"], servers["agent+drift"])
+            what = "drift+shadow" if args.quality else "drift"
+            failed = drift_report(servers["agent"], servers["agent+drift"], what)
         return report(servers, failed)
 
 

@@ -266,6 +266,7 @@ class FleetCollector:
                         family.add_metric(labels, float(h[key]) / 1000.0)
         yield from (info, desired, inferences, errors, bad_requests, p50, p99)
         yield from _drift_metrics(devices)
+        yield from _shadow_metrics(devices)
 
     def _exporter_metrics(self) -> Iterator[Metric]:
         connected = GaugeMetricFamily(
@@ -448,3 +449,36 @@ def _drift_metrics(devices: list[DeviceState]) -> Iterator[Metric]:
                 if isinstance(value, int | float):
                     family.add_metric(labels, float(value))
     yield from (feature, score, rest, output)
+
+
+def _shadow_metrics(devices: list[DeviceState]) -> Iterator[Metric]:
+    """A --shadow candidate against the active version, from the health ``shadow`` sections."""
+    labels = [*MODEL, "candidate"]
+    compared = GaugeMetricFamily(
+        "edge_fleet_shadow_compared_rows",
+        "Rows the device's active version and shadow candidate both answered.", labels=labels,
+    )  # fmt: skip
+    agreement = GaugeMetricFamily(
+        "edge_fleet_shadow_agreement",
+        "Share of compared rows where the candidate gave the active version's label.",
+        labels=labels,
+    )
+    error = GaugeMetricFamily(
+        "edge_fleet_shadow_abs_error_p99",
+        "p99 of the absolute difference of the candidate's number (regressors).", labels=labels,
+    )  # fmt: skip
+    for d in devices:
+        for name, h in ((d.health or {}).get("models") or {}).items():
+            shadow = h.get("shadow") if isinstance(h, dict) else None
+            if not isinstance(shadow, dict):
+                continue
+            key = [d.device, d.fleet or "", name, str(shadow.get("against") or ""),
+                   str(shadow.get("version") or "")]  # fmt: skip
+            if isinstance(shadow.get("compared"), int | float):
+                compared.add_metric(key, float(shadow["compared"]))
+            if isinstance(shadow.get("agreement"), int | float):
+                agreement.add_metric(key, float(shadow["agreement"]))
+            p99 = (shadow.get("error") or {}).get("p99")
+            if isinstance(p99, int | float):
+                error.add_metric(key, float(p99))
+    yield from (compared, agreement, error)

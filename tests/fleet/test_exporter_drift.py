@@ -42,3 +42,19 @@ def test_a_malformed_drift_section_is_an_invalid_message() -> None:
     assert fleet.invalid_messages == 1
     s = scrape_collector(fleet, now=2.0)
     assert not [k for k in s if k[0] == "edge_fleet_model_drift_psi"]
+
+
+def test_shadow_agreement_per_device_and_candidate() -> None:
+    fleet = FleetState()
+    health = health_payload("pi-1", "north")
+    health["models"]["iris"]["shadow"] = payloads.shadow_summary(
+        candidate="1.3.0", against="1.2.0", compared=800, agreement=0.95,
+        confusion=[["a", "b", 40]], error=None, latency_ms={}, skipped=0, failed=0,
+    )  # fmt: skip
+    fleet.apply("edge/devices/pi-1/health", msg(health), now=1.0)
+    s = scrape_collector(fleet, now=2.0)
+    one = {"device": "pi-1", "fleet": "north", "model": "iris", "version": "1.2.0",
+           "candidate": "1.3.0"}  # fmt: skip
+    assert value(s, "edge_fleet_shadow_compared_rows", **one) == 800
+    assert value(s, "edge_fleet_shadow_agreement", **one) == 0.95
+    assert value(s, "edge_fleet_shadow_abs_error_p99", **one) is None

@@ -98,3 +98,31 @@ def test_a_shadow_candidate_is_compared_not_served(
         lambda s: (s["models"].get("region", {}).get("shadow") or {}).get("version") == "1.1.0", 30
     )
     assert agent.status()["models"]["region"]["version"] == "1.0.0"
+
+
+def test_a_local_shadow_install_is_picked_up_kept_over_restarts_and_promoted(
+    start_agent: Callable[..., Any], region_active: Path, region_bad: Path
+) -> None:
+    agent = start_agent({"shadow": {"rate": 1.0}}, packages=[region_active])
+    done = agent.cli("install", str(region_bad), "--shadow")
+    assert done.returncode == 0 and "in shadow" in done.stdout, done.stderr
+
+    def shadowing(s: dict[str, Any]) -> bool:
+        return (s["models"]["region"].get("shadow") or {}).get("version") == "1.1.0"
+
+    agent.wait_for(shadowing, 15)  # the running agent's store watcher loaded it
+    rows = region_rows(20, inside=True).tolist()
+    code, body = agent.request("POST", "/predict", {"features": rows})
+    assert code == 200 and body["version"] == "1.0.0"
+    agent.wait_for(lambda s: s["models"]["region"]["shadow"]["compared"] == 20, 15)
+    agent.stop()
+    agent.start()
+    status = agent.wait_for(shadowing, 15)
+    assert status["models"]["region"]["version"] == "1.0.0"
+    # Installed for real, the candidate serves and its shadow ends.
+    agent.install(region_bad)
+    status = agent.wait_for(lambda s: s["models"]["region"]["version"] == "1.1.0", 15)
+    assert "shadow" not in status["models"]["region"]
+    agent.stop()
+    agent.start()
+    assert "shadow" not in agent.status()["models"]["region"]
