@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw /status JSON")
     p = sub.add_parser("install", parents=[common], help="install and activate a model package")
     p.add_argument("package", type=Path, help="package folder or .tar")
+    p.add_argument("--shadow", action="store_true",
+                   help="install it beside the active version: compared on a sample of live "
+                        "requests (config [shadow]), never served")  # fmt: skip
     p = sub.add_parser("models", parents=[common], help="list installed model versions")
     p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("rollback", parents=[common], help="activate the previous version")
@@ -195,8 +198,16 @@ def cmd_install(args: argparse.Namespace) -> int:
     installer = _local_installer(cfg)
     with tempfile.TemporaryDirectory(prefix="edge-agent-install-") as scratch:
         package = open_package(args.package, Path(scratch))
-        manifest = installer.install(package, source=f"edge-agent install {args.package}")
+        source = f"edge-agent install {args.package}"
+        if args.shadow:
+            manifest = installer.install_shadow(package, source=source)
+        else:
+            manifest = installer.install(package, source=source)
     _give_to_state_owner(cfg)
+    if args.shadow:
+        print(f"installed {manifest.name} {manifest.version} (serial {manifest.serial}) in "
+              "shadow: compared beside the active version, not served")  # fmt: skip
+        return 0
     print(f"installed {manifest.name} {manifest.version} (serial {manifest.serial}): active")
     print(_running_agent_note(cfg, manifest.name, manifest.version))
     return 0

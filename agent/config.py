@@ -138,6 +138,28 @@ class HealthConfig:
 
 
 @dataclass
+class DriftConfig:
+    # Live inputs and outputs binned against the manifest's profile, off the request
+    # path (agent/quality/drift.py); models without a profile are not watched.
+    enabled: bool = True
+    report_bytes: int = 2048  # the drift part of one health report, whatever the features
+    top_k: int = 5  # features named in full in health; the rest as one aggregate
+    min_rows: int = 200  # live rows before a score is reported
+    window_rows: int = 10_000  # counts are halved past this: the score follows recent traffic
+    queue_batches: int = 256  # answered batches waiting to be binned; more are skipped
+
+
+@dataclass
+class ShadowConfig:
+    # A candidate published with --shadow answers a sample of live requests beside the
+    # active version, off the request path (agent/quality/shadow.py).
+    rate: float = 0.1  # share of answered batches the candidate also runs
+    cpu_share: float = 0.25  # of one core, at most, for the candidate's runs
+    queue_batches: int = 64  # sampled batches waiting; more are skipped (counted)
+    confusion_cells: int = 16  # (active, candidate) label pairs in health at most
+
+
+@dataclass
 class Config:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -146,6 +168,8 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    shadow: ShadowConfig = field(default_factory=ShadowConfig)
     state_dir: str = ""
     source: str = field(default="defaults", compare=False)
 
@@ -170,6 +194,8 @@ SECTIONS: dict[str, type] = {
     "buffer": BufferConfig,
     "forward": ForwardConfig,
     "health": HealthConfig,
+    "drift": DriftConfig,
+    "shadow": ShadowConfig,
 }
 
 # Values checked beyond their type: key -> (predicate, what was expected)
@@ -207,6 +233,15 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "buffer.durability": (lambda v: v in {"commit", "batched"}, "'commit' or 'batched'"),
     "buffer.flush_interval_ms": (lambda v: 1 <= v <= 60_000, "1..60000"),
     "health.interval_s": (lambda v: v >= 1, "at least 1 second"),
+    "drift.report_bytes": (lambda v: 256 <= v <= 65536, "256..65536 bytes"),
+    "drift.top_k": (lambda v: 0 <= v <= 100, "0..100"),
+    "drift.min_rows": (lambda v: v >= 1, "at least 1"),
+    "drift.window_rows": (lambda v: v >= 100, "at least 100"),
+    "drift.queue_batches": (lambda v: 1 <= v <= 100_000, "1..100000"),
+    "shadow.rate": (lambda v: 0 <= v <= 1, "0..1 (0: no shadow runs)"),
+    "shadow.cpu_share": (lambda v: 0 < v <= 1, "0 < share <= 1"),
+    "shadow.queue_batches": (lambda v: 1 <= v <= 100_000, "1..100000"),
+    "shadow.confusion_cells": (lambda v: 1 <= v <= 256, "1..256"),
 }  # fmt: skip
 
 _DURATION_KEYS = {
@@ -215,7 +250,7 @@ _DURATION_KEYS = {
     "http.idle_timeout_s", "http.header_timeout_s", "http.body_timeout_s",
     "forward.ack_timeout_s",
 }  # fmt: skip
-_SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes"}
+_SIZE_KEYS = {"buffer.max_bytes", "http.max_body_bytes", "drift.report_bytes"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 TLS_FILE_KEYS = ("ca", "cert", "key")  # [mqtt] keys naming files, resolved like secrets
 

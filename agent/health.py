@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from agent.link import Link
     from agent.metrics import InferenceWindow, Metrics
     from agent.models.registry import Registry
+    from agent.quality.drift import DriftMonitor
+    from agent.quality.shadow import ShadowRunner
     from agent.results.buffer import ResultBuffer
 
 log = logging.getLogger(__name__)
@@ -71,8 +73,12 @@ class HealthReporter:
         metrics: Metrics | None = None,
         *,
         thermal_root: Path = THERMAL_ROOT,
+        drift: DriftMonitor | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.cfg = cfg
+        self.drift = drift
+        self.shadow = shadow
         self.registry = registry
         self.buffer = buffer
         self.mqtt = mqtt
@@ -90,6 +96,7 @@ class HealthReporter:
         self._proc.cpu_percent(None)
         self.last: dict[str, Any] | None = None
         self.reports = 0
+        self._shadowing = False
         # A first report soon after start-up, so the fleet sees a new device at once.
         self.loop = Loop(
             "health",
@@ -128,10 +135,16 @@ class HealthReporter:
         # Not queued while offline: a late health report is worse than none.
         if self.mqtt is not None and self.mqtt.connected:
             self.mqtt.publish(self.topic, payloads.encode(payload), qos=1)
+            if self._shadowing:
+                # The retained status carries the shadow figures a rollout step weighs
+                # (--promote-if "agreement>=..."): renewed with each report while a
+                # candidate is compared.
+                self.mqtt.publish_status()
         return payload
 
     def collect(self) -> dict[str, Any]:
         """The health payload of docs/protocol.md; takes the inference window."""
+        self._shadowing = False
         mem = psutil.virtual_memory()
         try:
             load = [round(x, 2) for x in os.getloadavg()]
@@ -180,6 +193,15 @@ class HealthReporter:
         for name in self.registry.names():
             model = self.registry.loaded(name)
             out[name] = _model_entry(model.version if model else None)
+        if self.drift is not None:
+            for name, section in self.drift.summaries().items():
+                if name in out:
+                    out[name]["drift"] = section
+        if self.shadow is not None:
+            for name, section in self.shadow.summaries().items():
+                if name in out:
+                    out[name]["shadow"] = section
+                    self._shadowing = True
         # Requests of an old version finishing after a swap count towards the model;
         # the percentiles are those of the version that served the most.
         best: dict[str, int] = {}

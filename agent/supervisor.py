@@ -20,6 +20,8 @@ from agent.config import Config
 from agent.metrics import Metrics
 from agent.models.registry import Registry
 from agent.models.store import ModelStore
+from agent.quality.drift import DriftMonitor
+from agent.quality.shadow import ShadowRunner
 from agent.results.buffer import ResultBuffer
 from agent.sdnotify import Notifier, WatchdogLoop
 from agent.serving.routes import Service
@@ -61,11 +63,19 @@ class Supervisor:
             self.buffer = ResultBuffer(cfg.buffer_path, cfg.buffer, self.metrics)
         except (OSError, sqlite3.Error) as e:
             raise EdgeError(f"buffer.path: {cfg.buffer_path} cannot be opened ({e})") from None
-        self.service = Service(cfg, self.registry, self.buffer, self.metrics, status=self.status)
+        self.drift = DriftMonitor(cfg.drift, self.metrics) if cfg.drift.enabled else None
+        self.shadow = ShadowRunner(cfg.shadow, self.registry, self.metrics)
+        self.service = Service(
+            cfg, self.registry, self.buffer, self.metrics, status=self.status, drift=self.drift,
+            shadow=self.shadow,
+        )  # fmt: skip
         self.http = HttpServer(cfg.http, self.service)
         self.watcher = StoreWatcher(self.installer)
         # Started in this order, stopped in reverse; the buffer is closed after all.
         self.components: list[Component] = [self.watcher]
+        if self.drift is not None:
+            self.components.append(self.drift)
+        self.components.append(self.shadow)
         if cfg.mqtt.broker_urls:
             self._build_mqtt()
         self.components.append(self.http)
@@ -85,7 +95,10 @@ class Supervisor:
         cfg = self.cfg
         self.mqtt = MqttClient(cfg, self.metrics, status=self.status)
         forwarder = Forwarder(cfg, self.buffer, self.mqtt, self.metrics)
-        health = HealthReporter(cfg, self.registry, self.buffer, self.mqtt, self.metrics)
+        health = HealthReporter(
+            cfg, self.registry, self.buffer, self.mqtt, self.metrics, drift=self.drift,
+            shadow=self.shadow,
+        )  # fmt: skip
         events = Events(cfg.device.id, self.mqtt)
         # Before load_all: a fallback at start-up is a rollback the fleet must hear of.
         self.installer.listeners.append(events.on_change)
@@ -205,6 +218,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """The /status body; also what the retained MQTT status is built from."""
         models: dict[str, Any] = {}
+        shadows = self.shadow.summaries()
         for name, st in self.registry.status().items():
             try:
                 pointer = self.store.active(name)
@@ -225,6 +239,15 @@ class Supervisor:
             trial = self._trial(name)
             if trial is not None:
                 models[name]["probation"] = trial
+            if st.get("shadow") is not None:
+                # The candidate compared beside it, with the figures a rollout's
+                # --promote-if "agreement>=..." weighs from the retained status.
+                figures = shadows.get(name) or {}
+                models[name]["shadow"] = {
+                    "version": st["shadow"],
+                    "compared": figures.get("compared", 0),
+                    "agreed": figures.get("agreed"),
+                }
         stats = self.buffer.stats()
         return {
             "device": self.cfg.device.id,

@@ -1,6 +1,9 @@
 """HTTP serving benchmark: Flask baseline, bare onnxruntime servers and edge-agent.
 
     .venv/bin/python bench/http.py [--duration 10] [--only flask,stdlib,starlette,agent]
+    .venv/bin/python bench/http.py --only agent --drift compare
+    .venv/bin/python bench/http.py --only agent --quality compare
+
 
 One run trains the benchmark model (RandomForest, 100 trees, depth 10, 20 features),
 saves it for scikit-learn (joblib) and as an edge-agent package, then for each server:
@@ -9,6 +12,12 @@ wrk pinned to core 1 with 1-row POST /predict requests at concurrency 1 and 16, 
 reads its RSS. It prints requests/s, p50/p99 and RSS for each and the ratios against
 the baselines, and checks the goals of issue 3. Needs wrk and taskset (Debian packages
 wrk and util-linux) and the dev extra (flask, starlette, uvicorn).
+
+``--drift compare`` builds the package with its training sample (so it carries the
+reference profile) and runs edge-agent twice, drift summaries off and on, and checks
+the goal of issue 16: with drift on at most 10% fewer requests/s (c=1 and c=16).
+``--quality compare`` does the same with drift on *and* a shadow candidate (a second
+forest, ``edge-agent install --shadow``) run on 10% of the requests (``shadow.rate``).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ GOALS = {
     "p50_c1_ms": 0.3,
     "rss_mib": 100.0,
     "ready_s": 1.0,
+    "drift_slowdown": 0.10,  # issue 16: drift summaries on cost at most 10% of req/s
 }
 
 
@@ -77,7 +87,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build_model(work: Path) -> tuple[Path, Path, Path, list[float]]:
+def build_candidate(work: Path) -> Path:
+    """A second forest (another seed) as version 1.1.0: the shadow candidate."""
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+
+    from converter.package import build_package
+
+    x, y = make_classification(n_samples=2000, n_features=20, n_informative=8, random_state=0)
+    model = RandomForestClassifier(n_estimators=100, max_depth=10, random_state=1, n_jobs=1)
+    model.fit(x, y)
+    return build_package(model, name="rf", version="1.1.0", serial=2,
+                         out_dir=work / "rf-candidate", sample=x[:1000])  # fmt: skip
+
+
+def build_model(work: Path, *, profile: bool = False) -> tuple[Path, Path, Path, list[float]]:
     """The benchmark model for scikit-learn (joblib), onnxruntime (model.onnx) and edge-agent."""
     import joblib
     from sklearn.datasets import make_classification
@@ -90,7 +114,9 @@ def build_model(work: Path) -> tuple[Path, Path, Path, list[float]]:
     model.fit(x, y)
     joblib_path = work / "rf.joblib"
     joblib.dump(model, joblib_path)
-    package = build_package(model, name="rf", version="1.0.0", out_dir=work / "rf-package")
+    # With the sample the manifest carries the reference profile the drift loop bins against.
+    package = build_package(model, name="rf", version="1.0.0", out_dir=work / "rf-package",
+                            sample=x[:1000] if profile else None)  # fmt: skip
     return joblib_path, package / "model.onnx", package, np.round(x[0], 4).tolist()
 
 
@@ -184,16 +210,39 @@ def measure(
             proc.stderr.close()
 
 
-def agent_server(work: Path, package: Path, port: int, env: dict[str, str]) -> Server:
-    config = work / "agent.toml"
+def agent_server(
+    work: Path, package: Path, port: int, env: dict[str, str], *, drift: bool = True,
+    name: str = "edge-agent", state: str = "agent-state", shadow: Path | None = None,
+) -> Server:  # fmt: skip
+    config = work / f"{state}.toml"
     config.write_text(
-        f'state_dir = "{work / "agent-state"}"\n\n[http]\nhost = "127.0.0.1"\nport = {port}\n\n'
-        '[buffer]\nrecord = "all"\ndurability = "commit"\n'
+        f'state_dir = "{work / state}"\n\n[http]\nhost = "127.0.0.1"\nport = {port}\n\n'
+        '[buffer]\nrecord = "all"\ndurability = "commit"\n\n'
+        f"[drift]\nenabled = {'true' if drift else 'false'}\n\n[shadow]\nrate = 0.1\n"
     )
     agent = shutil.which("edge-agent", path=str(Path(PY).parent)) or "edge-agent"
     subprocess.run([agent, "install", str(package), "--config", str(config)], env=env, check=True,
                    capture_output=True)  # fmt: skip
-    return Server("edge-agent", [agent, "run", "--config", str(config)], "/v2/health/ready")
+    if shadow is not None:
+        subprocess.run([agent, "install", str(shadow), "--shadow", "--config", str(config)],
+                       env=env, check=True, capture_output=True)  # fmt: skip
+    return Server(name, [agent, "run", "--config", str(config)], "/v2/health/ready")
+
+
+def drift_report(off: Server, on: Server, what: str = "drift") -> list[str]:
+    """Requests/s with drift summaries (and shadow runs) on against off; the missed goals."""
+    failed = []
+    print()
+    for c in CONCURRENCY:
+        if c not in off.runs or c not in on.runs:
+            continue
+        slowdown = 1 - on.runs[c].rps / off.runs[c].rps
+        ok = slowdown <= GOALS["drift_slowdown"]
+        failed += [] if ok else [f"{what} slowdown c={c}"]
+        print(f"edge-agent {what} on vs off at c={c}: {slowdown * 100:+.1f}% slower, CPU "
+              f"{on.runs[c].cpu_us:.0f} vs {off.runs[c].cpu_us:.0f} us/req "
+              f"(goal <= {GOALS['drift_slowdown'] * 100:.0f}%) {'ok' if ok else 'MISSED'}")  # fmt: skip
+    return failed
 
 
 def buffered_rows(work: Path) -> int:
@@ -203,7 +252,7 @@ def buffered_rows(work: Path) -> int:
         return int(db.execute("SELECT count(*) FROM results").fetchone()[0])
 
 
-def report(servers: dict[str, Server]) -> int:
+def report(servers: dict[str, Server], failed: list[str] | None = None) -> int:
     print(
         "\nserver       c=1 req/s  p50 ms  p99 ms | c=16 req/s  p50 ms  p99 ms  CPU us/req"
         " |  RSS MiB  ready s"
@@ -220,7 +269,7 @@ def report(servers: dict[str, Server]) -> int:
         return 0
     a16 = agent.runs[16].rps
     print()
-    failed = []
+    failed = list(failed or [])
     for key in ("flask", "stdlib", "starlette"):
         other = servers.get(key)
         if other is not None and 16 in other.runs:
@@ -256,7 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
     parser.add_argument("--only", default="flask,stdlib,starlette,agent", help="servers to run")
+    parser.add_argument(
+        "--drift",
+        choices=("compare",),
+        help="run edge-agent with drift summaries off and on (package with a profile)",
+    )
+    parser.add_argument(
+        "--quality",
+        choices=("compare",),
+        help="run edge-agent with drift and a 10%% shadow candidate both off, then both on",
+    )
     args = parser.parse_args(argv)
+    if args.drift and args.quality:
+        parser.error("--drift and --quality: give one")
+    compare = bool(args.drift or args.quality)
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             print(
@@ -272,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             "training RF (100 trees, depth 10, 20 features) and building the package ...",
             flush=True,
         )
-        joblib_path, onnx_path, package, row = build_model(work)
+        joblib_path, onnx_path, package, row = build_model(work, profile=compare)
         body = json.dumps({"features": [row]}).encode()
         script = work / "post.lua"
         script.write_text(
@@ -297,17 +359,30 @@ def main(argv: list[str] | None = None) -> int:
                     key, [PY, str(BENCH / "bare_ort.py"), key, str(onnx_path), str(port)]
                 )
             elif key == "agent":
-                server = agent_server(work, package, port, env)
+                # In --drift compare this is the "off" run; "agent+drift" follows it.
+                server = agent_server(work, package, port, env, drift=not compare)
             else:
                 parser.error(f"--only: unknown server {key!r}")
             print(f"{server.name}:", flush=True)
             measure(server, port, body, script, args.duration, env)
             servers[key] = server
+            if key == "agent" and compare:
+                port = free_port()
+                candidate = build_candidate(work) if args.quality else None
+                on = agent_server(work, package, port, env, drift=True, name="agent+drift",
+                                  state="agent-drift-state", shadow=candidate)  # fmt: skip
+                print(f"{on.name}:", flush=True)
+                measure(on, port, body, script, args.duration, env)
+                servers["agent+drift"] = on
         if "agent" in servers:
             print(
                 f"\nedge-agent buffered {buffered_rows(work)} results durably (record=all, durability=commit)"
             )
-        return report(servers)
+        failed = []
+        if "agent" in servers and "agent+drift" in servers:
+            what = "drift+shadow" if args.quality else "drift"
+            failed = drift_report(servers["agent"], servers["agent+drift"], what)
+        return report(servers, failed)
 
 
 if __name__ == "__main__":

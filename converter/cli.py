@@ -234,6 +234,14 @@ def _print_tensors(manifest: dict[str, Any]) -> None:
         print(f"features: {', '.join(map(str, manifest['feature_names']))}")
     if manifest.get("classes") is not None:
         print(f"classes: {', '.join(map(str, manifest['classes']))}")
+    profile = manifest.get("profile")
+    if isinstance(profile, dict):
+        print(
+            f"profile: {len(profile.get('features', []))} feature(s) of {profile.get('rows')} "
+            "sample rows, for the device's drift scores"
+        )
+    else:
+        print("profile: none (give --sample to let devices report drift)")
 
 
 _COMMANDS = {

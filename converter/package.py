@@ -33,6 +33,7 @@ from converter.parity import (
     raise_on_failure,
     run_sklearn,
 )
+from converter.profiling import sample_profile
 from converter.schema import (
     Batch,
     InputSchema,
@@ -170,6 +171,11 @@ def build(
     classes = getattr(estimator, "classes_", None)
     if classes is not None and task == "classifier":
         manifest["classes"] = json_values(classes)
+    if sample is not None:
+        labels = manifest.get("classes") if task == "classifier" else None
+        manifest["profile"] = sample_profile(
+            schema, batch, actual, manifest["prediction_output"], labels
+        )
     if private_key is not None:
         manifest = sign_manifest(manifest, private_key)
     parse_manifest(manifest)  # the device's own validation, before anything ships

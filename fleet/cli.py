@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "fleet.rollouts",
     "fleet.unpublish",
     "fleet.status",
+    "fleet.shadow_report",
     "fleet.inventory",
     "fleet.events",
     "fleet.forget",

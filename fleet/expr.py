@@ -4,13 +4,16 @@ Grammar (``and`` binds tighter than ``or``; parentheses group)::
 
     expr    := conj ("or" conj)*
     conj    := atom ("and" atom)*
-    atom    := METRIC OP NUMBER ["%"] | "(" expr ")"
+    atom    := METRIC OP NUMBER ["%"] | "agreement" OP NUMBER ["%"] "over" ROWS | "(" expr ")"
     OP      := > | >= | < | <= | ==
 
 A metric is a state of ``fleet/progress.py`` (active, probation, updating, rejected,
 rolled_back, not_in_rollout, offline, unknown) counted over the devices the current
 step targets. ``NUMBER%`` compares the metric's share of those devices, a bare number
-its count. A mistake is a ``UsageError`` naming the token and where it stands, so a
+its count. ``agreement>=0.97 over 1000`` weighs the shadow comparison the targeted
+devices report in their retained status (``models[name].shadow``: rows compared and
+agreed): the label agreement over all of them, which holds only once at least ``ROWS``
+rows were compared (so a few lucky rows never promote a candidate). A mistake is a ``UsageError`` naming the token and where it stands, so a
 typo in ``--halt-if`` fails before anything is published.
 """
 
@@ -26,6 +29,7 @@ from agent.wire.errors import UsageError
 from fleet.progress import STATES, Summary
 
 METRICS = STATES
+AGREEMENT = "agreement"
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,
     "<=": operator.le,
@@ -68,6 +72,28 @@ class Compare:
         return f"{self.metric}{self.op}{self.value:g}{'%' if self.percent else ''}"
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """``agreement OP VALUE over ROWS``: the shadow candidate's label agreement."""
+
+    op: str
+    value: float  # a fraction (0.97); ``97%`` is parsed into the same
+    over: int
+
+    def evaluate(self, s: Summary) -> Verdict:
+        compared, agreed = s.shadow_compared, s.shadow_agreed
+        want = f"{self.value:g} over {self.over}"
+        if compared < self.over:
+            return Verdict(False, f"agreement over {compared} compared rows, {self.over} needed")
+        share = agreed / compared
+        holds = OPERATORS[self.op](share, self.value)
+        op = self.op if holds else _NEGATED[self.op]
+        return Verdict(holds, f"agreement {agreed}/{compared} = {share:.4g} {op} {want}")
+
+    def __str__(self) -> str:
+        return f"{AGREEMENT}{self.op}{self.value:g} over {self.over}"
+
+
 _NEGATED = {">": "<=", ">=": "<", "<": ">=", "<=": ">", "==": "!="}
 
 
@@ -95,7 +121,7 @@ class Junction:
         )
 
 
-Expr = Compare | Junction
+Expr = Compare | Agreement | Junction
 
 
 def parse(text: str, flag: str = "expression") -> Expr:
@@ -172,9 +198,11 @@ class _Parser:
             self.i += 1
             return inner
         if kind != "word" or token in ("and", "or"):
-            self.fail("unexpected", "a metric (" + ", ".join(METRICS) + ")")
+            self.fail("unexpected", "a metric (" + ", ".join((*METRICS, AGREEMENT)) + ")")
+        if token == AGREEMENT:
+            return self.agreement()
         if token not in METRICS:
-            self.fail("unknown metric", "one of " + ", ".join(METRICS))
+            self.fail("unknown metric", "one of " + ", ".join((*METRICS, AGREEMENT)))
         self.i += 1
         kind, op = self.peek()
         if kind != "op":
@@ -190,3 +218,32 @@ class _Parser:
             self.i -= 1
             self.fail("a share over 100%:")
         return Compare(token, op, value, percent)
+
+    def agreement(self) -> Agreement:
+        self.i += 1
+        kind, op = self.peek()
+        if kind != "op":
+            self.fail("after agreement: unexpected", "one of > >= < <= ==")
+        self.i += 1
+        kind, number = self.peek()
+        if kind != "number":
+            self.fail(f"after agreement{op}: unexpected", "a share like 0.97 or 97%")
+        value = float(number.rstrip("%").strip())
+        value = value / 100 if number.endswith("%") else value
+        if not 0 <= value <= 1:
+            self.fail("an agreement outside 0..1:", "a share like 0.97 or 97%")
+        self.i += 1
+        if self.peek() != ("word", "over"):
+            self.fail(f"after agreement{op}{number}: unexpected",
+                      "'over ROWS' (the compared rows it needs, e.g. over 1000)")  # fmt: skip
+        self.i += 1
+        kind, rows = self.peek()
+        if (
+            kind != "number"
+            or rows.endswith("%")
+            or not float(rows).is_integer()
+            or float(rows) < 1
+        ):
+            self.fail("after over: unexpected", "a whole number of rows (e.g. 1000)")
+        self.i += 1
+        return Agreement(op, value, int(float(rows)))

@@ -55,6 +55,10 @@ class DeviceProgress:
     targeted: bool = False  # the applicable desired state is meant for this device now
     version: str | None = None  # what the device serves (None: nothing)
     fleet: str | None = None
+    # A --shadow desired version the device compares beside the one it serves: rows
+    # compared and agreed so far (its retained models[name].shadow).
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
 
     @property
     def on_desired(self) -> bool:
@@ -132,6 +136,22 @@ def classify(
     outside = targeting(manifest, device.device, tags) if source == FLEET else None
     base["targeted"] = outside is None
     state, reason = _judge(want, base["desired_serial"], version, m)
+    shadow = m.get("shadow")
+    if (
+        manifest.get("shadow") is True
+        and isinstance(shadow, Mapping)
+        and shadow.get("version") == want
+    ):
+        compared, agreed = shadow.get("compared"), shadow.get("agreed")
+        base["shadow_compared"] = compared if isinstance(compared, int) else 0
+        base["shadow_agreed"] = agreed if isinstance(agreed, int) else 0
+        state, reason = (
+            UPDATING,
+            (
+                f"{want} in shadow beside {version or 'nothing'} "
+                f"({base['shadow_compared']} rows compared)"
+            ),
+        )
     if outside is not None and state not in (ACTIVE, PROBATION):
         # Outside the rollout it keeps what it runs: that is not a failure of this version.
         return DeviceProgress(**base, state=NOT_IN_ROLLOUT, reason=outside)
@@ -194,6 +214,8 @@ class Summary:
     total: int = 0
     counts: Mapping[str, int] = field(default_factory=dict)
     versions: tuple[str, ...] = ()  # desired versions, most common first
+    shadow_compared: int = 0  # over the rows' shadow candidates (agreement conditions)
+    shadow_agreed: int = 0
 
     def count(self, state: str) -> int:
         return int(self.counts.get(state, 0))
@@ -238,4 +260,6 @@ def summarize(rows: Iterable[DeviceProgress]) -> Summary:
         total=len(rows),
         counts=dict(counts),
         versions=tuple(v for v, _ in versions.most_common()),
+        shadow_compared=sum(r.shadow_compared for r in rows),
+        shadow_agreed=sum(r.shadow_agreed for r in rows),
     )

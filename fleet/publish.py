@@ -106,6 +106,8 @@ def _desired_line(model: str, version: str, target: Target, signed: dict[str, An
         rollout = signed["rollout"]
         where = _where_text(rollout.get("where"))
         tail = f", rollout {rollout['percent']:g}%" + (f" where {where}" if where else "")
+    if signed.get("shadow"):
+        tail += ", in shadow: installed beside the active version, compared, not served"
     return f"{model} {version}: desired for {target} (serial {signed['serial']}{tail})"
 
 
@@ -117,6 +119,7 @@ def _published(target: Target, topic: str, signed: dict[str, Any]) -> dict[str, 
         "version": signed["version"],
         "serial": signed["serial"],
         "rollout": signed.get("rollout"),
+        "shadow": bool(signed.get("shadow")),
     }
 
 
@@ -137,6 +140,7 @@ def publish(
     urls: Sequence[str] = (),
     upload_dir: Path | None = None,
     broker_chunks: bool = False,
+    shadow: bool = False,
     report: Report | None = None,
 ) -> list[dict[str, Any]]:
     """Upload the artifact (unless retained already, or ``urls`` serve it without
@@ -171,6 +175,10 @@ def publish(
                 chunk_size, uploaded = ensure_artifact(session, folder / art.file, art.sha256,
                                                        art.size, wanted=chunk_size, report=report)  # fmt: skip
             body = with_origins(manifest.to_dict(), origins, chunks)
+            # Signed: a device tells a shadow from a rollout by the publisher's word only.
+            body.pop("shadow", None)
+            if shadow:
+                body["shadow"] = True
             serial = max(state.max_serial(), manifest.serial - 1)
             out, published = [], []
             for target in targets:
@@ -210,9 +218,11 @@ def rollout(
     key: Path,
     where: Mapping[str, str] | None = None,
     strict: bool = False,
+    promote: bool = False,
     report: Report | None = None,
 ) -> dict[str, Any]:
-    """Re-sign the fleet's desired manifest with a new percent (and a new serial).
+    """Re-sign the fleet's desired manifest with a new percent (and a new serial);
+    ``promote`` drops its ``shadow`` flag, so a candidate compared in shadow serves.
 
     ``where`` None keeps the manifest's tag selection, ``{}`` drops it, otherwise it
     replaces it. Used by ``edge-fleet rollout --percent`` and by the rollout driver."""
@@ -244,6 +254,8 @@ def rollout(
         if fixed != chunk_size:
             report.warn(f"{model}: the desired manifest said chunks of {chunk_size} bytes, the "
                         f"broker holds chunks of {fixed}: re-signed with {fixed}")  # fmt: skip
+        if promote:
+            current = {k: v for k, v in current.items() if k != "shadow"}
         signed = sign_desired(current, serial=state.max_serial() + 1, chunk_size=fixed,
                               target=target, percent=percent, key=key, where=where)  # fmt: skip
         publish_desired(session, target, signed, state)
@@ -376,6 +388,9 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                    help=f"artifact chunk size (default {DEFAULT_CHUNK_SIZE}; below the broker's "
                         "packet limit; an artifact already on the broker keeps its own)")  # fmt: skip
+    p.add_argument("--shadow", action="store_true",
+                   help="install it beside the active version and compare it on a sample of "
+                        "live requests, without serving it (see `edge-fleet shadow-report`)")  # fmt: skip
     origin_arguments(p)
     key_argument(p)
     output_arguments(p, strict=True)
@@ -383,7 +398,7 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=lambda a: run_reported(a, lambda o, r: publish(
         o, a.package, fleet=a.fleet, devices=a.device, percent=a.rollout, key=a.signing_key,
         chunk_size=a.chunk_size, where=parse_where(a.where), strict=a.strict, urls=a.artifact_url,
-        upload_dir=a.upload_dir, broker_chunks=a.broker_chunks, report=r)))  # fmt: skip
+        upload_dir=a.upload_dir, broker_chunks=a.broker_chunks, shadow=a.shadow, report=r)))  # fmt: skip
 
     b = sub.add_parser("rollback", help="set an older version as desired again, or roll one "
                                         "device back at once (--device)")  # fmt: skip

@@ -71,6 +71,9 @@ class RolloutError(EdgeError):
 class Decision:
     kind: str  # "wait" | "advance" | "halt" | "done"
     reason: str
+    # A wait because --promote-if does not hold (not merely the step's time): the
+    # follower says why, so a refused promotion is visible where the plan is driven.
+    held_back: bool = False
 
 
 def step_label(plan: Mapping[str, Any]) -> str:
@@ -97,7 +100,9 @@ def decide(plan: Mapping[str, Any], targeted: Summary, now: float) -> Decision:
     if promote_if is not None and targeted.total:
         promote = promote_if.evaluate(targeted)
         if not promote.holds:
-            return Decision("wait", f"{at}: waiting for {plan['promote_if']}: {promote.why}")
+            return Decision(
+                "wait", f"{at}: waiting for {plan['promote_if']}: {promote.why}", held_back=True
+            )
     if plan["step"] + 1 >= len(plan["steps"]):
         return Decision("done", f"done at {at}: {targeted.line()}")
     nxt = plan["steps"][plan["step"] + 1]
@@ -223,11 +228,15 @@ class Acts:
     key: Path
     strict: bool = False
 
-    def percent(self, plan: Mapping[str, Any], *, where: Mapping[str, str] | None = None) -> None:
+    def percent(
+        self, plan: Mapping[str, Any], *, where: Mapping[str, str] | None = None,
+        promote: bool = False,
+    ) -> None:  # fmt: skip
         """Re-sign the fleet's desired state at the plan's percent; ``where`` None keeps
-        the manifest's tag selection."""
+        the manifest's tag selection; ``promote`` drops ``shadow``: the candidate serves."""
         rollout(self.options, plan["model"], fleet=plan["fleet"], percent=plan["percent"],
-                key=self.key, where=where, strict=self.strict, report=Report(json=True))  # fmt: skip
+                key=self.key, where=where, strict=self.strict, promote=promote,
+                report=Report(json=True))  # fmt: skip
 
     def rollback(self, plan: Mapping[str, Any]) -> None:
         rollback(self.options, plan["model"], fleet=plan["fleet"], key=self.key,
@@ -292,7 +301,13 @@ def turn(
     if won is None:
         return plan, None
     say(f"{label}: {decision.reason}")
-    if decision.kind == "advance":
+    # A --shadow desired state is the step that compares: the step it moves to (or the
+    # end of the plan) promotes the candidate, which then serves and goes on probation.
+    shadow = desired.get("shadow") is True
+    if shadow and decision.kind in ("advance", "done"):
+        say(f"{label}: promoting {plan['version']} from shadow")
+        acts.percent(won, promote=True)
+    elif decision.kind == "advance":
         acts.percent(won)
     elif decision.kind == "halt" and won.get("rollback_pending"):
         won = _roll_back(session, topic, won, acts, driver=driver, say=say, now=now)

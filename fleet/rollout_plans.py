@@ -200,6 +200,7 @@ def follow(
     session = Session(options, "rollout-follow")
     bar: Progress | None = None
     last = ""
+    held: dict[str, str] = {}  # plan topic -> the promote condition's last verdict said
     try:
         while True:
             started = time.monotonic()
@@ -212,6 +213,14 @@ def follow(
                         continue
                     plan, decision = driver.turn(session, topic, seen, view, acts, driver=who,
                                                  say=_say, settle=settle)  # fmt: skip
+                    if (
+                        decision is not None
+                        and decision.held_back
+                        and held.get(topic) != decision.reason
+                    ):
+                        held[topic] = decision.reason
+                        _say(f"{plan['model']} {plan['version']} on fleet {plan['fleet']}: "
+                             f"not promoted: {decision.reason}")  # fmt: skip
                     if only is None:
                         continue
                     if decision is not None and decision.reason != last and decision.kind == "wait":

@@ -9,6 +9,7 @@ pytest_plugins = [
     name
     for name in (
         "tests.fixtures.models",
+        "tests.fixtures.quality",
         "tests.fixtures.broker",
         "tests.fixtures.agent",
         "tests.fixtures.disk",

@@ -53,6 +53,8 @@ class Registry:
         self._models: dict[str, LoadedModel] = {}
         self._states: dict[str, ModelState] = {}
         self._order: tuple[str, ...] = ()  # first installed first (the store's order)
+        # Candidates installed with --shadow: loaded beside the active one, never served.
+        self._shadows: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
 
     def set_order(self, names: list[str]) -> None:
@@ -98,7 +100,25 @@ class Registry:
             models[model.name] = model
             self._models = models
             self._states[model.name] = ModelState(ACTIVE)
+            shadow = self._shadows.get(model.name)
+            if shadow is not None and shadow.version == model.version:
+                self._shadows = {k: v for k, v in self._shadows.items() if k != model.name}
         return old
+
+    def set_shadow(self, model: LoadedModel) -> None:
+        """Hold ``model`` as the shadow candidate of its name (replacing any other)."""
+        with self._lock:
+            self._shadows = {**self._shadows, model.name: model}
+
+    def clear_shadow(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            old = self._shadows.get(name)
+            self._shadows = {k: v for k, v in self._shadows.items() if k != name}
+        return old
+
+    def shadow(self, name: str) -> LoadedModel | None:
+        """The shadow candidate of ``name`` or None; one dict read, for the hot path."""
+        return self._shadows.get(name)
 
     def loaded(self, name: str) -> LoadedModel | None:
         """The active model of ``name`` or None; never raises."""
@@ -141,7 +161,7 @@ class Registry:
     def status(self) -> dict[str, dict[str, Any]]:
         """Per model: version, state and the reason for it (for /status)."""
         out: dict[str, dict[str, Any]] = {}
-        models, states = self._models, dict(self._states)
+        models, states, shadows = self._models, dict(self._states), self._shadows
         for name in sorted(set(models) | set(states)):
             model = models.get(name)
             st = states.get(name) or ModelState()
@@ -152,4 +172,6 @@ class Registry:
                 "reason": st.reason or None,
                 "since": st.since,
             }
+            if name in shadows:
+                out[name]["shadow"] = shadows[name].version
         return out

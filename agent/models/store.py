@@ -45,6 +45,7 @@ from agent.wire.times import rfc3339
 log = logging.getLogger(__name__)
 
 ACTIVE_FILE = "active.json"
+SHADOW_FILE = "shadow.json"  # the candidate installed with --shadow, compared beside
 ORDER_FILE = ".order.json"  # a dot: never a model's name
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -189,6 +190,32 @@ class ModelStore:
         except (KeyError, TypeError, ValueError):
             raise ManifestInvalid(f"{path}: expected {{version, previous, serial}}") from None
 
+    def shadow(self, name: str) -> str | None:
+        """The version installed beside the active one with ``--shadow``, or None."""
+        path = self._dir(name) / SHADOW_FILE
+        try:
+            data = json.loads(path.read_text())
+            version = data["version"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("store: %s: unreadable shadow pointer (%s); no shadow", path, e)
+            return None
+        if (
+            not isinstance(version, str)
+            or not (self.version_dir(name, version) / MANIFEST_FILE).is_file()
+        ):
+            return None  # pruned or never completed: nothing to compare
+        return version
+
+    def set_shadow(self, name: str, version: str | None) -> None:
+        """Point ``name``'s shadow at ``version`` (None: no shadow). Call with ``locked()``."""
+        path = self._dir(name) / SHADOW_FILE
+        if version is None:
+            path.unlink(missing_ok=True)
+            return
+        atomic_write(path, json.dumps({"version": version, "since": rfc3339()}).encode() + b"\n")
+
     def last_serial(self, name: str) -> int:
         """The last manifest serial accepted for ``name`` (-1 when none was)."""
         pointer = self.active(name)
@@ -272,6 +299,7 @@ class ModelStore:
         """Remove the oldest versions beyond ``keep_versions``; never active or previous."""
         pointer = self.active(name)
         protected = set() if pointer is None else {pointer.version, pointer.previous}
+        protected.add(self.shadow(name))
         versions = self.versions(name)
         removable = [v for v in versions if v not in protected]
         excess = len(versions) - self.keep_versions

@@ -19,6 +19,8 @@ import numpy as np
 from agent.metrics import InferenceStats
 from agent.models.registry import Registry
 from agent.models.runtime import LoadedModel
+from agent.quality.drift import DriftMonitor
+from agent.quality.shadow import ShadowRunner
 from agent.results.buffer import ResultBuffer
 from agent.results.rows import Result
 from agent.wire.errors import ModelFailed, ModelNotFound, NotReady
@@ -52,11 +54,18 @@ class InferenceCore:
     """What every inference route calls."""
 
     def __init__(
-        self, registry: Registry, buffer: ResultBuffer | None, stats: InferenceStats
+        self,
+        registry: Registry,
+        buffer: ResultBuffer | None,
+        stats: InferenceStats,
+        drift: DriftMonitor | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.registry = registry
         self.buffer = buffer
         self.stats = stats
+        self.drift = drift
+        self.shadow = shadow
 
     def model_by_name(self, name: str, version: str | None) -> LoadedModel:
         """A named model for the V2 routes, where no model loaded yet is a 404 too."""
@@ -103,6 +112,10 @@ class InferenceCore:
             raise
         latency = time.perf_counter() - start
         self.stats.observe(m.name, m.version, latency, True)
+        if self.drift is not None:
+            self.drift.offer(model, call.inputs, outputs)  # a queue append, no binning here
+        if self.shadow is not None:
+            self.shadow.offer(model, call.inputs, outputs, latency)  # sampled, queued
         if self.buffer is not None:
             self.buffer.record(
                 Result(time.time(), m.name, m.version, call.recorded, answer.recorded,

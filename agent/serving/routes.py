@@ -24,6 +24,8 @@ from agent import __version__
 from agent.config import Config
 from agent.metrics import Metrics
 from agent.models.registry import Registry
+from agent.quality.drift import DriftMonitor
+from agent.quality.shadow import ShadowRunner
 from agent.results.buffer import ResultBuffer
 from agent.serving.codecs import parse_json
 from agent.serving.core import InferenceCore
@@ -102,13 +104,16 @@ class Service:
         buffer: ResultBuffer | None,
         metrics: Metrics,
         status: Callable[[], Mapping[str, Any]] | None = None,
+        *,
+        drift: DriftMonitor | None = None,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.cfg = cfg
         self.registry = registry
         self.buffer = buffer
         self.metrics = metrics
         self.status = status
-        self.core = InferenceCore(registry, buffer, metrics.inference)
+        self.core = InferenceCore(registry, buffer, metrics.inference, drift, shadow)
         self.predictor = Predictor(self.core)
         self.oip = OpenInference(self.core)
         self.started = time.time()

@@ -266,6 +266,16 @@ class Delivery:
                     url=fetched.url)  # fmt: skip
         if self._artifacts is not None:
             self._artifacts.labels(model, fetched.source).inc()
+        if decision.action == plan.SHADOW:
+            self.installer.install_shadow(package, source=f"mqtt ({source} desired state)")
+            self._outcome, self._outcome_reason = plan.SHADOW, decision.reason
+            serving = self.installer.registry.loaded(model)
+            if serving is not None:  # the download's state ends; the active one serves on
+                self._set_state(model, ACTIVE, f"{manifest.version} runs in shadow beside "
+                                f"{serving.version}")  # fmt: skip
+            self._forget_rejected(model)
+            clean_downloads(self.root, keep=set())
+            return
         self._pause("install")
         loaded = self.installer.registry.loaded(model)
         previous = loaded.version if loaded is not None else None

@@ -113,6 +113,8 @@ class Installer:
                     self._store_write(
                         lambda: self.store.activate(name, manifest.version, serial=manifest.serial)
                     )
+                    if self.store.shadow(name) == manifest.version:  # the candidate promoted
+                        self._store_write(lambda: self.store.set_shadow(name, None))
                 self.registry.set_order(self.store.names())
                 self.registry.swap(model)
                 self._prune(name)
@@ -125,6 +127,35 @@ class Installer:
                      manifest.serial, source)  # fmt: skip
             self._count(name, ACTIVATED)
             self._notify(Change(name, ACTIVATED, manifest))
+            return manifest
+
+    def install_shadow(self, package_dir: Path, *, source: str = "local") -> Manifest:
+        """Verify, load and parity-check a ``--shadow`` candidate, keep it in the store and
+        hold it beside the active version; the active version and pointer stay as they are."""
+        with self._lock:
+            name = "?"
+            try:
+                manifest = verify_package(
+                    package_dir, self.trusted, require_signature=self.require_signature
+                )
+                name = manifest.name
+                model = self._load_checked(package_dir, manifest)
+                # In the store, so the promotion (the same artifact published again without
+                # --shadow) takes it from there instead of downloading it twice.
+                with self.store.locked():
+                    model.path = self._store_write(
+                        lambda: self.store.add_version(package_dir, manifest)
+                    )
+                    # Kept over restarts, and seen by a running agent's store watcher.
+                    self._store_write(lambda: self.store.set_shadow(name, manifest.version))
+                self.registry.set_shadow(model)
+            except EdgeError as e:
+                self._count(name, REJECTED)
+                log.warning("shadow install from %s refused: %s", source, e)
+                raise
+            log.info("install: %s %s (serial %d) runs in shadow beside %s", manifest.name,
+                     manifest.version, manifest.serial,
+                     getattr(self.registry.loaded(manifest.name), "version", "nothing"))  # fmt: skip
             return manifest
 
     def _mark_updating(self, name: str) -> ModelState | None:
@@ -258,7 +289,28 @@ class Installer:
             for name in names:
                 if self._load_active(name):
                     loaded.append(name)
+                self._sync_shadow(name)
         return loaded
+
+    def _sync_shadow(self, name: str) -> None:
+        """Hold the store's shadow candidate of ``name`` in the registry (or none)."""
+        version = self.store.shadow(name)
+        held = self.registry.shadow(name)
+        if version is None or version == getattr(self.registry.loaded(name), "version", None):
+            if held is not None:
+                self.registry.clear_shadow(name)
+            return
+        if held is not None and held.version == version:
+            return
+        attempt = (name, f"shadow {version}", "")
+        if attempt in self._failed_sync:
+            return
+        try:
+            self.registry.set_shadow(self._load_installed(name, version))
+            log.info("store: %s %s runs in shadow", name, version)
+        except EdgeError as e:
+            self._failed_sync.add(attempt)
+            log.error("store: shadow %s %s cannot be loaded: %s", name, version, e)
 
     def _load_active(self, name: str) -> bool:
         try:
@@ -306,6 +358,7 @@ class Installer:
             names = self.store.names()
             self.registry.set_order(names)
             for name in names:
+                self._sync_shadow(name)
                 try:
                     pointer = self.store.active(name)
                 except EdgeError:

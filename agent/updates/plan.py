@@ -23,6 +23,7 @@ ACCEPTED = (
     "accepted"  # this serial was accepted before (a probation rollback since keeps the older)
 )
 OUTSIDE = "not_in_rollout"  # a fleet rollout whose tags or bucket leave this device out
+SHADOW = "shadow"  # install beside the active version, compare on sampled requests, never serve
 
 
 # An old signed manifest retained (or replayed): the publisher signs a new serial.
@@ -75,6 +76,14 @@ def decide(
                 return Decision(OUTSIDE, reason)
     if active == (manifest.version, manifest.serial):
         return Decision(CURRENT, f"already serving {manifest.version} (serial {manifest.serial})")
+    if manifest.shadow:
+        if manifest.serial < last_serial:
+            raise ReplayedSerial(manifest.name, manifest.serial, last_serial, fix=REPLAY_FIX)
+        if active is not None and active[0] == manifest.version:
+            return Decision(CURRENT, f"{manifest.version} serves already: no shadow of itself")
+        # Never accepted as active: the serial stays the active one's, so the promotion
+        # (the same version published again without --shadow) has a higher serial.
+        return Decision(SHADOW, f"shadow of {manifest.version} (serial {manifest.serial})")
     if manifest.serial == last_serial:
         return Decision(ACCEPTED, f"serial {manifest.serial} was accepted before")
     if manifest.serial < last_serial:

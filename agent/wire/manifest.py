@@ -19,6 +19,7 @@ from typing import Any
 from agent.wire.datatypes import DATATYPES
 from agent.wire.errors import ManifestInvalid
 from agent.wire.names import name_problem, parse_version
+from agent.wire.profile import Profile, check_profile
 from agent.wire.times import parse_rfc3339
 
 MANIFEST_FILE = "manifest.json"
@@ -120,11 +121,29 @@ class Manifest:
         value = self.raw.get("probabilities_output")
         return value if isinstance(value, str) else None
 
+    @property
+    def shadow(self) -> bool:
+        """A desired state published with ``--shadow``: install beside the active version
+        and compare, never serve (signed with the rest, so nobody turns it into a rollout)."""
+        return self.raw.get("shadow") is True
+
+    @cached_property
+    def profile(self) -> Profile | None:
+        """The training sample's reference profile (``agent/wire/profile.py``), or None:
+        older manifests and packages built without ``--sample`` have none."""
+        if self.raw.get("profile") is None:
+            return None
+        return check_profile(self.raw["profile"], _input_shapes(self.inputs))
+
     def to_dict(self) -> dict[str, Any]:
         return dict(self.raw)
 
     def unsigned_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.raw.items() if k != "signature"}
+
+
+def _input_shapes(inputs: list[TensorSpec]) -> dict[str, tuple[str, list[int]]]:
+    return {spec.name: (spec.datatype, spec.shape) for spec in inputs}
 
 
 def _need(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -222,7 +241,7 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
         raise ManifestInvalid(
             f"artifact.chunks: {art['chunks']!r} does not match size/chunk_size ({artifact.chunks})"
         )
-    return Manifest(
+    manifest = Manifest(
         name=name,
         version=version,
         serial=serial,
@@ -232,3 +251,15 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
         outputs=_tensor_specs(obj, "outputs"),
         raw=obj,
     )
+    if not isinstance(obj.get("shadow", False), bool):
+        raise ManifestInvalid(f"shadow: expected true or false, got {obj['shadow']!r:.60}")
+    # Optional (older manifests have none); checked now so a bad one is refused with
+    # the rest of the manifest, not found later by the drift loop.
+    profile = manifest.profile
+    outputs = {o.name for o in manifest.outputs}
+    if profile is not None and profile.output is not None and profile.output.name not in outputs:
+        raise ManifestInvalid(
+            f"profile.output.name: {profile.output.name!r} is not one of the manifest's "
+            f"outputs {sorted(outputs)}"
+        )
+    return manifest

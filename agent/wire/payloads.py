@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
-from agent.wire import batches, checks
+from agent.wire import batches, checks, drift, shadow
 from agent.wire.checks import number, object_of, optional_int, optional_str, time_field
 from agent.wire.names import name_problem
 from agent.wire.targeting import tags_problem
@@ -137,6 +137,15 @@ def _check_model_status(m: Mapping[str, Any], where: str) -> None:
     for key in ("version", "state", "reason"):
         optional_str(m, key, where)
     optional_int(m, "serial", where)
+    shadow_of = m.get("shadow")
+    if shadow_of is not None:
+        if not isinstance(shadow_of, dict) or not isinstance(shadow_of.get("version"), str):
+            raise InvalidPayload(
+                f"{where}: shadow: expected an object with the candidate's version, got "
+                f"{shadow_of!r:.60}"
+            )
+        optional_int(shadow_of, "compared", f"{where}.shadow")
+        optional_int(shadow_of, "agreed", f"{where}.shadow")
     desired = m.get("desired")
     if desired is None:
         return
@@ -199,7 +208,19 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
             raise InvalidPayload(f"{where}: models.{name}: expected an object, got {m!r}")
         for key in MODEL_NUMBERS:
             number(m, key, f"{where}: models.{name}")
+        if m.get("drift") is not None:
+            drift.check_drift(m["drift"], f"{where}: models.{name}.drift")
+        if m.get("shadow") is not None:
+            shadow.check_shadow(m["shadow"], f"{where}: models.{name}.shadow")
     return obj
+
+
+# The drift section of a model in health: built and checked in agent/wire/drift.py.
+drift_summary = drift.drift_summary
+check_drift = drift.check_drift
+# The shadow section (a candidate against the active version): agent/wire/shadow.py.
+shadow_summary = shadow.shadow_summary
+check_shadow = shadow.check_shadow
 
 
 # --- events --------------------------------------------------------------------------
