@@ -25,9 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+# numpy is imported where it is used: fleet/ parses manifests (and their profile) on the
+# central side, whose image has no numpy (deploy/Dockerfile.central, tests/test_deploy.py).
+if TYPE_CHECKING:
+    import numpy as np
 
 from agent.wire.errors import ManifestInvalid
 
@@ -75,6 +78,8 @@ class Profile:
 
 def quantile_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:
     """Interior cut points at the sample's quantiles, duplicates removed."""
+    import numpy as np
+
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return np.zeros(0)
@@ -84,6 +89,8 @@ def quantile_edges(values: np.ndarray, bins: int = BINS) -> np.ndarray:
 
 def bin_counts(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Rows per bin (``len(edges) + 1`` bins); NaN and infinities are not counted."""
+    import numpy as np
+
     values = np.asarray(values, dtype=np.float64).ravel()
     values = values[np.isfinite(values)]
     return np.bincount(np.searchsorted(edges, values, side="right"), minlength=edges.size + 1)
@@ -91,6 +98,8 @@ def bin_counts(edges: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def class_counts(classes: Sequence[Any], values: np.ndarray) -> np.ndarray:
     """Rows per class, plus one last bucket for labels not among ``classes``."""
+    import numpy as np
+
     index = {c: i for i, c in enumerate(classes)}
     counts = np.zeros(len(classes) + 1)
     uniques, n = np.unique(np.asarray(values).ravel(), return_counts=True)
@@ -102,6 +111,8 @@ def class_counts(classes: Sequence[Any], values: np.ndarray) -> np.ndarray:
 
 def psi(live_counts: np.ndarray, reference: np.ndarray) -> float:
     """Population stability index of live counts against reference fractions."""
+    import numpy as np
+
     total = float(live_counts.sum())
     if total <= 0:
         return 0.0
@@ -126,6 +137,8 @@ def build_profile(
 ) -> dict[str, Any]:
     """The manifest's ``profile`` from sample columns ``(name, input, column, values)``
     and the prediction output ``(name, values, classes or None)`` on the same rows."""
+    import numpy as np
+
     rows = int(columns[0][3].shape[0]) if columns else 0
     features = []
     for name, tensor, column, given in columns:
@@ -155,6 +168,8 @@ def build_profile(
 
 
 def _numbers(obj: Mapping[str, Any], key: str, where: str, *, limit: int) -> np.ndarray:
+    import numpy as np
+
     value = obj.get(key)
     if (
         not isinstance(value, list)
@@ -181,6 +196,8 @@ def _bins(obj: Mapping[str, Any], where: str, n: int) -> np.ndarray:
 
 
 def _edges(obj: Mapping[str, Any], where: str) -> np.ndarray:
+    import numpy as np
+
     edges = _numbers(obj, "edges", where, limit=MAX_BINS)
     if edges.size > 1 and not (np.diff(edges) > 0).all():
         raise ManifestInvalid(f"{where}.edges: expected increasing numbers, got "
