@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.wire.errors import UsageError
-from fleet.publish import publish
+from fleet.publish import publish, rollback
 from tests.agent.serving.test_failures import nan_below
 from tests.delivery_helpers import device_config, operator
 from tests.fixtures.broker import Broker
@@ -87,6 +87,23 @@ def test_the_canary_serves_its_share_sticky_by_key_and_is_promoted(
     assert {agent.request("POST", "/predict", row)[1]["version"] for _ in range(50)} == {"1.2.0"}
 
 
+def test_a_rollback_drops_the_canary(
+    broker: Broker, keypair: Keypair, start_agent: Callable[..., Any],
+    region_active: Path, region_good: Path,
+) -> None:  # fmt: skip
+    agent = start_agent(device_config(broker, keypair, "cn-3"), packages=[region_active])
+    publish(operator(broker), region_active, fleet="f1", key=keypair.key)  # what it serves
+    publish(operator(broker), region_good, fleet="f1", key=keypair.key, canary_traffic=50)
+    _canary_of(agent, "region", "1.2.0")
+    row = {"features": region_rows(1, inside=False).tolist()}
+    assert {agent.request("POST", "/predict", row)[1]["version"] for _ in range(60)} == {
+        "1.0.0", "1.2.0"}  # fmt: skip
+    rollback(operator(broker), "region", fleet="f1", key=keypair.key, to="1.0.0")
+    status = _canary_of(agent, "region", None)
+    assert status["models"]["region"]["version"] == "1.0.0"
+    assert {agent.request("POST", "/predict", row)[1]["version"] for _ in range(60)} == {"1.0.0"}
+
+
 @pytest.mark.parametrize("bad", [0, -5, 100.5, 250, float("nan")])
 def test_bad_canary_traffic_is_refused_without_publishing(
     broker: Broker, keypair: Keypair, region_good: Path, bad: float
@@ -128,3 +145,29 @@ def test_a_failing_canary_arm_is_dropped_while_the_active_serves(
     for _ in range(40):  # the active version answers everything again, bad rows included
         code, body = agent.request("POST", "/predict", {"features": [bad]})
         assert code == 200 and body["version"] == "1.0.0", body
+
+
+def test_a_slow_canary_arm_is_dropped_on_latency(
+    broker: Broker, keypair: Keypair, start_agent: Callable[..., Any],
+    region_active: Path, make_package: Any,
+) -> None:  # fmt: skip
+    from sklearn.ensemble import RandomForestClassifier
+
+    x = region_rows(3000, inside=False, seed=9)
+    y = (x[:, 0] > 0.5).astype("int64")
+    slow = RandomForestClassifier(n_estimators=400, max_depth=None, random_state=0).fit(x, y)
+    package = make_package(slow, "region", "1.3.0", serial=4)
+    config = device_config(broker, keypair, "cn-4", probation_min_requests=50,
+                           probation_max_latency_ratio=2.0, probation_max_error_rate=0.5)  # fmt: skip
+    agent = start_agent(config, packages=[region_active])
+    publish(operator(broker), package, fleet="f1", key=keypair.key, canary_traffic=50)
+    _canary_of(agent, "region", "1.3.0")
+    rows = {"features": region_rows(64, inside=False).tolist()}
+    for _ in range(300):
+        code, body = agent.request("POST", "/predict", rows)
+        assert code == 200, body
+        if agent.status()["models"]["region"].get("canary") is None:
+            break
+    status = _canary_of(agent, "region", None)
+    assert "canary 1.3.0 dropped: canary arm: p99 latency" in status["models"]["region"]["reason"]
+    assert status["models"]["region"]["version"] == "1.0.0"
