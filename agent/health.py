@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from agent.quality.drift import DriftMonitor
     from agent.quality.shadow import ShadowRunner
     from agent.results.buffer import ResultBuffer
+    from agent.updates.canary import CanaryJudge
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class HealthReporter:
         self.cfg = cfg
         self.drift = drift
         self.shadow = shadow
+        self.canary: CanaryJudge | None = None  # set by the supervisor with delivery
         self.registry = registry
         self.buffer = buffer
         self.mqtt = mqtt
@@ -197,6 +199,11 @@ class HealthReporter:
             for name, section in self.drift.summaries().items():
                 if name in out:
                     out[name]["drift"] = section
+        if self.canary is not None:
+            for name, entry in out.items():
+                split = self.canary.summary(name)
+                if split is not None:
+                    entry["canary"] = split  # both arms of a traffic split
         if self.shadow is not None:
             for name, section in self.shadow.summaries().items():
                 if name in out:

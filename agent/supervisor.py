@@ -112,6 +112,9 @@ class Supervisor:
         self.components += [self.mqtt, forwarder, health, delivery, commands]
         if delivery.probation is not None:
             self.components.append(delivery.probation)
+        if delivery.canary is not None:
+            self.components.append(delivery.canary)
+            health.canary = delivery.canary
         # Any model change (delivery, `edge-agent install` beside us, start-up fallback)
         # refreshes the retained status the fleet reads.
         mqtt = self.mqtt
@@ -239,6 +242,13 @@ class Supervisor:
             trial = self._trial(name)
             if trial is not None:
                 models[name]["probation"] = trial
+            if st.get("canary") is not None:
+                split = None if self.delivery is None or self.delivery.canary is None else (
+                    self.delivery.canary.summary(name))  # fmt: skip
+                models[name]["canary"] = split or {
+                    "version": st["canary"], "against": st["version"],
+                    "traffic": st["canary_traffic"],
+                }  # fmt: skip
             if st.get("shadow") is not None:
                 # The candidate compared beside it, with the figures a rollout's
                 # --promote-if "agreement>=..." weighs from the retained status.

@@ -44,6 +44,7 @@ from prometheus_client.core import (
 
 from fleet.connection import add_broker_arguments, broker_options, connect, disconnect
 from fleet.exporter_db import CollectorFigures
+from fleet.exporter_quality import quality_metrics
 from fleet.exporter_rollouts import RolloutPlans
 from fleet.state import DeviceState, FleetState
 
@@ -265,8 +266,7 @@ class FleetCollector:
                     if isinstance(h.get(key), int | float):
                         family.add_metric(labels, float(h[key]) / 1000.0)
         yield from (info, desired, inferences, errors, bad_requests, p50, p99)
-        yield from _drift_metrics(devices)
-        yield from _shadow_metrics(devices)
+        yield from quality_metrics(devices)
 
     def _exporter_metrics(self) -> Iterator[Metric]:
         connected = GaugeMetricFamily(
@@ -408,77 +408,3 @@ def run(args: argparse.Namespace) -> int:
             figures.close()
     log.info("exporter stopped")
     return 0
-
-
-def _drift_metrics(devices: list[DeviceState]) -> Iterator[Metric]:
-    """Drift per feature from the health ``drift`` sections: the features a device named
-    in full (its top drifted ones), the rest as one aggregate per model."""
-    feature = GaugeMetricFamily(
-        "edge_fleet_model_drift_psi",
-        "PSI of a feature's live values on the device against the training sample "
-        "(the device's most drifted features, agent/wire/profile.py).",
-        labels=[*MODEL, "feature"],
-    )
-    score = GaugeMetricFamily(
-        "edge_fleet_model_drift_score", "The largest feature PSI on the device.", labels=MODEL
-    )
-    rest = GaugeMetricFamily(
-        "edge_fleet_model_drift_rest_max_psi",
-        "The largest PSI among the features the device did not name in full.",
-        labels=MODEL,
-    )
-    output = GaugeMetricFamily(
-        "edge_fleet_model_output_drift_psi",
-        "PSI of the device's live predictions against the training sample's.",
-        labels=MODEL,
-    )
-    for d in devices:
-        for name, h in ((d.health or {}).get("models") or {}).items():
-            drift = h.get("drift") if isinstance(h, dict) else None
-            if not isinstance(drift, dict):
-                continue
-            labels = [d.device, d.fleet or "", name, str(drift.get("version") or "")]
-            for item in drift.get("top") or []:
-                if isinstance(item.get("psi"), int | float):
-                    feature.add_metric([*labels, str(item["feature"])], float(item["psi"]))
-            for family, value in (
-                (score, drift.get("score")),
-                (rest, (drift.get("rest") or {}).get("max_psi")),
-                (output, drift.get("output_psi")),
-            ):
-                if isinstance(value, int | float):
-                    family.add_metric(labels, float(value))
-    yield from (feature, score, rest, output)
-
-
-def _shadow_metrics(devices: list[DeviceState]) -> Iterator[Metric]:
-    """A --shadow candidate against the active version, from the health ``shadow`` sections."""
-    labels = [*MODEL, "candidate"]
-    compared = GaugeMetricFamily(
-        "edge_fleet_shadow_compared_rows",
-        "Rows the device's active version and shadow candidate both answered.", labels=labels,
-    )  # fmt: skip
-    agreement = GaugeMetricFamily(
-        "edge_fleet_shadow_agreement",
-        "Share of compared rows where the candidate gave the active version's label.",
-        labels=labels,
-    )
-    error = GaugeMetricFamily(
-        "edge_fleet_shadow_abs_error_p99",
-        "p99 of the absolute difference of the candidate's number (regressors).", labels=labels,
-    )  # fmt: skip
-    for d in devices:
-        for name, h in ((d.health or {}).get("models") or {}).items():
-            shadow = h.get("shadow") if isinstance(h, dict) else None
-            if not isinstance(shadow, dict):
-                continue
-            key = [d.device, d.fleet or "", name, str(shadow.get("against") or ""),
-                   str(shadow.get("version") or "")]  # fmt: skip
-            if isinstance(shadow.get("compared"), int | float):
-                compared.add_metric(key, float(shadow["compared"]))
-            if isinstance(shadow.get("agreement"), int | float):
-                agreement.add_metric(key, float(shadow["agreement"]))
-            p99 = (shadow.get("error") or {}).get("p99")
-            if isinstance(p99, int | float):
-                error.add_metric(key, float(p99))
-    yield from (compared, agreement, error)

@@ -34,6 +34,7 @@ from agent.wire.manifest import (
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
     Manifest,
+    canary_traffic_problem,
     parse_manifest,
 )
 from agent.wire.names import check_name
@@ -108,6 +109,8 @@ def _desired_line(model: str, version: str, target: Target, signed: dict[str, An
         tail = f", rollout {rollout['percent']:g}%" + (f" where {where}" if where else "")
     if signed.get("shadow"):
         tail += ", in shadow: installed beside the active version, compared, not served"
+    if signed.get("canary_traffic") is not None:
+        tail += f", canary: serves {signed['canary_traffic']:g}% beside the active version"
     return f"{model} {version}: desired for {target} (serial {signed['serial']}{tail})"
 
 
@@ -120,6 +123,7 @@ def _published(target: Target, topic: str, signed: dict[str, Any]) -> dict[str, 
         "serial": signed["serial"],
         "rollout": signed.get("rollout"),
         "shadow": bool(signed.get("shadow")),
+        "canary_traffic": signed.get("canary_traffic"),
     }
 
 
@@ -141,6 +145,7 @@ def publish(
     upload_dir: Path | None = None,
     broker_chunks: bool = False,
     shadow: bool = False,
+    canary_traffic: float | None = None,
     report: Report | None = None,
 ) -> list[dict[str, Any]]:
     """Upload the artifact (unless retained already, or ``urls`` serve it without
@@ -149,6 +154,12 @@ def publish(
     report = report or Report()
     targets = _targets(fleet, devices)
     _check_percent(percent)
+    if canary_traffic == 100:
+        canary_traffic = None  # 100%: a plain install, the candidate becomes the only version
+    if (problem := canary_traffic_problem(canary_traffic)) is not None:
+        raise UsageError(f"--canary-traffic: {problem} (100 or no flag: serve it alone)")
+    if shadow and canary_traffic is not None:
+        raise UsageError("--canary-traffic: a --shadow candidate serves no traffic; give one")
     if where and devices:
         raise UsageError("--where: selects devices of a fleet; a --device publish names them")
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
@@ -177,8 +188,11 @@ def publish(
             body = with_origins(manifest.to_dict(), origins, chunks)
             # Signed: a device tells a shadow from a rollout by the publisher's word only.
             body.pop("shadow", None)
+            body.pop("canary_traffic", None)
             if shadow:
                 body["shadow"] = True
+            if canary_traffic is not None:
+                body["canary_traffic"] = canary_traffic
             serial = max(state.max_serial(), manifest.serial - 1)
             out, published = [], []
             for target in targets:
@@ -391,6 +405,10 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     p.add_argument("--shadow", action="store_true",
                    help="install it beside the active version and compare it on a sample of "
                         "live requests, without serving it (see `edge-fleet shadow-report`)")  # fmt: skip
+    p.add_argument("--canary-traffic", type=float, metavar="PERCENT",
+                   help="serve it to PERCENT (0 < p < 100) of each device's requests beside "
+                        "the active version, sticky by the X-Edge-Key header; publishing "
+                        "again without it (or with 100) makes it the only version")  # fmt: skip
     origin_arguments(p)
     key_argument(p)
     output_arguments(p, strict=True)
@@ -398,7 +416,8 @@ def add_parser(sub: Any) -> list[argparse.ArgumentParser]:
     p.set_defaults(func=lambda a: run_reported(a, lambda o, r: publish(
         o, a.package, fleet=a.fleet, devices=a.device, percent=a.rollout, key=a.signing_key,
         chunk_size=a.chunk_size, where=parse_where(a.where), strict=a.strict, urls=a.artifact_url,
-        upload_dir=a.upload_dir, broker_chunks=a.broker_chunks, shadow=a.shadow, report=r)))  # fmt: skip
+        upload_dir=a.upload_dir, broker_chunks=a.broker_chunks, shadow=a.shadow,
+        canary_traffic=a.canary_traffic, report=r)))  # fmt: skip
 
     b = sub.add_parser("rollback", help="set an older version as desired again, or roll one "
                                         "device back at once (--device)")  # fmt: skip

@@ -55,6 +55,8 @@ class Registry:
         self._order: tuple[str, ...] = ()  # first installed first (the store's order)
         # Candidates installed with --shadow: loaded beside the active one, never served.
         self._shadows: dict[str, LoadedModel] = {}
+        # Candidates installed with --canary-traffic P: serve P% of the requests.
+        self._canaries: dict[str, tuple[LoadedModel, float]] = {}
         self._lock = threading.Lock()
 
     def set_order(self, names: list[str]) -> None:
@@ -88,6 +90,9 @@ class Registry:
         if model is None:
             raise ModelNotFound(name, why=self.why(name))
         if version is not None and version != model.version:
+            canary = self._canaries.get(name)
+            if canary is not None and canary[0].version == version:
+                return canary[0]  # a caller may address the canary arm by its version
             raise ModelNotFound(name, version)
         return model
 
@@ -103,7 +108,25 @@ class Registry:
             shadow = self._shadows.get(model.name)
             if shadow is not None and shadow.version == model.version:
                 self._shadows = {k: v for k, v in self._shadows.items() if k != model.name}
+            # Any activation ends a split: a promotion makes the canary the only version,
+            # a rollback (or another version) drops it.
+            self._canaries = {k: v for k, v in self._canaries.items() if k != model.name}
         return old
+
+    def set_canary(self, model: LoadedModel, percent: float) -> None:
+        """Let ``model`` serve ``percent`` of its name's requests beside the active one."""
+        with self._lock:
+            self._canaries = {**self._canaries, model.name: (model, percent)}
+
+    def clear_canary(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            old = self._canaries.get(name)
+            self._canaries = {k: v for k, v in self._canaries.items() if k != name}
+        return None if old is None else old[0]
+
+    def canary(self, name: str) -> tuple[LoadedModel, float] | None:
+        """The canary of ``name`` and its percent, or None; one dict read, for the hot path."""
+        return self._canaries.get(name)
 
     def set_shadow(self, model: LoadedModel) -> None:
         """Hold ``model`` as the shadow candidate of its name (replacing any other)."""
@@ -162,6 +185,7 @@ class Registry:
         """Per model: version, state and the reason for it (for /status)."""
         out: dict[str, dict[str, Any]] = {}
         models, states, shadows = self._models, dict(self._states), self._shadows
+        canaries = self._canaries
         for name in sorted(set(models) | set(states)):
             model = models.get(name)
             st = states.get(name) or ModelState()
@@ -174,4 +198,7 @@ class Registry:
             }
             if name in shadows:
                 out[name]["shadow"] = shadows[name].version
+            if name in canaries:
+                out[name]["canary"] = canaries[name][0].version
+                out[name]["canary_traffic"] = canaries[name][1]
         return out

@@ -9,6 +9,7 @@ happens here, once, so the two protocols cannot drift apart.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from agent.quality.drift import DriftMonitor
 from agent.quality.shadow import ShadowRunner
 from agent.results.buffer import ResultBuffer
 from agent.results.rows import Result
+from agent.wire.canary import traffic_bucket
 from agent.wire.errors import ModelFailed, ModelNotFound, NotReady
 
 T = TypeVar("T")
@@ -73,6 +75,19 @@ class InferenceCore:
             return self.registry.get(name, version)
         except NotReady:
             raise ModelNotFound(name, version, why=self.registry.why(name)) from None
+
+    def route(self, model: LoadedModel, key: str | None) -> LoadedModel:
+        """The arm of a traffic split that serves this request: ``model`` (the active
+        version) or its canary. With the caller's key (the X-Edge-Key header) the key's
+        bucket decides, so the same key always gets the same version; without one, a
+        random draw per request. One dict read when there is no split."""
+        held = self.registry.canary(model.name)
+        if held is None or held[0] is model:
+            return model
+        canary, percent = held
+        if key is None:
+            return canary if random.random() * 100 < percent else model
+        return canary if traffic_bucket(model.name, key) < percent * 100 else model
 
     def ready(self) -> bool:
         """Ready once at least one model is loaded."""

@@ -61,6 +61,7 @@ _NUMBERS = frozenset((int, float))
 class InferResponse:
     body: bytes
     json_length: int | None  # the Inference-Header-Content-Length, when binary data follows
+    version: str = ""  # the version that answered (the canary's, in a traffic split)
 
 
 def serialize_bytes(arr: np.ndarray) -> bytes:
@@ -172,7 +173,12 @@ class OpenInference:
     # --- infer -----------------------------------------------------------------------
 
     def infer(
-        self, name: str, version: str | None, body: bytes, header_length: int | None
+        self,
+        name: str,
+        version: str | None,
+        body: bytes,
+        header_length: int | None,
+        key: str | None = None,
     ) -> InferResponse:
         if header_length is not None and not 0 < header_length <= len(body):
             raise BadRequest(
@@ -184,6 +190,8 @@ class OpenInference:
         if type(request) is not dict:
             raise BadRequest("body: expected a JSON object with 'inputs'")
         model = self.model(name, version)
+        if version is None:  # a version in the path pins it; otherwise the split decides
+            model = self.core.route(model, key)
         tail = memoryview(body)[header_length or len(body) :]
         wanted: list[tuple[str, bool]] = []
 
@@ -204,7 +212,8 @@ class OpenInference:
         def encode(m: LoadedModel, outputs: Tensors) -> Answer[InferResponse]:
             return Answer(self._encode(m, request, wanted, outputs), _recorded(m, outputs))
 
-        return self.core.infer(model, decode, encode)
+        answer = self.core.infer(model, decode, encode)
+        return InferResponse(answer.body, answer.json_length, model.version)
 
     def _inputs(
         self, model: LoadedModel, request: dict[str, Any], tail: memoryview

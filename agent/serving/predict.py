@@ -266,16 +266,21 @@ class Predictor:
         self.core = core
 
     def predict(
-        self, body: Any, model: str | None = None, request_id: str | None = None
+        self,
+        body: Any,
+        model: str | None = None,
+        request_id: str | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
-        """``request_id``: the X-Request-Id header; a ``request_id`` field in the body wins."""
+        """``request_id``: the X-Request-Id header; a ``request_id`` field in the body wins.
+        ``key``: the X-Edge-Key header, which picks the arm of a traffic split."""
         if type(body) is not dict:
             raise BadRequest(
                 f"body: expected a JSON object with 'features', got {_type_name(body)}"
             )
         if request_id is not None and "request_id" not in body:
             body["request_id"] = request_id
-        loaded = self.core.registry.get(model)
+        loaded = self.core.route(self.core.registry.get(model), key)
         answer = self.core.infer(loaded, _decode, _encode, body)
         if body.get("request_id") is not None:
             answer["request_id"] = body["request_id"]

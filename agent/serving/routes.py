@@ -166,7 +166,7 @@ class Service:
                     raise BadRequest(
                         f"Inference-Header-Content-Length: {header!r} is not a byte count"
                     ) from None
-            answer = self.oip.infer(name, version, body, length)
+            answer = self.oip.infer(name, version, body, length, headers.get("x-edge-key"))
             reply = Reply(200, answer.body, compressible=True)
             if answer.json_length is not None:
                 reply.content_type = "application/octet-stream"
@@ -181,13 +181,16 @@ class Service:
         reply.route = _route_label(path)
         model = self.registry.get(name)
         reply.model, reply.version = model.manifest.name, model.manifest.version
+        if action == "/infer":
+            reply.version = answer.version  # the arm of a split that answered
         return reply
 
     def _static(self, path: str, query: str, headers: Headers, body: bytes) -> Reply:
         if path == "/predict":
             model = parse_qs(query).get("model", [None])[-1] if query else None
             rid = headers.get("x-request-id")
-            answer = self.predictor.predict(parse_json(body), model, rid)
+            key = headers.get("x-edge-key")
+            answer = self.predictor.predict(parse_json(body), model, rid, key)
             return json_reply(
                 200, answer, route=path, model=answer["model"], version=answer["version"]
             )

@@ -47,6 +47,7 @@ from agent.models.registry import (
     RETRYING,
 )
 from agent.updates import plan
+from agent.updates.canary import CanaryJudge
 from agent.updates.desired import DesiredView
 from agent.updates.download import PartialDownload, clean_downloads
 from agent.updates.fetch import ArtifactFetcher, Fetched, Retry, Superseded
@@ -117,6 +118,9 @@ class Delivery:
             self.probation = Probation(
                 cfg.models, metrics.inference, self._probation_failed, self._probation_passed
             )
+        self.canary: CanaryJudge | None = None
+        if metrics is not None:
+            self.canary = CanaryJudge(cfg.models, metrics, installer.registry, self._canary_failed)
         self.desired = DesiredView()
         self._artifacts = None
         if metrics is not None:
@@ -238,6 +242,10 @@ class Delivery:
             tags=self.cfg.device.tags,
         )
         self._outcome, self._outcome_reason = decision.action, decision.reason
+        if decision.action != plan.CANARY and self.installer.registry.clear_canary(model):
+            # A desired state without --canary-traffic ends the split: a promotion (the
+            # same version, installed below) or anything else drops the canary.
+            log.info("delivery: %s: the traffic split ends (%s)", model, decision.action)
         if decision.action == plan.OUTSIDE:
             self._outside(model, manifest, decision.reason)
             return
@@ -266,12 +274,15 @@ class Delivery:
                     url=fetched.url)  # fmt: skip
         if self._artifacts is not None:
             self._artifacts.labels(model, fetched.source).inc()
-        if decision.action == plan.SHADOW:
-            self.installer.install_shadow(package, source=f"mqtt ({source} desired state)")
-            self._outcome, self._outcome_reason = plan.SHADOW, decision.reason
+        if decision.action in (plan.SHADOW, plan.CANARY):
+            canary = manifest.canary_traffic if decision.action == plan.CANARY else None
+            self.installer.install_shadow(package, source=f"mqtt ({source} desired state)",
+                                          canary=canary)  # fmt: skip
+            self._outcome, self._outcome_reason = decision.action, decision.reason
             serving = self.installer.registry.loaded(model)
+            how = "in shadow" if canary is None else f"as a {canary:g}% canary"
             if serving is not None:  # the download's state ends; the active one serves on
-                self._set_state(model, ACTIVE, f"{manifest.version} runs in shadow beside "
+                self._set_state(model, ACTIVE, f"{manifest.version} runs {how} beside "
                                 f"{serving.version}")  # fmt: skip
             self._forget_rejected(model)
             clean_downloads(self.root, keep=set())
@@ -388,6 +399,19 @@ class Delivery:
             self.installer.rollback(model, reason=f"probation of {version}: {reason}")
         except EdgeError as e:
             log.error("probation: rolling %s back failed: %s", model, e)
+
+    def _canary_failed(self, model: str, version: str, reason: str) -> None:
+        """The canary arm regressed against the active arm: drop it, the active version
+        serves everything; the desired state stays refused until a new serial."""
+        held = self.installer.registry.canary(model)
+        if held is None or held[0].version != version:
+            return  # the split ended meanwhile (a promotion, another desired state)
+        self.installer.registry.clear_canary(model)
+        serving = self.installer.registry.loaded(model)
+        self._event(payloads.ROLLED_BACK, held[0].manifest, from_version=version,
+                    to_version=getattr(serving, "version", None), reason=reason)  # fmt: skip
+        self.desired.decided(model, payloads.ROLLED_BACK, f"canary {version} dropped: {reason}")
+        self._set_state(model, ACTIVE, f"canary {version} dropped: {reason}")
 
     def _probation_passed(self, model: str, version: str) -> None:
         loaded = self.installer.registry.loaded(model)

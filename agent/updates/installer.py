@@ -129,9 +129,13 @@ class Installer:
             self._notify(Change(name, ACTIVATED, manifest))
             return manifest
 
-    def install_shadow(self, package_dir: Path, *, source: str = "local") -> Manifest:
+    def install_shadow(
+        self, package_dir: Path, *, source: str = "local", canary: float | None = None
+    ) -> Manifest:
         """Verify, load and parity-check a ``--shadow`` candidate, keep it in the store and
-        hold it beside the active version; the active version and pointer stay as they are."""
+        hold it beside the active version; the active version and pointer stay as they are.
+        With ``canary`` (a percent) it serves that share of the requests instead (a
+        traffic split; only the desired state remembers it, so a restart splits again)."""
         with self._lock:
             name = "?"
             try:
@@ -147,14 +151,19 @@ class Installer:
                         lambda: self.store.add_version(package_dir, manifest)
                     )
                     # Kept over restarts, and seen by a running agent's store watcher.
-                    self._store_write(lambda: self.store.set_shadow(name, manifest.version))
-                self.registry.set_shadow(model)
+                    if canary is None:
+                        self._store_write(lambda: self.store.set_shadow(name, manifest.version))
+                if canary is None:
+                    self.registry.set_shadow(model)
+                else:
+                    self.registry.set_canary(model, canary)
             except EdgeError as e:
                 self._count(name, REJECTED)
                 log.warning("shadow install from %s refused: %s", source, e)
                 raise
-            log.info("install: %s %s (serial %d) runs in shadow beside %s", manifest.name,
+            log.info("install: %s %s (serial %d) runs %s beside %s", manifest.name,
                      manifest.version, manifest.serial,
+                     "in shadow" if canary is None else f"as a {canary:g}% canary",
                      getattr(self.registry.loaded(manifest.name), "version", "nothing"))  # fmt: skip
             return manifest
 

@@ -24,6 +24,7 @@ ACCEPTED = (
 )
 OUTSIDE = "not_in_rollout"  # a fleet rollout whose tags or bucket leave this device out
 SHADOW = "shadow"  # install beside the active version, compare on sampled requests, never serve
+CANARY = "canary"  # install beside the active version and serve a share of the requests
 
 
 # An old signed manifest retained (or replayed): the publisher signs a new serial.
@@ -76,11 +77,15 @@ def decide(
                 return Decision(OUTSIDE, reason)
     if active == (manifest.version, manifest.serial):
         return Decision(CURRENT, f"already serving {manifest.version} (serial {manifest.serial})")
-    if manifest.shadow:
+    if manifest.shadow or manifest.canary_traffic is not None:
         if manifest.serial < last_serial:
             raise ReplayedSerial(manifest.name, manifest.serial, last_serial, fix=REPLAY_FIX)
         if active is not None and active[0] == manifest.version:
-            return Decision(CURRENT, f"{manifest.version} serves already: no shadow of itself")
+            what = "shadow" if manifest.shadow else "canary"
+            return Decision(CURRENT, f"{manifest.version} serves already: no {what} of itself")
+        if manifest.canary_traffic is not None:
+            return Decision(CANARY, f"canary {manifest.version} serves "
+                            f"{manifest.canary_traffic:g}% (serial {manifest.serial})")  # fmt: skip
         # Never accepted as active: the serial stays the active one's, so the promotion
         # (the same version published again without --shadow) has a higher serial.
         return Decision(SHADOW, f"shadow of {manifest.version} (serial {manifest.serial})")

@@ -127,6 +127,13 @@ class Manifest:
         and compare, never serve (signed with the rest, so nobody turns it into a rollout)."""
         return self.raw.get("shadow") is True
 
+    @property
+    def canary_traffic(self) -> float | None:
+        """The percent of requests (0 < p < 100) a desired state published with
+        ``--canary-traffic`` serves with this version beside the active one; None: all."""
+        value = self.raw.get("canary_traffic")
+        return float(value) if value is not None else None
+
     @cached_property
     def profile(self) -> Profile | None:
         """The training sample's reference profile (``agent/wire/profile.py``), or None:
@@ -253,6 +260,12 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
     )
     if not isinstance(obj.get("shadow", False), bool):
         raise ManifestInvalid(f"shadow: expected true or false, got {obj['shadow']!r:.60}")
+    if (problem := canary_traffic_problem(obj.get("canary_traffic"))) is not None:
+        raise ManifestInvalid(f"canary_traffic: {problem}")
+    if obj.get("shadow") is True and obj.get("canary_traffic") is not None:
+        raise ManifestInvalid(
+            "canary_traffic: a shadow candidate serves no traffic (one or the other)"
+        )
     # Optional (older manifests have none); checked now so a bad one is refused with
     # the rest of the manifest, not found later by the drift loop.
     profile = manifest.profile
@@ -263,3 +276,13 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
             f"outputs {sorted(outputs)}"
         )
     return manifest
+
+
+def canary_traffic_problem(value: Any) -> str | None:
+    """What is wrong with a ``canary_traffic`` value (None: absent or fine): a percent
+    strictly between 0 and 100 (0 would be a shadow, 100 a plain install)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 100:
+        return f"expected a percent 0 < p < 100, got {value!r:.60}"
+    return None

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from agent import __version__
-from agent.wire import batches, checks, drift, shadow
+from agent.wire import batches, canary, checks, drift, shadow
 from agent.wire.checks import number, object_of, optional_int, optional_str, time_field
 from agent.wire.names import name_problem
 from agent.wire.targeting import tags_problem
@@ -146,6 +146,10 @@ def _check_model_status(m: Mapping[str, Any], where: str) -> None:
             )
         optional_int(shadow_of, "compared", f"{where}.shadow")
         optional_int(shadow_of, "agreed", f"{where}.shadow")
+    split = m.get("canary")
+    if split is not None:  # before its first figures the status names no arms yet
+        canary.check_canary({"arms": _NO_ARMS, **object_of(split, f"{where}.canary")},
+                            f"{where}.canary")  # fmt: skip
     desired = m.get("desired")
     if desired is None:
         return
@@ -212,12 +216,19 @@ def check_health(payload: Any, where: str) -> dict[str, Any]:
             drift.check_drift(m["drift"], f"{where}: models.{name}.drift")
         if m.get("shadow") is not None:
             shadow.check_shadow(m["shadow"], f"{where}: models.{name}.shadow")
+        if m.get("canary") is not None:
+            canary.check_canary(m["canary"], f"{where}: models.{name}.canary")
     return obj
 
 
 # The drift section of a model in health: built and checked in agent/wire/drift.py.
 drift_summary = drift.drift_summary
 check_drift = drift.check_drift
+# The canary section (the two arms of a traffic split): agent/wire/canary.py; the
+# status may carry it before the first figures, without arms.
+_NO_ARMS = {a: {"version": "", "requests": 0, "errors": 0} for a in canary.ARMS}
+canary_summary = canary.canary_summary
+check_canary = canary.check_canary
 # The shadow section (a candidate against the active version): agent/wire/shadow.py.
 shadow_summary = shadow.shadow_summary
 check_shadow = shadow.check_shadow

@@ -31,7 +31,7 @@ from tests.fixtures.broker import Broker
 from tests.fixtures.models import Keypair
 from tests.fixtures.prometheus import Prometheus, needs_prometheus, running_prometheus
 from tests.fleet.rollout_plan import plan
-from tests.fleet.test_exporter import DASHBOARD, exporter, target_of
+from tests.fleet.test_exporter import DASHBOARD, exporter, quality_sections, target_of
 from tests.test_collect_e2e import CollectorProcess
 
 pytestmark = [needs_prometheus, pytest.mark.slow]
@@ -139,7 +139,7 @@ def test_every_panel_has_data_in_a_real_prometheus(
         "disk_free_bytes": 20_000_000_000, "soc_temp_c": 51.2,
         "buffer": {"rows": 0, "bytes": 0, "oldest_age_s": None,
                    "dropped": dict.fromkeys(("max_rows", "max_bytes", "max_age", "disk_full", "io_error"), 0)},
-        "mqtt": {"reconnects": 0}, "forwarded": 0, "models": {},
+        "mqtt": {"reconnects": 0}, "forwarded": 0, "models": {"region": quality_sections()},
     })  # fmt: skip
     client.publish("edge/fleets/f1/models/iris/rollout", json.dumps(plan(fleet="f1")).encode(),
                    qos=1, retain=True).wait_for_publish(5)  # fmt: skip

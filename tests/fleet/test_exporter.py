@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.wire import payloads
 from fleet.exporter import FleetCollector
 from fleet.state import FleetState
 from tests.fixtures.broker import Broker, Creds
@@ -326,6 +327,23 @@ def test_listen_address_errors(broker: Broker, capsys: pytest.CaptureFixture[str
 # --- the Grafana dashboard and a real Prometheus --------------------------------------------
 
 
+def quality_sections() -> dict[str, Any]:
+    """The board's model with the model-quality sections of health (docs/protocol.md):
+    drift per feature, a shadow candidate's agreement, both arms of a canary split."""
+    scores = [("x2", 0.9, [0.1] * 10), ("x0", 0.02, [0.1] * 10)]
+    return {
+        "version": "1.0.0", "requests": 100, "errors": 0,
+        "drift": payloads.drift_summary("1.0.0", 900, scores, 0.2, top_k=2, budget=2048),
+        "shadow": payloads.shadow_summary(
+            candidate="1.1.0", against="1.0.0", compared=800, agreement=0.93,
+            confusion=[["hi", "lo", 56]], error=None, latency_ms={}, skipped=0, failed=0),
+        "canary": payloads.canary_summary(
+            version="1.2.0", against="1.0.0", traffic=10,
+            active=payloads.canary.canary_arm("1.0.0", 900, 0, 2.0),
+            canary=payloads.canary.canary_arm("1.2.0", 100, 1, 3.0)),
+    }  # fmt: skip
+
+
 def dashboard_expressions() -> list[str]:
     """Every PromQL expression (the PostgreSQL panel's SQL is checked in test_exporter_db)."""
     doc = json.loads(DASHBOARD.read_text())
@@ -346,7 +364,9 @@ def test_dashboard_uses_only_metrics_the_exporter_serves(tmp_path: Path) -> None
              "desired": {"version": "1.2.0", "source": "fleet", "decision": "accepted"}}  # fmt: skip
     status = status_payload("pi-1", "north", models={"iris": model})
     fleet.apply("edge/devices/pi-1/status", msg(status), retained=True)
-    fleet.apply("edge/devices/pi-1/health", msg(health_payload("pi-1", "north", rows=3)))
+    health = health_payload("pi-1", "north", rows=3)
+    health["models"]["region"] = quality_sections()  # the drift, shadow and canary panels
+    fleet.apply("edge/devices/pi-1/health", msg(health))
     rollouts = RolloutPlans()
     rollouts.receive("edge/fleets/north/models/iris/rollout", msg(plan()))
     # With --db: a collector's database holding results and labels.

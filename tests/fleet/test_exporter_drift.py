@@ -58,3 +58,24 @@ def test_shadow_agreement_per_device_and_candidate() -> None:
     assert value(s, "edge_fleet_shadow_compared_rows", **one) == 800
     assert value(s, "edge_fleet_shadow_agreement", **one) == 0.95
     assert value(s, "edge_fleet_shadow_abs_error_p99", **one) is None
+
+
+def test_canary_arms_per_device_with_their_versions() -> None:
+    fleet = FleetState()
+    health = health_payload("pi-1", "north")
+    health["models"]["iris"]["canary"] = payloads.canary_summary(
+        version="1.3.0", against="1.2.0", traffic=10,
+        active=payloads.canary.canary_arm("1.2.0", 900, 0, 2.0),
+        canary=payloads.canary.canary_arm("1.3.0", 100, 5, 8.0),
+    )  # fmt: skip
+    fleet.apply("edge/devices/pi-1/health", msg(health), now=1.0)
+    s = scrape_collector(fleet, now=2.0)
+    dev = {"device": "pi-1", "fleet": "north", "model": "iris"}
+    assert value(s, "edge_fleet_canary_traffic_percent", **dev, version="1.3.0") == 10
+    assert value(s, "edge_fleet_canary_requests", **dev, version="1.2.0", arm="active") == 900
+    assert value(s, "edge_fleet_canary_requests", **dev, version="1.3.0", arm="canary") == 100
+    assert value(s, "edge_fleet_canary_error_rate", **dev, version="1.3.0", arm="canary") == 0.05
+    assert value(s, "edge_fleet_canary_p99_seconds", **dev, version="1.3.0", arm="canary") == 0.008
+    health["models"]["iris"]["canary"] = {**health["models"]["iris"]["canary"], "traffic": 100}
+    with pytest.raises(payloads.InvalidPayload, match=r"models.iris.canary: traffic: expected"):
+        fleet.apply("edge/devices/pi-1/health", msg(health), now=3.0)

@@ -89,3 +89,22 @@ def test_a_rollout_where_takes_only_devices_with_every_tag() -> None:
 def test_a_malformed_rollout_is_refused(rollout: Any, message: str) -> None:
     with pytest.raises(ManifestInvalid, match=message):
         plan.decide(manifest(rollout=rollout), "fleet", "pi-1", active=None, last_serial=-1)
+
+
+def test_a_canary_is_held_beside_the_active_version_and_its_percent_checked() -> None:
+    decision = plan.decide(manifest(canary_traffic=10), "fleet", "pi-1", active=("1.0.0", 4),
+                           last_serial=4)  # fmt: skip
+    assert decision.action == plan.CANARY and "10%" in decision.reason
+    itself = plan.decide(manifest(canary_traffic=10, version="1.0.0"), "fleet", "pi-1",
+                         active=("1.0.0", 4), last_serial=4)  # fmt: skip
+    assert itself.action == plan.CURRENT and "no canary of itself" in itself.reason
+    with pytest.raises(ReplayedSerial):
+        plan.decide(manifest(serial=3, canary_traffic=10), "fleet", "pi-1", active=("1.0.0", 4),
+                    last_serial=4)  # fmt: skip
+    for bad in (0, 100, -1, "10", True):
+        with pytest.raises(
+            ManifestInvalid, match=r"canary_traffic: expected a percent 0 < p < 100"
+        ):
+            manifest(canary_traffic=bad)
+    with pytest.raises(ManifestInvalid, match="a shadow candidate serves no traffic"):
+        manifest(canary_traffic=10, shadow=True)
