@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from agent.wire.checks import InvalidPayload, number, object_of
+from agent.wire.checks import InvalidPayload, number, object_of, required_str
 
 ARMS = ("active", "canary")
 KEY_HEADER = "X-Edge-Key"  # the caller's key: the same key always lands in the same arm
@@ -48,8 +48,7 @@ def canary_summary(
 def check_canary(payload: Any, where: str) -> dict[str, Any]:
     obj = object_of(payload, where)
     for key in ("version", "against"):
-        if not isinstance(obj.get(key), str):
-            raise InvalidPayload(f"{where}: {key}: expected a string, got {obj.get(key)!r:.60}")
+        required_str(obj, key, where)
     traffic = obj.get("traffic")
     if isinstance(traffic, bool) or not isinstance(traffic, (int, float)) or not 0 < traffic < 100:
         raise InvalidPayload(

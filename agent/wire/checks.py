@@ -30,6 +30,12 @@ def positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def required_str(payload: Mapping[str, Any], key: str, where: str) -> None:
+    value = payload.get(key)
+    if not isinstance(value, str):
+        raise InvalidPayload(f"{where}: {key}: expected a string, got {value!r:.60}")
+
+
 def optional_str(payload: Mapping[str, Any], key: str, where: str) -> None:
     value = payload.get(key)
     if value is not None and not isinstance(value, str):

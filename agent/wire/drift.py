@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from agent.wire.checks import InvalidPayload, number, object_of
+from agent.wire.checks import InvalidPayload, number, object_of, required_str
 
 # name, psi, live shares per bin; the most drifted first.
 Score = tuple[str, float, list[float]]
@@ -65,8 +65,7 @@ def drift_summary(
 
 def check_drift(payload: Any, where: str) -> dict[str, Any]:
     obj = object_of(payload, where)
-    if not isinstance(obj.get("version"), str):
-        raise InvalidPayload(f"{where}: version: expected a string, got {obj.get('version')!r:.60}")
+    required_str(obj, "version", where)
     for key in ("rows", "score", "output_psi"):
         number(obj, key, where)
     top = obj.get("top", [])

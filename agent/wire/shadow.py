@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agent.wire.checks import InvalidPayload, number, object_of
+from agent.wire.checks import InvalidPayload, number, object_of, required_str
 
 
 def shadow_summary(
@@ -47,8 +47,7 @@ def shadow_summary(
 def check_shadow(payload: Any, where: str) -> dict[str, Any]:
     obj = object_of(payload, where)
     for key in ("version", "against"):
-        if not isinstance(obj.get(key), str):
-            raise InvalidPayload(f"{where}: {key}: expected a string, got {obj.get(key)!r:.60}")
+        required_str(obj, key, where)
     for key in ("compared", "agreed", "agreement", "skipped", "failed"):
         number(obj, key, where)
     agreement = obj.get("agreement")
